@@ -1,0 +1,84 @@
+"""Shared test fixtures.
+
+Parity fixtures live in ``../shared/parity`` (override with ``REGIONCLIP_SHARED``). Random official-format
+checkpoints are generated once per machine into ``REGIONCLIP_TEST_CACHE`` (default
+``~/.cache/regionclip-tests``) with the original's ``make_random_ckpt.py`` and reused afterwards.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("REGIONCLIP_SHARED", REPO.parent / "shared")).resolve()
+CACHE = Path(os.environ.get("REGIONCLIP_TEST_CACHE", Path.home() / ".cache" / "regionclip-tests"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def random_checkpoints(variant: str = "rn50", seed: int = 0, rpn_objectness_shift: float = 0.0) -> dict[str, Path]:
+    """Paths of the seed-``seed`` random RegionCLIP / RPN / concept-embedding files (generated on first use)."""
+    keys = SHARED / "parity" / f"official_{variant}_keys.json"
+    if not keys.exists():
+        pytest.skip(f"parity key list not found at {keys} (set REGIONCLIP_SHARED to the shared/ folder)")
+    out = CACHE / (f"{variant}_seed{seed}" + ("" if not rpn_objectness_shift else f"_shift{rpn_objectness_shift:g}"))
+    shift = f"_objshift{rpn_objectness_shift:g}" if rpn_objectness_shift else ""
+    paths = {
+        "regionclip": out / f"regionclip_random_{variant}_seed{seed}.pth",
+        "rpn": out / f"rpn_random_seed{seed}{shift}.pth",
+        "concept_emb": out / f"concept_emb_random_{variant}_seed{seed}.pth",
+    }
+    if not all(p.exists() for p in paths.values()):
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(SHARED / "parity" / "make_random_ckpt.py"), str(keys), "--seed", str(seed),
+               "--out-dir", str(tmp)]
+        if rpn_objectness_shift:
+            cmd += ["--rpn-objectness-shift", str(rpn_objectness_shift)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        for p in paths.values():
+            os.replace(tmp / p.name, p)  # atomic: a killed run never leaves a half-written checkpoint
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+    return paths
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"shared reference folder not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def rn50_ckpts() -> dict[str, Path]:
+    return random_checkpoints("rn50", 0)
+
+
+@pytest.fixture(scope="session")
+def parity_inputs(shared_dir: Path) -> dict:
+    return torch.load(shared_dir / "parity" / "refs" / "inputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def parity_gt(shared_dir: Path) -> dict:
+    return torch.load(shared_dir / "parity" / "refs" / "rn50_gt.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def parity_rpn(shared_dir: Path) -> dict:
+    return torch.load(shared_dir / "parity" / "refs" / "rn50_rpn.pt", weights_only=True)
+
+
+@pytest.fixture
+def demo_images() -> list[Path]:
+    from regionclip.assets import demo_image_paths
+
+    return demo_image_paths()
