@@ -139,6 +139,12 @@ class RPNConfig:
     pixel_mean: Tuple[float, float, float] = CAFFE_PIXEL_MEAN
     pixel_std: Tuple[float, float, float] = CAFFE_PIXEL_STD
     size_divisibility: int = 32  # 32 for FPN, 0 for C4
+    # Trunk / head widths (R50 defaults; read off the checkpoint by infer_rpn_config, small in unit tests).
+    resnet_layers: Tuple[int, ...] = (3, 4, 6, 3)  # blocks per stage res2..; C4 uses the first three
+    stem_out_channels: int = 64
+    width_per_group: int = 64  # res2 bottleneck width, doubled per stage
+    res2_out_channels: int = 256  # doubled per stage
+    fpn_out_channels: int = 256
 
     @classmethod
     def fpn(cls, **kw: Any) -> "RPNConfig":
