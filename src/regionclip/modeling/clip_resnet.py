@@ -1,0 +1,172 @@
+"""CLIP ModifiedResNet (RN50 / RN50x4) with frozen BatchNorm, split C4-style for region encoding.
+
+State-dict keys equal the released RegionCLIP ``backbone.*`` keys without the prefix (which are also OpenAI
+CLIP's ``visual.*`` keys without ``visual.``). Spec §1.1-1.3.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed affine parameters and statistics (all buffers, never trained).
+
+    RegionCLIP replaces every BN of the CLIP ResNet with this, whatever ``MODEL.RESNETS.NORM`` says. The
+    affine form ``x * scale + shift`` is what detectron2 computes, so results agree to float rounding.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features) - eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.requires_grad:
+            # detectron2 uses the fused op when no gradient is needed; mirroring it keeps bitwise-close parity
+            return F.batch_norm(x, self.running_mean.to(x.dtype), self.running_var.to(x.dtype),
+                                self.weight.to(x.dtype), self.bias.to(x.dtype), training=False, eps=self.eps)
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # OpenAI CLIP / SyncBN checkpoints carry num_batches_tracked, which a frozen BN has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Bottleneck(nn.Module):
+    """CLIP's anti-aliased bottleneck: every conv has stride 1; striding is an AvgPool after conv2."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(planes * self.expansion)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            # named "-1", "0", "1" exactly as OpenAI's OrderedDict so keys are downsample.0.* / downsample.1.*
+            self.downsample = nn.Sequential()
+            self.downsample.add_module("-1", nn.AvgPool2d(stride))
+            self.downsample.add_module("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False))
+            self.downsample.add_module("1", FrozenBatchNorm2d(planes * self.expansion))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP attention pooling: mean token + learned positional embedding, one MHA query at the mean token.
+
+    There is no positional-embedding interpolation: the input grid must be ``spacial_dim x spacial_dim``
+    (7 for RN50, 9 for RN50x4), which is why RegionCLIP pools RoIs to 14 / 18 (res5 halves them).
+    Only the first token's output is ever used, so only its query is computed (identical result, ~50x less
+    attention work than running all HW+1 queries).
+    """
+
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int) -> None:
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+        self.spacial_dim = spacial_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [N, C, H, W] with H = W = spacial_dim -> [N, output_dim] (not normalized)."""
+        n, c, h, w = x.shape
+        if h * w + 1 != self.positional_embedding.shape[0]:
+            raise ValueError(f"attention pool expects a {self.spacial_dim}x{self.spacial_dim} map, got {h}x{w}; "
+                             "the RoI pooler resolution must be 2x the attnpool grid (14 for RN50, 18 for RN50x4)")
+        tokens = x.flatten(2).permute(0, 2, 1)  # [N, HW, C]
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [N, HW+1, C]
+        tokens = tokens + self.positional_embedding.to(tokens.dtype)
+        head_dim = c // self.num_heads
+        q = self.q_proj(tokens[:, :1]).view(n, 1, self.num_heads, head_dim).transpose(1, 2)
+        k = self.k_proj(tokens).view(n, -1, self.num_heads, head_dim).transpose(1, 2)
+        v = self.v_proj(tokens).view(n, -1, self.num_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, 1, head_dim]
+        return self.c_proj(out.transpose(1, 2).reshape(n, c))
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP ResNet. ``forward_res4`` runs stem..layer3 (the shared per-image map, stride 16);
+    ``layer4`` + ``attnpool`` are applied per region by :class:`regionclip.modeling.detector.RegionCLIPDetector`.
+    """
+
+    def __init__(self, layers: Sequence[int], output_dim: int, heads: int, input_resolution: int = 224,
+                 width: int = 64) -> None:
+        super().__init__()
+        self.output_dim = output_dim
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = width
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        mods = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        mods += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
+
+    def stem(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.avgpool(x)
+
+    def forward_res4(self, x: Tensor) -> Tensor:
+        """x: [B, 3, H, W] CLIP-normalized -> res4 [B, 16*width, floor-divided H/16, W/16]."""
+        x = x.to(self.conv1.weight.dtype)
+        return self.layer3(self.layer2(self.layer1(self.stem(x))))
+
+    def forward_res5_pooled(self, x: Tensor) -> Tensor:
+        """RoI features [N, 16*width, P, P] -> region embeddings [N, output_dim] (layer4 + attnpool)."""
+        return self.attnpool(self.layer4(x))
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        """Whole-image CLIP embedding (the OpenAI ``encode_image`` of the visual tower), for cross-checks."""
+        return self.forward_res5_pooled(self.forward_res4(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encode_image(x)
+
+    def freeze(self, freeze_at: int = 2) -> None:
+        """detectron2 FREEZE_AT semantics: 1 = stem, 2 = stem + res2 (layer1), ..."""
+        stages = [[self.conv1, self.conv2, self.conv3], [self.layer1], [self.layer2], [self.layer3]]
+        for group in stages[:freeze_at]:
+            for m in group:
+                for p in m.parameters():
+                    p.requires_grad_(False)
