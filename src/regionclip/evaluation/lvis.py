@@ -8,8 +8,9 @@ import io
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 from .results import ResultsError, load_results, require, validate_results
 
@@ -17,6 +18,34 @@ PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
 
 LVIS_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+@contextlib.contextmanager
+def _numpy_float_alias() -> Iterator[None]:
+    """lvis 0.5.3 (the latest release) calls ``np.float``, removed in NumPy 1.24; alias it only while it runs."""
+    import numpy as np
+
+    added = "float" not in np.__dict__
+    if added:
+        np.float = float  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if added:
+            del np.float  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    lg = logging.getLogger(logger_name)
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # ... through the deprecated Logger.warn
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        lg.setLevel(old)
 
 
 def _load_gt(gt: Union[PathLike, dict]):
@@ -83,8 +112,9 @@ def evaluate_lvis(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
         res = [{k: v for k, v in d.items() if not (iou_type == "bbox" and k == "segmentation")} for d in dets]
         res = copy.deepcopy(res)
         log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            lvis_dt = lvis_mod.LVISResults(lvis_gt, res, max_dets=max_dets)
+        with contextlib.redirect_stdout(log), _numpy_float_alias():
+            with _quiet("lvis.results"):  # it warns "assuming correct format" for every list; we validated
+                lvis_dt = lvis_mod.LVISResults(lvis_gt, res, max_dets=max_dets)
             ev = lvis_mod.LVISEval(lvis_gt, lvis_dt, iou_type)
             ev.params.max_dets = max_dets
             ev.run()
