@@ -58,3 +58,19 @@ def vocabulary(name: str) -> list[str]:
 
 
 BUILTIN_VOCABULARIES = ("coco65", "coco48", "coco17", "lvis1203", "lvis866")
+
+
+def dataset_category_ids(name: str) -> list[int]:
+    """Dataset category ids of a built-in vocabulary, in row order (COCO ids for coco*, LVIS ids for lvis*)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key in ("coco", "coco65"):
+        return [c["coco_id"] for c in coco_ovd_categories()]
+    if key in ("coco48", "cocobase"):
+        return [c["coco_id"] for c in coco_ovd_categories() if c["split"] == "base"]
+    if key in ("coco17", "coconovel"):
+        return [c["coco_id"] for c in coco_ovd_categories() if c["split"] == "novel"]
+    if key in ("lvis", "lvis1203"):
+        return [c["id"] for c in lvis_categories()]
+    if key in ("lvis866", "lvisbase"):
+        return [c["id"] for c in lvis_categories() if c["frequency"] != "r"]
+    raise ValueError(f"unknown built-in vocabulary {name!r}")

@@ -1,0 +1,143 @@
+"""High-level Python API: load once, set a vocabulary, detect on many images.
+
+>>> from regionclip import RegionCLIP
+>>> model = RegionCLIP.from_pretrained("regionclip_pretrained-cc_rn50x4", preset="custom")
+>>> model.set_vocabulary(["car", "traffic cone", "forklift"])
+>>> dets = model.detect(["street.jpg"])[0]      # Detections: boxes XYXY (original pixels), scores, labels, names
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .assets import BUILTIN_VOCABULARIES, vocabulary as builtin_vocabulary
+from .checkpoint.io import read_weight_file
+from .checkpoint.regionclip import class_embedding_file
+from .config import PostprocessConfig
+from .data.images import ImageInput
+from .factory import LoadedCheckpoint, load_detector
+from .modeling.detector import RegionCLIPDetector
+from .presets import Preset, get_preset
+from .pretrained import resolve_weights
+from .structures import Detections
+
+PathLike = Union[str, os.PathLike]
+
+
+def parse_names(vocab: Union[str, Sequence[str]]) -> list[str]:
+    """``"car,traffic cone"``, a text file (one name per line), a built-in name (coco65, lvis1203, ...) or a list."""
+    if not isinstance(vocab, str):
+        names = [str(v).strip() for v in vocab]
+    elif vocab.lower().replace("-", "").replace("_", "") in BUILTIN_VOCABULARIES or vocab in ("coco", "lvis"):
+        names = builtin_vocabulary(vocab)
+    elif os.path.isfile(vocab):
+        try:
+            text = Path(vocab).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"vocabulary file {vocab} is not UTF-8 ({e}); save it as UTF-8 text, one name per line") \
+                from None
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    else:
+        names = [n.strip() for n in vocab.split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("empty vocabulary: give class names, e.g. --vocab 'car,traffic cone', a text file with one "
+                         "name per line, or a built-in vocabulary (coco65, lvis1203)")
+    return names
+
+
+class RegionCLIP:
+    """A loaded detector plus its vocabulary. Thread-compatible for inference (no per-call state)."""
+
+    def __init__(self, detector: RegionCLIPDetector, weights_path: Optional[Path] = None,
+                 loaded: Optional[LoadedCheckpoint] = None, preset: Optional[Preset] = None) -> None:
+        self.detector = detector
+        self.weights_path = weights_path
+        self.loaded = loaded
+        self.preset = preset
+
+    @classmethod
+    def from_pretrained(cls, weights: PathLike = "regionclip_pretrained-cc_rn50", rpn_weights: Optional[PathLike] = None,
+                        *, preset: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                        postprocess: Optional[PostprocessConfig] = None, rpn_overrides: Optional[dict] = None,
+                        strict: bool = True, region_chunk_size: int = 256, **postprocess_overrides: Any
+                        ) -> "RegionCLIP":
+        """Load a RegionCLIP checkpoint (name from :data:`regionclip.pretrained.WEIGHTS` or a path) and an optional
+        RPN file. ``preset`` (see :mod:`regionclip.presets`) sets post-processing and RPN overrides; keyword
+        ``postprocess_overrides`` (e.g. ``score_thresh=0.1``) replace single fields."""
+        p = get_preset(preset) if preset else None
+        pp = postprocess or (p.postprocess if p else PostprocessConfig())
+        if postprocess_overrides:
+            pp = replace(pp, **postprocess_overrides)
+        rpn_ov = dict(p.rpn_overrides) if p else {}
+        rpn_ov.update(rpn_overrides or {})
+        wpath = resolve_weights(weights)
+        rpath = resolve_weights(rpn_weights) if rpn_weights is not None else None
+        use_rpn = not (p is not None and p.regions == "gt" and rpath is None)
+        det, loaded = load_detector(wpath, rpath, postprocess=pp, rpn_overrides=rpn_ov, use_rpn=use_rpn,
+                                    strict=strict, device=device, region_chunk_size=region_chunk_size)
+        return cls(det, wpath, loaded, p)
+
+    # ------------------------------------------------------------------ vocabulary
+    def set_vocabulary(self, vocab: Union[str, Sequence[str], None] = None,
+                       concept_embeddings: Union[PathLike, Tensor, None] = None, *,
+                       cache_dir: Optional[PathLike] = None, show_progress: bool = False) -> list[str]:
+        """Set the classes. Either a concept-embedding file/tensor (rows = classes; names from ``vocab`` or
+        numbered), or names whose embeddings are computed once with this checkpoint's own text encoder (81
+        prompt templates) and cached on disk. Returns the class names."""
+        if vocab is None and concept_embeddings is None and self.preset is not None:
+            vocab = self.preset.vocabulary
+        names = parse_names(vocab) if vocab is not None else None
+        if concept_embeddings is not None:
+            src = str(concept_embeddings) if not isinstance(concept_embeddings, Tensor) else "concept embeddings"
+            emb = concept_embeddings if isinstance(concept_embeddings, Tensor) else \
+                class_embedding_file(read_weight_file(concept_embeddings), src)
+            if emb.ndim == 1:
+                emb = emb[None]
+            if names is None:
+                names = [str(i) for i in range(emb.shape[0])]
+            if len(names) != emb.shape[0]:
+                raise ValueError(f"{src} has {emb.shape[0]} rows but the vocabulary has {len(names)} names; row i must "
+                                 "be the embedding of name i (e.g. lvis_1203_cls_emb.pth goes with --vocab lvis1203)")
+            self.detector.set_vocabulary(emb, names, source=f"{src} (for model {self.weights_path})")
+            return names
+        if names is None:
+            raise ValueError("give a vocabulary (names) or a concept-embedding file")
+        if self.weights_path is None:
+            raise ValueError("computing embeddings from names needs the checkpoint's text encoder (weights path)")
+        from .text.vocabulary import class_embeddings
+
+        emb = class_embeddings(names, self.weights_path, cache_dir=cache_dir, device=self.detector.device,
+                               show_progress=show_progress)
+        self.detector.set_vocabulary(emb, names, source=f"text embeddings of {self.weights_path}")
+        return names
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.detector.class_names)
+
+    # ------------------------------------------------------------------ inference
+    def detect(self, images: Sequence[ImageInput], boxes: Optional[Sequence[Any]] = None, *, batch_size: int = 1,
+               **kwargs: Any) -> list[Detections]:
+        """Detect on images (paths / PIL / arrays / uint8 tensors). ``boxes``: per-image user boxes (XYXY,
+        original pixels) to classify instead of RPN proposals."""
+        return list(self.iter_detect(images, boxes, batch_size=batch_size, **kwargs))
+
+    def iter_detect(self, images: Sequence[ImageInput], boxes: Optional[Sequence[Any]] = None, *,
+                    batch_size: int = 1, **kwargs: Any) -> Iterator[Detections]:
+        if boxes is not None and len(boxes) != len(images):
+            raise ValueError(f"got boxes for {len(boxes)} images but {len(images)} images")
+        for s in range(0, len(images), batch_size):
+            bx = boxes[s:s + batch_size] if boxes is not None else None
+            for j, d in enumerate(self.detector.detect(images[s:s + batch_size], bx, **kwargs)):
+                im = images[s + j]
+                if isinstance(im, (str, os.PathLike)):
+                    d.file_name = str(im)
+                yield d
+
+    __call__ = detect

@@ -1,0 +1,73 @@
+"""``regionclip detect``: images or folders in, a COCO-style results JSON (+ annotated images) out."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .common import add_model_args, load_model, read_user_boxes
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("detect", help="zero-shot detection on images", description=__doc__)
+    p.add_argument("images", nargs="*", help="image files or folders (default: the two bundled demo images)")
+    p.add_argument("--boxes", help="classify these boxes instead of RPN proposals: COCO json or {file: [[x1,y1,x2,y2]]}")
+    p.add_argument("-o", "--output-dir", default="output/detect")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--no-vis", action="store_true", help="do not write annotated images")
+    p.add_argument("--vis-conf-threshold", type=float, default=0.05)
+    p.add_argument("--vis-max-boxes", type=int, default=25)
+    add_model_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..assets import BUILTIN_VOCABULARIES, dataset_category_ids, demo_image_paths
+    from ..utils import write_json_atomic
+    from ..data.images import list_images
+
+    files: list[Path] = []
+    for x in (args.images or [str(p) for p in demo_image_paths()]):
+        files += list_images(x)
+    boxes = read_user_boxes(args.boxes, files) if args.boxes else None
+    model = load_model(args)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = model.class_names
+    # results use the dataset's category ids for built-in vocabularies (COCO ids for coco65, LVIS ids for
+    # lvis1203), else class index + 1 (the LVIS convention of the original's lvis_instances_results.json)
+    vocab = args.vocab if args.vocab is not None else (model.preset.vocabulary if model.preset else None)
+    cat_ids = list(range(1, len(names) + 1))
+    if isinstance(vocab, str) and vocab.lower().replace("-", "").replace("_", "") in BUILTIN_VOCABULARIES:
+        cat_ids = dataset_category_ids(vocab)
+    results, images_meta, all_dets = [], [], []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(files), desc="detect", unit="img")
+    for i, det in enumerate(model.iter_detect([str(f) for f in files], boxes, batch_size=args.batch_size)):
+        image_id = i + 1
+        results += det.to_coco_json(image_id, cat_ids)
+        h, w = det.image_size
+        images_meta.append({"id": image_id, "file_name": str(files[i]), "height": h, "width": w})
+        all_dets.append(det)
+        bar.update(1)
+    bar.close()
+    dt = time.perf_counter() - t0
+    dataset = {"images": images_meta, "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, names)]}
+    res_path = write_json_atomic(results, out_dir / "results.json")
+    write_json_atomic(dataset, out_dir / "images.json")
+    print(f"{len(files)} images in {dt:.1f} s ({len(files) / max(dt, 1e-9):.3f} images/s on {args.device}); "
+          f"{len(results)} detections -> {res_path}")
+    if not args.no_vis:
+        try:
+            from ..visualize import render_detections
+        except ImportError:  # pragma: no cover - visualize ships with the package
+            return 0
+        for f, det in zip(files, all_dets):
+            out = render_detections(f, det, out_dir / f"{f.stem}_vis.jpg", conf_threshold=args.vis_conf_threshold,
+                                    max_boxes=args.vis_max_boxes)
+            print(f"wrote {out}")
+    return 0
+

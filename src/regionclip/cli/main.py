@@ -1,0 +1,38 @@
+"""``regionclip <subcommand>``: one console script; each subcommand module has ``register`` and ``run``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# subcommand modules, in help order (each defines register(subparsers) -> parser and run(args) -> int)
+SUBCOMMANDS = [
+    "regionclip.cli.detect",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regionclip", description="RegionCLIP zero-shot / open-vocabulary detection")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for mod_name in SUBCOMMANDS:
+        mod = importlib.import_module(mod_name)
+        p = mod.register(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # user-facing errors (bad input, missing weights, wrong checkpoint) as one clear message, no traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"regionclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
