@@ -1,0 +1,197 @@
+"""Drawing detections with PIL: the original's ``tools/visualize_json_results.py`` selection rules (spec §7), plus
+readable labels, per-class colours, side-by-side comparison of several results files and a grid of images.
+"""
+from __future__ import annotations
+
+import colorsys
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .evaluation.results import ResultsError, load_results, validate_results
+from .structures import Detections
+
+PathLike = Union[str, os.PathLike]
+Color = tuple[int, int, int]
+
+
+def select_predictions(preds: Sequence[dict], *, conf_threshold: float = 0.5, show_unique_boxes: bool = False,
+                       max_boxes: int = 30, small_region_px: float = 0.0) -> list[dict]:
+    """The predictions of one image that the original draws (spec §7), in input order.
+
+    Without ``show_unique_boxes``: every prediction with score > ``conf_threshold`` (``max_boxes`` and
+    ``small_region_px`` are ignored, as in the original). With it: take the first ``max_boxes`` predictions *in
+    JSON order* (the original assumes score order), drop those whose XYWH area w*h < ``small_region_px``, drop
+    repeats of an already kept identical ``bbox`` (so each box shows once, with its first = best class), then apply
+    the score threshold.
+    """
+    if not show_unique_boxes:
+        return [p for p in preds if p["score"] > conf_threshold]
+    kept: list[dict] = []
+    seen: set[tuple[float, ...]] = set()
+    for p in list(preds)[:max_boxes]:
+        w, h = p["bbox"][2], p["bbox"][3]
+        if w * h < small_region_px:
+            continue
+        key = tuple(float(v) for v in p["bbox"])
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append(p)
+    return [p for p in kept if p["score"] > conf_threshold]
+
+
+def class_color(key: int) -> Color:
+    """A saturated colour per class, stable across images and runs (golden-ratio hue steps)."""
+    hue = (key * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
+               colors: Sequence[Color], *, line_width: Optional[int] = None, font_size: Optional[int] = None,
+               ) -> Image.Image:
+    """A copy of ``image`` with XYXY ``boxes`` outlined in ``colors`` and a filled label tag above each box
+    (inside it when there is no room above). Sizes default to values readable at the image's resolution."""
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    short = min(out.size)
+    lw = line_width or max(2, round(short / 300))
+    font = _font(font_size or max(12, short // 45))
+    for box, text, color in zip(boxes, labels, colors):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=lw)
+        if not text:
+            continue
+        l, t, r, b = draw.textbbox((0, 0), text, font=font)
+        tw, th = r - l + 2 * lw, b - t + 2 * lw
+        ty = y0 - th if y0 - th >= 0 else y0 + lw
+        tx = min(max(x0, 0), max(out.size[0] - tw, 0))
+        draw.rectangle([tx, ty, tx + tw, ty + th], fill=color)
+        # black on light colours, white on dark ones
+        luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+        draw.text((tx + lw - l, ty + lw - t), text, fill=(0, 0, 0) if luma > 140 else (255, 255, 255), font=font)
+    return out
+
+
+def draw_results(image: Image.Image, preds: Sequence[dict], names: Mapping[int, str]) -> Image.Image:
+    """Draw results-JSON predictions (``bbox`` XYWH, ``category_id``, ``score``) with ``names[category_id]``."""
+    boxes = [[p["bbox"][0], p["bbox"][1], p["bbox"][0] + p["bbox"][2], p["bbox"][1] + p["bbox"][3]] for p in preds]
+    labels = [f"{names.get(p['category_id'], p['category_id'])} {p['score']:.2f}" for p in preds]
+    return draw_boxes(image, boxes, labels, [class_color(int(p["category_id"])) for p in preds])
+
+
+def draw_detections(image: Image.Image, det: Detections, *, conf_threshold: float = 0.0) -> Image.Image:
+    """Draw a :class:`Detections` (boxes in original pixels of ``image``)."""
+    keep = [i for i, s in enumerate(det.scores.tolist()) if s > conf_threshold]
+    names = det.names
+    labels = [f"{names[i]} {float(det.scores[i]):.2f}" for i in keep]
+    return draw_boxes(image, [det.boxes[i].tolist() for i in keep], labels,
+                      [class_color(int(det.labels[i])) for i in keep])
+
+
+def tile(images: Sequence[Image.Image], columns: int, *, titles: Optional[Sequence[str]] = None,
+         cell_width: Optional[int] = None, gap: int = 8) -> Image.Image:
+    """Images in a grid of ``columns`` columns (scaled to a common width), with optional titles above each."""
+    if not images:
+        raise ValueError("nothing to tile: no images")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    cw = cell_width or max(im.size[0] for im in images)
+    scaled = [im.convert("RGB").resize((cw, max(1, round(im.size[1] * cw / im.size[0])))) for im in images]
+    font = _font(max(14, cw // 40))
+    title_h = (font.getbbox("Ag")[3] + 2 * gap) if titles else 0
+    rows = [scaled[i:i + columns] for i in range(0, len(scaled), columns)]
+    row_h = [max(im.size[1] for im in row) + title_h for row in rows]
+    canvas = Image.new("RGB", (columns * cw + (columns + 1) * gap, sum(row_h) + (len(rows) + 1) * gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = gap
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            x = gap + c * (cw + gap)
+            if titles:
+                draw.text((x, y + gap // 2), titles[r * columns + c], fill=(0, 0, 0), font=font)
+            canvas.paste(im, (x, y + title_h))
+        y += row_h[r] + gap
+    return canvas
+
+
+def _group(results: Sequence[dict]) -> dict[Any, list[dict]]:
+    by_image: dict[Any, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    return by_image
+
+
+def render_results(results: Union[PathLike, Sequence[dict], Sequence[Union[PathLike, Sequence[dict]]]],
+                   images: Sequence[tuple[Any, PathLike]], names: Mapping[int, str], output_dir: PathLike, *,
+                   conf_threshold: float = 0.5, show_unique_boxes: bool = False, max_boxes: int = 30,
+                   small_region_px: float = 0.0, image_format: Optional[str] = None,
+                   grid_columns: Optional[int] = None, titles: Optional[Sequence[str]] = None) -> list[Path]:
+    """Draw one or several results files on the dataset images and write them to ``output_dir``.
+
+    Args:
+        results: a results JSON path / list, or a list of those (several -> side by side per image).
+        images: ``(image_id, path)`` of every image to draw, in order (images without predictions are drawn bare,
+            as the original does).
+        names: category id -> label text.
+        output_dir: written as ``<output_dir>/<image file name>`` (suffix replaced by ``image_format``,
+            e.g. ``"png"``), plus ``grid.<ext>`` when ``grid_columns`` is given.
+        titles: panel titles for side-by-side mode (default: file stems / "results i").
+    """
+    multi = isinstance(results, (list, tuple)) and bool(results) and not isinstance(results[0], dict)
+    sources = list(results) if multi else [results]
+    known_ids = [i for i, _ in images]
+    grouped = []
+    for k, src in enumerate(sources):
+        label = str(src) if not isinstance(src, (list, tuple)) else f"results {k}"
+        preds = load_results(src) if not isinstance(src, (list, tuple)) else list(src)
+        validate_results(preds, known_ids, names.keys(), source=label, allow_empty=True)
+        grouped.append(_group(preds))
+    if titles is None:
+        titles = [Path(s).stem if not isinstance(s, (list, tuple)) else f"results {k}" for k, s in enumerate(sources)]
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    rendered: list[Image.Image] = []
+    for image_id, path in images:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+        panels = [draw_results(im, select_predictions(g.get(image_id, []), conf_threshold=conf_threshold,
+                                                      show_unique_boxes=show_unique_boxes, max_boxes=max_boxes,
+                                                      small_region_px=small_region_px), names) for g in grouped]
+        out = panels[0] if len(panels) == 1 else tile(panels, len(panels), titles=titles)
+        name = Path(path).name if image_format is None else f"{Path(path).stem}.{image_format.lstrip('.')}"
+        written.append(_save(out, out_dir / name))
+        if grid_columns:
+            rendered.append(out)
+    if grid_columns and rendered:
+        ext = image_format or "jpg"
+        grid = tile(rendered, grid_columns, titles=[Path(p).name for _, p in images],
+                    cell_width=min(960, max(im.size[0] for im in rendered)))
+        written.append(_save(grid, out_dir / f"grid.{ext.lstrip('.')}"))
+    return written
+
+
+def _save(image: Image.Image, path: Path) -> Path:
+    """Save via a temp name + rename so an interrupted run leaves no truncated image under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"unsupported output format {path.suffix!r}; use jpg, png, webp or bmp")
+    image.save(tmp, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["select_predictions", "class_color", "draw_boxes", "draw_results", "draw_detections", "tile",
+           "render_results", "ResultsError"]
