@@ -73,7 +73,7 @@ def test_grid_anchors_2x2_order_and_offset() -> None:
     centres = [(0, 0), (4, 0), (0, 4), (4, 4)]  # (x, y)
     for loc, (cx, cy) in enumerate(centres):
         for a in range(3):
-            torch.testing.assert_close(anchors[loc * 3 + a], cells[a] + torch.tensor([cx, cy, cx, cy.__float__()]))
+            torch.testing.assert_close(anchors[loc * 3 + a], cells[a] + torch.tensor([cx, cy, cx, cy], dtype=torch.float32))
     half = grid_anchors(cells, (2, 2), stride=4, offset=0.5)
     torch.testing.assert_close(half - anchors, torch.full_like(anchors, 2.0))
 
@@ -219,6 +219,9 @@ def test_fpn_r50_keys_match_official_rpn_checkpoint(shared_dir: Path) -> None:
 
 def test_fpn_state_dict_round_trip_and_infer() -> None:
     model = _tiny(RPNConfig.fpn(**TINY))
+    model.train()  # frozen: stays in eval mode, nothing trainable
+    assert not model.training and not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
     sd = model.state_dict()
     assert "backbone.bottom_up.stem.conv1.norm.running_var" in sd
     assert "backbone.fpn_lateral2.bias" in sd and "proposal_generator.rpn_head.conv.bias" in sd

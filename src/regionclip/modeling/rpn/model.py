@@ -42,8 +42,9 @@ class OfflineRPN(nn.Module):
         cfg: architecture, preprocessing and test-time selection settings (see :class:`RPNConfig`).
 
     Submodules: ``backbone`` (FPN with ``bottom_up`` ResNet, or the C4 ResNet) and ``proposal_generator``
-    (:class:`RPN` with ``rpn_head``). No training behaviour: ``forward`` always runs without gradients and
-    with the test-time top-k settings, as the original runs its offline RPN.
+    (:class:`RPN` with ``rpn_head``). No training behaviour: parameters have ``requires_grad=False``,
+    ``train()`` keeps eval mode, and ``forward`` runs without gradients and with the test-time top-k settings,
+    as the original runs its offline RPN.
     """
 
     def __init__(self, cfg: RPNConfig) -> None:
@@ -84,7 +85,14 @@ class OfflineRPN(nn.Module):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std, dtype=torch.float32).view(3, 1, 1),
                              persistent=False)
+        # Frozen like the original's offline modules: no parameter trains, and the module stays in eval mode
+        # even when a parent detector is put in training mode (see `train`).
+        self.requires_grad_(False)
         self.eval()
+
+    def train(self, mode: bool = True) -> "OfflineRPN":
+        """Always eval: the original forces its offline RPN into eval mode on every forward (spec §3.5)."""
+        return super().train(False)
 
     def preprocess(self, images: Sequence[Tensor]) -> Tuple[Tensor, List[Tuple[int, int]]]:
         """RGB 0..255 images -> normalized, zero-padded batch (the original's ``offline_preprocess_image``).
