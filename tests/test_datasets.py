@@ -135,3 +135,18 @@ def test_registered_names(tmp_path: Path) -> None:
     (tmp_path / "lvis").mkdir()
     _write(tmp_path / "lvis", "lvis_v1_train.json", _lvis_json())
     assert load_registered("lvis_v1_train", tmp_path).category_ids == [2, 3]  # train split: rare removed
+
+
+def test_region_boxes_resized_truncates_integer_json_boxes(tmp_path: Path) -> None:
+    gt = {"images": [{"id": 1, "file_name": "a.jpg", "height": 1080, "width": 1920}],
+          "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 180, 100, 90]},  # ints
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [10.0, 180.0, 100.0, 90.0]},  # floats
+                          {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1}]}
+    rec = load_coco_json(_write(tmp_path, "g.json", gt), tmp_path)[0]
+    boxes, labels = rec.region_boxes_resized((750, 1333))
+    assert len(boxes) == 2  # crowd removed
+    s = 1333 / 1920
+    # detectron2 scales integer boxes in an int array: 10*s=6.94 -> 6, 180*(750/1080)=125 -> 125, 110*s=76.4 -> 76
+    np.testing.assert_array_equal(boxes[0], [6, 125, 76, 187])
+    np.testing.assert_allclose(boxes[1], [10 * s, 125, 110 * s, 270 * 750 / 1080], rtol=1e-6)

@@ -47,12 +47,16 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    # True where the json wrote the bbox as 4 integers: detectron2 then resizes it in an int array (truncating)
+    int_boxes: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         self.iscrowd = np.asarray(self.iscrowd, dtype=bool).reshape(-1)
-        if not (len(self.boxes) == len(self.labels) == len(self.iscrowd)):
+        self.int_boxes = (np.zeros(len(self.boxes), bool) if self.int_boxes is None
+                          else np.asarray(self.int_boxes, dtype=bool).reshape(-1))
+        if not (len(self.boxes) == len(self.labels) == len(self.iscrowd) == len(self.int_boxes)):
             raise DatasetError(f"image {self.image_id}: {len(self.boxes)} boxes, {len(self.labels)} labels and "
                                f"{len(self.iscrowd)} iscrowd flags; they must have the same length")
 
@@ -70,6 +74,24 @@ class ImageRecord:
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, self.height)
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return boxes[nonempty], labels[nonempty]
+
+    def region_boxes_resized(self, resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """GT-mode regions exactly as the original's test mapper produces them in the *resized* frame (spec §4.2).
+
+        Crowd removed, boxes scaled to ``resized_hw``, clipped, empty ones removed. A bbox written with integers in
+        the json stays an integer array in detectron2's ``transform_instance_annotations``, so its scaled
+        coordinates are truncated toward zero (e.g. ``gt_boxes.json``; real COCO files use floats). Reproducing
+        this keeps GT-mode scores identical to the original's.
+        """
+        keep = ~self.iscrowd
+        sx, sy = resized_hw[1] / self.width, resized_hw[0] / self.height
+        boxes = self.boxes[keep].astype(np.float64) * np.array([sx, sy, sx, sy])
+        ints = self.int_boxes[keep]
+        boxes[ints] = np.trunc(boxes[ints])
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, resized_hw[1])
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, resized_hw[0])
+        nonempty = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)  # d2 nonempty()
+        return boxes[nonempty].astype(np.float32), self.labels[keep][nonempty]
 
 
 @dataclass
@@ -161,7 +183,8 @@ def _record(img: dict, file_name: str, anns: list[dict], id_to_contiguous: dict[
     return ImageRecord(image_id=img["id"], file_name=file_name, height=int(img["height"]), width=int(img["width"]),
                        boxes=np.array(boxes, np.float32).reshape(-1, 4),
                        labels=np.array([id_to_contiguous[a["category_id"]] for a in anns], np.int64),
-                       iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns], bool))
+                       iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns], bool),
+                       int_boxes=np.array([all(type(v) is int for v in a["bbox"]) for a in anns], bool))
 
 
 def load_coco_json(json_file: PathLike, image_root: PathLike, *, name: Optional[str] = None) -> DetectionDataset:

@@ -83,7 +83,7 @@ def _load_gt(gt: Union[PathLike, dict]) -> Any:
 
 def evaluate_coco(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]], *, max_dets: int = 100,
                   ovd_split: Optional[dict[str, Sequence[int]]] = None, allow_empty: bool = False,
-                  verbose: bool = False) -> dict[str, float]:
+                  image_ids: Optional[Sequence[Any]] = None, verbose: bool = False) -> dict[str, float]:
     """Evaluate bbox detections against a COCO-format ground truth.
 
     Args:
@@ -92,6 +92,7 @@ def evaluate_coco(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
         max_dets: pycocotools' largest ``maxDets`` (100 for COCO).
         ovd_split: ``{"novel": ids, "base": ids}`` to override the automatic OV-COCO split (65-class jsons only).
         allow_empty: score an empty results list as 0 AP instead of raising :class:`ResultsError`.
+        image_ids: evaluate only these images (the ones a run processed, as detectron2 does); default all.
         verbose: print pycocotools' summary.
     """
     cocoeval_mod = require("pycocotools.cocoeval")
@@ -119,6 +120,8 @@ def evaluate_coco(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
         coco_dt = coco_gt.loadRes(dets)
         ev = cocoeval_mod.COCOeval(coco_gt, coco_dt, "bbox")
         ev.params.maxDets = [1, 10, max_dets]
+        if image_ids is not None:
+            ev.params.imgIds = sorted(set(image_ids))
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

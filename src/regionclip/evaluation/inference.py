@@ -133,17 +133,20 @@ def run_inference(dataset: DetectionDataset, predict: Predictor, output_dir: Pat
 
 def evaluate_results(dataset: DetectionDataset, results: Union[PathLike, list[dict]], *,
                      allow_empty: bool = False) -> dict[str, Any]:
-    """COCO or LVIS metrics of ``results`` against the dataset's annotation file."""
+    """COCO or LVIS metrics of ``results`` against the dataset's annotation file, over the dataset's images only
+    (a dataset cut with ``records[:n]`` is scored on those n images; LVIS images dropped by the loader are not
+    scored either, as in the original)."""
     if dataset.annotation_file is None:
         raise ResultsError(f"dataset {dataset.name!r} has no annotations ({dataset.kind}); nothing to evaluate "
                            "against - only the results JSON can be written")
+    ids = [r.image_id for r in dataset]
     if dataset.kind == "lvis":
         from .lvis import evaluate_lvis
 
-        return evaluate_lvis(dataset.annotation_file, results, allow_empty=allow_empty)
+        return evaluate_lvis(dataset.annotation_file, results, allow_empty=allow_empty, image_ids=ids)
     from .coco import evaluate_coco
 
-    return evaluate_coco(dataset.annotation_file, results, allow_empty=allow_empty)
+    return evaluate_coco(dataset.annotation_file, results, allow_empty=allow_empty, image_ids=ids)
 
 
 def evaluate_dataset(dataset: DetectionDataset, predict: Predictor, output_dir: PathLike, *,

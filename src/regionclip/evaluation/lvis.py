@@ -10,7 +10,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from .results import ResultsError, load_results, require, validate_results
 
@@ -89,12 +89,14 @@ def _check_lvis_gt(data: dict, where: str) -> dict:
 
 
 def evaluate_lvis(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]], *, max_dets: int = 300,
-                  allow_empty: bool = False, verbose: bool = False) -> dict[str, dict[str, float]]:
+                  allow_empty: bool = False, image_ids: Optional[Sequence[Any]] = None, verbose: bool = False,
+                  ) -> dict[str, dict[str, float]]:
     """Evaluate against an LVIS v1 ground truth. Returns ``{"bbox": {...}, "segm": {...}}`` (``segm`` only when
     every detection has a ``segmentation``); values are percent, NaN where no category of a group has GT.
 
     Results use LVIS category ids (contiguous index + 1 for 1203-way models). ``allow_empty`` scores an empty
-    results list as 0 AP instead of raising :class:`ResultsError`.
+    results list as 0 AP instead of raising :class:`ResultsError`. ``image_ids`` restricts the evaluation to the
+    images a run processed (default: all images of the ground truth).
     """
     lvis_mod = require("lvis")
     lvis_gt = _load_gt(gt)
@@ -117,6 +119,8 @@ def evaluate_lvis(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
                 lvis_dt = lvis_mod.LVISResults(lvis_gt, res, max_dets=max_dets)
             ev = lvis_mod.LVISEval(lvis_gt, lvis_dt, iou_type)
             ev.params.max_dets = max_dets
+            if image_ids is not None:
+                ev.params.img_ids = sorted(set(image_ids))
             ev.run()
             if verbose:
                 ev.print_results()

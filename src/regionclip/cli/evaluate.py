@@ -1,0 +1,136 @@
+"""``regionclip evaluate``: run the detector over a dataset, write the results and metrics JSON, print the table.
+
+Resumable: finished images accumulate in ``<output-dir>/predictions.jsonl``; re-running the same command skips
+them. See docs/EVALUATION.md for the scenarios that reproduce the original's evaluation commands.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+NAME = "evaluate"
+
+
+def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    from regionclip.evaluation.scenarios import SCENARIOS
+
+    from .common import add_model_args
+
+    p = subparsers.add_parser(NAME, help="evaluate on COCO / LVIS (or write results for an image folder)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", choices=sorted(SCENARIOS),
+                   help="the original's evaluation setting: sets --preset and --dataset (see docs/EVALUATION.md)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", help="registered name (e.g. coco_2017_ovd_all_test, lvis_v1_val) or annotation json")
+    d.add_argument("--images", help="a folder of images without annotations: writes results only")
+    d.add_argument("--data-root", default="datasets", help="root of the registered datasets ($DETECTRON2_DATASETS)")
+    d.add_argument("--image-root", help="image folder for a --dataset json path")
+    d.add_argument("--regions", choices=["gt", "rpn"], help="GT boxes or RPN proposals (default: the preset's)")
+    d.add_argument("--limit", type=int, help="only the first N images (scored on those images only)")
+    r = p.add_argument_group("run")
+    r.add_argument("-o", "--output-dir", help="default output/inference/<dataset>")
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--no-resume", action="store_true", help="start over instead of skipping finished images")
+    r.add_argument("--no-progress", action="store_true")
+    add_model_args(p, default_preset=None)
+    return p
+
+
+def make_predictor(model: Any, regions: str) -> Callable:
+    """Adapter from :class:`regionclip.api.RegionCLIP` to the evaluation protocol ``predict(records)``.
+
+    GT mode builds each record's regions in the resized frame the way the original's mapper does
+    (:meth:`ImageRecord.region_boxes_resized`: crowd removed, integer json boxes truncated after scaling) and
+    classifies them; an image left without regions gets no detections (the original has nothing to classify).
+    """
+    import torch
+
+    from regionclip.structures import Detections, Proposals
+
+    det_model = model.detector
+
+    def empty(rec: Any) -> Detections:
+        return Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                          (rec.height, rec.width), model.class_names)
+
+    def predict(records: list) -> list:
+        if regions != "gt":
+            return model.detect([r.file_name for r in records], batch_size=len(records))
+        out: list[Optional[Detections]] = [None] * len(records)
+        prepared, props, idx = [], [], []
+        for i, rec in enumerate(records):
+            p = det_model.prepare(rec.file_name)
+            if p.original_hw != (rec.height, rec.width):
+                raise ValueError(f"{rec.file_name} is {p.original_hw[1]}x{p.original_hw[0]} but its annotation says "
+                                 f"{rec.width}x{rec.height}; the boxes would be misplaced")
+            boxes, _ = rec.region_boxes_resized(p.resized_hw)
+            if len(boxes) == 0:
+                out[i] = empty(rec)
+                continue
+            prepared.append(p)
+            props.append(Proposals(torch.from_numpy(boxes).to(det_model.device), None))
+            idx.append(i)
+        if prepared:
+            for i, det in zip(idx, det_model.detect_prepared(prepared, props)):
+                out[i] = det
+        return out
+
+    return predict
+
+
+def _dataset(args: argparse.Namespace):
+    from regionclip.data.datasets import load_annotations, load_image_folder, load_registered
+
+    if args.images:
+        from regionclip.api import parse_names
+
+        return load_image_folder(args.images, parse_names(args.vocab or "lvis1203"))
+    if not args.dataset:
+        raise ValueError("give --scenario, --dataset (registered name or annotation json) or --images")
+    if Path(args.dataset).suffix == ".json":
+        if not args.image_root:
+            raise ValueError("--dataset given as a json path needs --image-root (the folder holding its images)")
+        return load_annotations(args.dataset, args.image_root)
+    return load_registered(args.dataset, args.data_root)
+
+
+def run(args: argparse.Namespace) -> int:
+    from regionclip.evaluation import evaluate_dataset, format_metrics
+    from regionclip.evaluation.inference import results_file_name
+    from regionclip.evaluation.scenarios import get_scenario
+    from regionclip.presets import get_preset
+
+    from .common import load_model, postprocess_overrides
+
+    scenario = get_scenario(args.scenario) if args.scenario else None
+    if scenario is not None:
+        args.preset = args.preset or scenario.preset
+        if not args.images:
+            args.dataset = args.dataset or scenario.dataset
+    preset = get_preset(args.preset) if args.preset else None
+    regions = args.regions or (preset.regions if preset else "rpn")
+    dataset = _dataset(args)
+    if args.limit is not None:
+        dataset.records = dataset.records[:args.limit]
+    if regions == "gt" and not dataset.has_annotations:
+        raise ValueError("--regions gt needs a dataset with annotations (GT boxes); an image folder has none")
+    # The classifier's rows must be the dataset's classes in contiguous order: results map label -> category id.
+    if args.vocab is not None and not args.images:
+        raise ValueError("--vocab is for --images only: a dataset's classes come from its annotation file")
+    args.vocab = list(dataset.class_names)
+    model = load_model(args)
+    out_dir = Path(args.output_dir or Path("output") / "inference" / dataset.name)
+    meta = {"weights": str(model.weights_path), "rpn_weights": args.rpn_weights, "preset": args.preset,
+            "regions": regions, "concept_emb": args.concept_emb, "limit": args.limit,
+            "postprocess": postprocess_overrides(args)}
+    metrics = evaluate_dataset(dataset, make_predictor(model, regions), out_dir, batch_size=args.batch_size,
+                               resume=not args.no_resume, progress=not args.no_progress, meta=meta)
+    print(f"results: {out_dir / results_file_name(dataset)}")
+    if metrics is None:
+        return 0
+    print(f"metrics: {out_dir / 'metrics.json'}\n")
+    print(format_metrics(metrics, label=args.preset or "ours"))
+    if scenario is not None:
+        print(f"\npublished ({scenario.name}): {scenario.reported}")
+    return 0
