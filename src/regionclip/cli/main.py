@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 # subcommand modules, in help order (each defines register(subparsers) -> parser and run(args) -> int)
 SUBCOMMANDS = [
     "regionclip.cli.detect",
+    "regionclip.cli.evaluate",
+    "regionclip.cli.visualize",
 ]
 
 
