@@ -18,8 +18,6 @@ Renaming is an explicit table (:data:`RENAME_RULES`); keys deliberately dropped 
 """
 from __future__ import annotations
 
-import math
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,22 +149,14 @@ def text_state_dict(sd: Mapping[str, Tensor], source: str = "") -> dict[str, Ten
     return text
 
 
-def image_tower_config(sd: Mapping[str, Tensor]) -> dict[str, object]:
-    """ModifiedResNet constructor arguments inferred from shapes (keys without ``visual.``/``backbone.``).
+def build_image_tower(sd: Mapping[str, Tensor]) -> torch.nn.Module:
+    """A randomly initialised ModifiedResNet with the architecture of ``sd`` (keys without ``visual.``), using
+    :func:`regionclip.checkpoint.regionclip.infer_clip_resnet_config` (shapes -> layers/width/dims/resolution)."""
+    from regionclip.checkpoint.regionclip import infer_clip_resnet_config
+    from regionclip.modeling.clip_resnet import ModifiedResNet
 
-    width = 2 x stem conv1 channels; layers = blocks per stage; output_dim = attnpool.c_proj rows;
-    heads = 32 * width / 64 (OpenAI's rule); input_resolution = 32 x attnpool grid.
-    """
-    try:
-        width = int(sd["conv1.weight"].shape[0]) * 2
-        layers = [len({int(m.group(1)) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))})
-                  for i in range(1, 5)]
-        grid = math.isqrt(int(sd["attnpool.positional_embedding"].shape[0]) - 1)
-        output_dim = int(sd["attnpool.c_proj.weight"].shape[0])
-    except KeyError as e:
-        raise CheckpointError(f"not a CLIP ModifiedResNet state dict: missing {e}") from e
-    return {"layers": layers, "output_dim": output_dim, "heads": width * 32 // 64,
-            "input_resolution": grid * 32, "width": width}
+    c = infer_clip_resnet_config(sd, prefix="")
+    return ModifiedResNet(c.layers, c.embed_dim, c.heads, c.image_resolution, c.width)
 
 
 @dataclass
@@ -185,7 +175,6 @@ def load_clip_towers(path_or_sd: PathLike | Mapping[str, Tensor], *, allow_jit: 
     Architectures are inferred from tensor shapes. With ``strict=True`` a key that no rename rule or ignore
     entry covers raises :class:`CheckpointError` (so an unexpected file layout is never half-loaded).
     """
-    from regionclip.modeling.clip_resnet import ModifiedResNet
     from regionclip.modeling.text_encoder import build_text_encoder_from_state_dict
 
     if isinstance(path_or_sd, Mapping):
@@ -199,7 +188,7 @@ def load_clip_towers(path_or_sd: PathLike | Mapping[str, Tensor], *, allow_jit: 
     report = LoadReport(source=source, ignored=parts.ignored, unexpected=list(parts.unknown))
     image = text = None
     if parts.image:
-        image = ModifiedResNet(**image_tower_config(parts.image))  # type: ignore[arg-type]
+        image = build_image_tower(parts.image)
         report = report.merge(load_into(image, parts.image, strict=strict, source="image tower"))
         image.eval()
     if parts.text:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         encoder = load_text_encoder(args.weights, allow_jit=args.allow_jit, device=device)
         t1 = time.perf_counter()
         emb = concept_embeddings(names, encoder, templates=args.templates, average=args.average,
-                                 batch_size=args.batch_size, progress=not args.no_progress)
+                                 batch_size=args.batch_size, show_progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:  # bad vocabulary / templates / weights (CheckpointError too)
         print(f"regionclip {NAME}: error: {e}", file=sys.stderr)
         return 2

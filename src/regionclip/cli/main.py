@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 # subcommand modules, in help order (each defines register(subparsers) -> parser and run(args) -> int)
 SUBCOMMANDS = [
     "regionclip.cli.detect",
+    "regionclip.cli.embed",
     "regionclip.cli.evaluate",
     "regionclip.cli.visualize",
 ]

@@ -75,7 +75,7 @@ def _reduce(features: Tensor, average: str) -> Tensor:
 @torch.no_grad()
 def concept_embeddings(names: Sequence[str], encoder: CLIPTextTransformer, *,
                        templates: Optional[Union[str, Sequence[str], Path]] = None, average: str = "mean",
-                       batch_size: int = 256, progress: bool = False,
+                       batch_size: int = 256, show_progress: bool = False,
                        tokenizer: Optional[ClipTokenizer] = None) -> Tensor:
     """Template-averaged text embeddings of ``names``.
 
@@ -86,7 +86,7 @@ def concept_embeddings(names: Sequence[str], encoder: CLIPTextTransformer, *,
         average: ``"mean"`` (original: mean of unnormalised features, result unnormalised) or
             ``"normalized"`` (normalise each, average, renormalise; result has unit rows).
         batch_size: prompts per forward pass.
-        progress: show a tqdm bar (one tick per concept).
+        show_progress: show a tqdm bar (one tick per concept).
 
     Returns:
         float32 Tensor[N, D] on the encoder's device.
@@ -105,7 +105,7 @@ def concept_embeddings(names: Sequence[str], encoder: CLIPTextTransformer, *,
     too_long: list[str] = []
     rows: list[Tensor] = []
     bar = None
-    if progress:
+    if show_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(names), unit="concept", desc="text embeddings")

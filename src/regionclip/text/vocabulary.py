@@ -139,7 +139,7 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
                      templates: Optional[Union[str, Sequence[str], Path]] = None, average: str = "mean",
                      cache_dir: Optional[PathLike] = None, use_cache: bool = True,
                      device: Optional[Union[str, torch.device]] = None, batch_size: int = 256,
-                     allow_jit: bool = False, progress: bool = False) -> Tensor:
+                     allow_jit: bool = False, show_progress: bool = False) -> Tensor:
     """Class embeddings for ``names`` computed with the text encoder stored in ``weights_path``, cached.
 
     Args:
@@ -153,7 +153,7 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
         device: where the text encoder runs on a cache miss, and where the result is returned (default CPU).
         batch_size: prompts per forward pass.
         allow_jit: allow reading an OpenAI TorchScript archive (runs code from the file).
-        progress: tqdm bar while encoding.
+        show_progress: tqdm bar while encoding.
 
     Returns:
         float32 Tensor[N, D], unnormalised for ``average="mean"``, exactly like ``regionclip embed-concepts``.
@@ -166,7 +166,7 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
     if not use_cache:
         encoder = load_text_encoder(weights_path, allow_jit=allow_jit, device=device)
         emb = concept_embeddings(names, encoder, templates=templates, average=average, batch_size=batch_size,
-                                 progress=progress)
+                                 show_progress=show_progress)
         return emb.to(out_device)
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -180,7 +180,7 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*duplicate class names.*")  # already warned above
             new = concept_embeddings(missing, encoder, templates=templates, average=average,
-                                     batch_size=batch_size, progress=progress).cpu()
+                                     batch_size=batch_size, show_progress=show_progress).cpu()
         if cached and next(iter(cached.values())).shape[-1] != new.shape[-1]:
             cached = {}  # a fingerprint collision with another architecture; drop the stale rows
         cached.update({_name_key(n): row.clone() for n, row in zip(missing, new)})
