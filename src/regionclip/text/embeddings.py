@@ -72,7 +72,6 @@ def _reduce(features: Tensor, average: str) -> Tensor:
     return F.normalize(F.normalize(features, dim=-1).mean(dim=1), dim=-1)
 
 
-@torch.no_grad()
 def concept_embeddings(names: Sequence[str], encoder: CLIPTextTransformer, *,
                        templates: Optional[Union[str, Sequence[str], Path]] = None, average: str = "mean",
                        batch_size: int = 256, show_progress: bool = False,
@@ -124,8 +123,9 @@ def concept_embeddings(names: Sequence[str], encoder: CLIPTextTransformer, *,
         if bar is not None:
             bar.close()
     if too_long:
+        shown = [n if len(n) <= 60 else n[:57] + "..." for n in too_long[:3]]
         warnings.warn(f"{len(too_long)} name(s) give prompts longer than {ctx} tokens and were truncated like "
-                      f"the original (EOT cut off): {too_long[:3]}{' ...' if len(too_long) > 3 else ''}",
+                      f"the original (EOT cut off): {shown}{' ...' if len(too_long) > 3 else ''}",
                       UserWarning, stacklevel=2)
     return torch.cat(rows)
 

@@ -101,5 +101,5 @@ def validate_names(names: Sequence[str], source: str = "vocabulary") -> list[str
             seen[key] = i
     if dups:
         warnings.warn(f"{source}: duplicate class names {', '.join(dups[:5])}{' ...' if len(dups) > 5 else ''}; "
-                      "kept (identical rows) so that row indices match your list", UserWarning, stacklevel=2)
+                      "kept (identical rows) so that row indices match your list", UserWarning, stacklevel=3)
     return names
