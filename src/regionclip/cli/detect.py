@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-vis", action="store_true", help="do not write annotated images")
     p.add_argument("--vis-conf-threshold", type=float, default=0.05)
     p.add_argument("--vis-max-boxes", type=int, default=25)
+    p.add_argument("--vis-small-region-px", type=float, default=8100.0, help="skip boxes smaller than this area")
     add_model_args(p)
     return p
 
@@ -61,13 +62,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(files)} images in {dt:.1f} s ({len(files) / max(dt, 1e-9):.3f} images/s on {args.device}); "
           f"{len(results)} detections -> {res_path}")
     if not args.no_vis:
-        try:
-            from ..visualize import render_detections
-        except ImportError:  # pragma: no cover - visualize ships with the package
-            return 0
-        for f, det in zip(files, all_dets):
-            out = render_detections(f, det, out_dir / f"{f.stem}_vis.jpg", conf_threshold=args.vis_conf_threshold,
-                                    max_boxes=args.vis_max_boxes)
-            print(f"wrote {out}")
-    return 0
+        # the original's visualisation settings (spec §7): unique boxes, first N by score, no tiny boxes
+        from PIL import Image
 
+        from ..data.images import load_image
+        from ..visualize import draw_results, select_predictions
+
+        id2name = dict(zip(cat_ids, names))
+        for f, det in zip(files, all_dets):
+            preds = select_predictions(det.to_coco_json(0, cat_ids), conf_threshold=args.vis_conf_threshold,
+                                       show_unique_boxes=True, max_boxes=args.vis_max_boxes,
+                                       small_region_px=args.vis_small_region_px)
+            img = Image.fromarray(load_image(f).permute(1, 2, 0).numpy())
+            out = out_dir / f"{f.stem}_vis.jpg"
+            tmp = out.with_name(f".{out.name}.tmp")
+            draw_results(img, preds, id2name).save(tmp, format="JPEG", quality=92)
+            tmp.replace(out)
+            print(f"wrote {out} ({len(preds)} boxes)")
+    return 0
