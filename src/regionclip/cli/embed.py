@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "(coco65, coco48, coco17, lvis1203, lvis866) or a comma-separated list")
     p.add_argument("-o", "--output", required=True, help="output file, .pth (bare tensor) or .safetensors")
     p.add_argument("--weights", required=True,
-                   help="RegionCLIP pretrained checkpoint (uses its lang_encoder.*) or an OpenAI CLIP RN50/RN50x4 "
-                        "state dict; RN50 vs RN50x4 is detected from the shapes")
+                   help="RegionCLIP pretrained checkpoint (path or released name; uses its lang_encoder.*) or an "
+                        "OpenAI CLIP RN50/RN50x4 state dict; RN50 vs RN50x4 is detected from the shapes")
     p.add_argument("--templates", default="regionclip",
                    help="'regionclip' (the 81 templates, default), 'zeroshot' (2), or a file with one template "
                         "per line containing {}")
@@ -52,18 +52,23 @@ def run(args: argparse.Namespace) -> int:
     """Execute the subcommand; returns the process exit code."""
     import torch
 
+    from regionclip.pretrained import resolve_weights  # a path as is, or a released name -> cached file
     from regionclip.text.embeddings import concept_embeddings, load_text_encoder, save_concept_embeddings
     from regionclip.text.vocabulary import parse_vocabulary
 
+    problem = None
     if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not str(args.output).endswith((".pth", ".pt", ".safetensors")):
-        raise SystemExit(f"--output must end in .pth, .pt or .safetensors, got {args.output}")
+        problem = f"--batch-size must be >= 1, got {args.batch_size}"
+    elif not str(args.output).endswith((".pth", ".pt", ".safetensors")):
+        problem = f"--output must end in .pth, .pt or .safetensors, got {args.output}"
+    if problem:
+        print(f"regionclip {NAME}: error: {problem}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     try:
         names = parse_vocabulary(args.concepts)
-        encoder = load_text_encoder(args.weights, allow_jit=args.allow_jit, device=device)
+        encoder = load_text_encoder(resolve_weights(args.weights), allow_jit=args.allow_jit, device=device)
         t1 = time.perf_counter()
         emb = concept_embeddings(names, encoder, templates=args.templates, average=args.average,
                                  batch_size=args.batch_size, show_progress=not args.no_progress)
