@@ -49,7 +49,17 @@ def load_model(args: argparse.Namespace, *, verbose: bool = True):
     if verbose and model.loaded is not None:
         print(model.loaded.report.summary(max_items=4))
     vocab = args.vocab if args.vocab is not None else (preset.vocabulary if preset else None)
-    model.set_vocabulary(vocab, args.concept_emb, show_progress=verbose)
+    concept_emb = args.concept_emb
+    if concept_emb is None and args.vocab is None and preset is not None and preset.concept_emb and not args.weights:
+        # the released embedding file of the preset's vocabulary, if the user has it locally (otherwise the
+        # embeddings are computed with the checkpoint's own text encoder and cached)
+        from ..pretrained import WeightsNotFound, resolve_weights
+
+        try:
+            concept_emb = str(resolve_weights(preset.concept_emb, download=False))
+        except WeightsNotFound:
+            concept_emb = None
+    model.set_vocabulary(vocab, concept_emb, show_progress=verbose)
     return model
 
 

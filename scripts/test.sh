@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs into .venv and run it (CPU; CI runs exactly this).
+# Needs ../shared (the parity fixtures) beside the repository, or REGIONCLIP_SHARED pointing at it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# torch first, pinned: the machines of this project carry these two builds on disk
+.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/pip install -q -e ".[dev,eval,demo,hub,train]"
+for extra in .ci/install-browser.sh .ci/install-pretrain.sh; do
+  [ -f "$extra" ] && bash "$extra"
+done
+exec .venv/bin/python -m pytest -q -rs "$@"
