@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import regionclip.text.vocabulary as vocab_mod
 from regionclip.checkpoint.io import CheckpointError
-from regionclip.cli.main import main as cli_main
+from regionclip.cli.embed import main as embed_main
 from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.text.embeddings import (concept_embeddings, load_concept_embeddings, load_text_encoder,
                                         save_concept_embeddings)
@@ -80,7 +80,7 @@ def test_cli_file_equals_runtime_vocabulary_and_cache(rn50_ckpts, tmp_path, monk
     names = ["traffic cone", "hot+dog, food"]
     (tmp_path / "concepts.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     out = tmp_path / "emb.pth"
-    rc = cli_main(["embed-concepts", str(tmp_path / "concepts.txt"), "-o", str(out), "--weights", str(ckpt),
+    rc = embed_main([str(tmp_path / "concepts.txt"), "-o", str(out), "--weights", str(ckpt),
                    "--device", "cpu", "--no-progress"])
     assert rc == 0 and "2 concepts x 1024 dims" in capsys.readouterr().err
     from_file = torch.load(out, weights_only=True)  # the original's format: a bare [N, D] tensor
@@ -131,7 +131,7 @@ def test_single_row_and_other_file_layouts(rn50_ckpts, tiny_ckpt, tmp_path) -> N
         load_concept_embeddings(tmp_path / "bad.pth")
     # one concept through the CLI: we write [1, D] (documented difference), safetensors output
     out = tmp_path / "one.safetensors"
-    assert cli_main(["embed-concepts", "forklift", "-o", str(out), "--weights", str(tiny_ckpt), "--device", "cpu",
+    assert embed_main(["forklift", "-o", str(out), "--weights", str(tiny_ckpt), "--device", "cpu",
                      "--no-progress", "--templates", "zeroshot"]) == 0
     emb = load_concept_embeddings(out)
     assert emb.shape == (1, 16)
@@ -203,7 +203,7 @@ def test_parse_vocabulary(tmp_path) -> None:
 def test_cli_reports_bad_input(tiny_ckpt, tmp_path, capsys) -> None:
     f = tmp_path / "bad.txt"
     f.write_bytes(b"ok\n\xff\xfe\n")
-    rc = cli_main(["embed-concepts", str(f), "-o", str(tmp_path / "o.pth"), "--weights", str(tiny_ckpt),
+    rc = embed_main([str(f), "-o", str(tmp_path / "o.pth"), "--weights", str(tiny_ckpt),
                    "--device", "cpu", "--no-progress"])
     assert rc == 2 and "bad.txt, line 2" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
