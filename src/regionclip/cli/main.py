@@ -12,6 +12,7 @@ SUBCOMMANDS = [
     "regionclip.cli.embed",
     "regionclip.cli.evaluate",
     "regionclip.cli.visualize",
+    "regionclip.cli.demo",
 ]
 
 
