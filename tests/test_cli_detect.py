@@ -62,7 +62,7 @@ def test_detect_cli_errors_are_one_line(tmp_path, demo_images, tiny_ckpt_with_te
     assert "not found" in capsys.readouterr().err
     assert main(["detect", "--weights", str(tiny_ckpt_with_text), "--preset", "coco-gt", "--vocab", " , ",
                  "-o", str(tmp_path / "o"), str(demo_images[0])]) == 2
-    assert "empty vocabulary" in capsys.readouterr().err
+    assert "empty name" in capsys.readouterr().err
 
 
 @pytest.mark.slow

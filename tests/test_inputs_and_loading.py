@@ -81,7 +81,7 @@ def test_concept_embeddings_errors(tiny_model, tmp_path):
     torch.save(torch.randn(4, 16), rows)
     with pytest.raises(ValueError, match="4 rows but the vocabulary has 3 names"):
         tiny_model.set_vocabulary("a,b,c", rows)
-    with pytest.raises(ValueError, match="empty vocabulary"):
+    with pytest.raises(ValueError, match="empty"):
         tiny_model.set_vocabulary(" , ,", rows)
     one = tmp_path / "one.pth"
     torch.save(torch.randn(16), one)  # the original saved a 1-concept file as [D]

@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .assets import BUILTIN_VOCABULARIES, vocabulary as builtin_vocabulary
 from .checkpoint.io import read_weight_file
 from .checkpoint.regionclip import class_embedding_file
 from .config import PostprocessConfig
@@ -30,24 +29,20 @@ PathLike = Union[str, os.PathLike]
 
 
 def parse_names(vocab: Union[str, Sequence[str]]) -> list[str]:
-    """``"car,traffic cone"``, a text file (one name per line), a built-in name (coco65, lvis1203, ...) or a list."""
-    if not isinstance(vocab, str):
-        names = [str(v).strip() for v in vocab]
-    elif vocab.lower().replace("-", "").replace("_", "") in BUILTIN_VOCABULARIES or vocab in ("coco", "lvis"):
-        names = builtin_vocabulary(vocab)
-    elif os.path.isfile(vocab):
-        try:
-            text = Path(vocab).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"vocabulary file {vocab} is not UTF-8 ({e}); save it as UTF-8 text, one name per line") \
-                from None
-        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    else:
-        names = [n.strip() for n in vocab.split(",")]
-    names = [n for n in names if n]
+    """``"car,traffic cone"``, a text file (one name per line), a built-in name (coco65, lvis1203, ...) or a list.
+
+    Delegates to :func:`regionclip.text.vocabulary.parse_vocabulary` (strings) and
+    :func:`regionclip.text.prompts.validate_names` (lists): empty names are errors naming their position,
+    duplicates warn and are kept (row i stays class i).
+    """
+    from .text.prompts import validate_names
+    from .text.vocabulary import parse_vocabulary
+
+    if isinstance(vocab, str):
+        return parse_vocabulary(vocab)
+    names = validate_names([str(v).strip() for v in vocab], source="vocabulary")
     if not names:
-        raise ValueError("empty vocabulary: give class names, e.g. --vocab 'car,traffic cone', a text file with one "
-                         "name per line, or a built-in vocabulary (coco65, lvis1203)")
+        raise ValueError("empty vocabulary: give at least one class name")
     return names
 
 

@@ -31,14 +31,16 @@ def combine_rpn_scores(probs: Tensor, objectness_logits: Optional[Tensor], mode:
 
 
 def postprocess_detections(boxes: Tensor, scores: Tensor, resized_hw: tuple[int, int], cfg: PostprocessConfig,
-                           probs: Optional[Tensor] = None) -> dict[str, Tensor]:
+                           probs: Optional[Tensor] = None, has_background: bool = True) -> dict[str, Tensor]:
     """Per-image selection: finite filter, drop background, clip, threshold, class-wise (soft-)NMS, top-k.
 
     Args:
         boxes: [R, 4] predicted boxes (one class-agnostic box per region), resized-image pixels.
-        scores: [R, K+1] scores (background last), after optional RPN multiplication.
+        scores: [R, K+1] scores (background last), after optional RPN multiplication; [R, K] when
+            ``has_background`` is False (the zero-shot branch's transformer classifier, spec §11.2).
         resized_hw: (H, W) of the resized image, for clipping.
         probs: [R, K+1] probabilities before RPN multiplication (used for ``report_unmultiplied_scores``).
+        has_background: whether the last score column is background (dropped before selection).
 
     Returns dict with ``boxes`` [N,4] (resized frame), ``scores`` [N], ``labels`` [N], ``region_index`` [N].
     """
@@ -46,7 +48,8 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, resized_hw: tuple[int,
     valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
     if not bool(valid.all()):
         boxes, scores, region_index = boxes[valid], scores[valid], region_index[valid]
-    scores = scores[:, :-1]
+    if has_background:
+        scores = scores[:, :-1]
     boxes = clip_boxes(boxes, resized_hw[0], resized_hw[1])
     filter_mask = scores > cfg.score_thresh  # strict >, as the original
     filter_inds = filter_mask.nonzero()

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-import torch
 from torch import Tensor
 
-from ..config import ClipResNetConfig, ClipTextConfig
+from ..config import ClipResNetConfig
 from .io import CheckpointError, LoadReport
 
 # checkpoint prefix -> our detector's module prefix
@@ -95,14 +94,6 @@ def infer_clip_resnet_config(backbone_sd: Mapping[str, Tensor], prefix: str = "b
     grid = int(round(math.sqrt(pos.shape[0] - 1)))
     return ClipResNetConfig(layers=tuple(layers), width=width, embed_dim=embed_dim, heads=width * 32 // 64,
                             image_resolution=grid * 32)
-
-
-def infer_clip_text_config(text_sd: Mapping[str, Tensor]) -> ClipTextConfig:
-    width = int(text_sd["ln_final.weight"].shape[0])
-    layers = len({int(k.split(".")[2]) for k in text_sd if k.startswith("transformer.resblocks.")})
-    return ClipTextConfig(context_length=int(text_sd["positional_embedding"].shape[0]),
-                          vocab_size=int(text_sd["token_embedding.weight"].shape[0]), width=width,
-                          heads=width // 64, layers=layers, embed_dim=int(text_sd["text_projection"].shape[1]))
 
 
 def describe_checkpoint(sd: Mapping[str, Tensor]) -> str:

@@ -1,7 +1,6 @@
 """Pure box operations. One internal format: XYXY, absolute pixels, float32."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor
