@@ -103,6 +103,10 @@ class RegionCLIP:
             return names
         if names is None:
             raise ValueError("give a vocabulary (names) or a concept-embedding file")
+        if hasattr(self.detector, "encode_class_names"):  # transformer path: the text tower came with the weights
+            emb = self.detector.encode_class_names(names)
+            self.detector.set_vocabulary(emb, names, source=f"text embeddings of {self.weights_path}")
+            return names
         if self.weights_path is None:
             raise ValueError("computing embeddings from names needs the checkpoint's text encoder (weights path)")
         from .text.vocabulary import class_embeddings

@@ -45,7 +45,7 @@ class LoadedCheckpoint:
 
     report: LoadReport
     split: SplitCheckpoint
-    config: DetectorConfig
+    config: Optional[DetectorConfig]  # None for transformer region encoders
 
 
 def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
@@ -56,9 +56,21 @@ def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
 
     Load order of the original (spec §3.5, §3.8): the RegionCLIP file first, then the RPN file, which replaces
     only the offline RPN (nothing else is touched). RN50 vs RN50x4, FPN vs C4 and the LSJ RPN head are detected
-    from tensor shapes; the user never passes DEPTH / TEXT_EMB_DIM / pooler flags.
+    from tensor shapes; the user never passes DEPTH / TEXT_EMB_DIM / pooler flags. Transformer region encoders
+    (OpenAI / open_clip CLIP ViT, zero-shot-branch ViT / Swin / DaViT / FocalNet, spec §11) are recognised from their
+    keys and built by :func:`regionclip.modeling.transformer.build.load_transformer_detector` (``config`` is None).
     """
     sd = load_state_dict(weights)
+    from .checkpoint.zeroshot_branch import transformer_layout
+
+    if transformer_layout(sd) is not None:  # OpenAI/open_clip ViT or a zero-shot-branch ViT/Swin/DaViT/FocalNet
+        from .modeling.transformer.build import load_transformer_detector
+
+        tdet, treport = load_transformer_detector(sd, rpn_weights, postprocess=postprocess, rpn_overrides=rpn_overrides,
+                                                  use_rpn=use_rpn, strict=strict, device=device,
+                                                  region_chunk_size=region_chunk_size)
+        treport.source = str(weights) + treport.source.replace("<state dict>", "")
+        return tdet, LoadedCheckpoint(treport, SplitCheckpoint(), None)
     if not any(k.startswith("backbone.attnpool.") for k in sd):
         raise CheckpointError(f"{weights} is {describe_checkpoint(sd)}, not a RegionCLIP checkpoint with a CLIP ResNet "
                               "under 'backbone.*' (e.g. regionclip_pretrained-cc_rn50.pth). OpenAI CLIP files: convert "

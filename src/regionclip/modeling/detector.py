@@ -43,6 +43,10 @@ class PreparedImage:
 
 
 class RegionCLIPDetector(nn.Module):
+    """Implements :class:`regionclip.modeling.recognizer.RegionRecognizer` (with a background column)."""
+
+    has_background = True  # classify() returns [R, K+1], background last
+
     def __init__(self, backbone: ModifiedResNet, rpn: Optional[nn.Module] = None, *,
                  bbox_pred: Optional[nn.Linear] = None, mask_head: Optional[MaskHead] = None,
                  input_cfg: InputConfig = InputConfig(), postprocess_cfg: PostprocessConfig = PostprocessConfig(),
@@ -113,6 +117,10 @@ class RegionCLIPDetector(nn.Module):
     def compute_res4(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 resized images -> res4 map [B, C4, ~H/16, ~W/16] of the padded batch."""
         return self.backbone.forward_res4(self.normalize_batch(images))
+
+    def compute_features(self, images: Sequence[Tensor]) -> Tensor:
+        """The :class:`~regionclip.modeling.recognizer.RegionRecognizer` name of :meth:`compute_res4`."""
+        return self.compute_res4(images)
 
     def propose(self, images: Sequence[Tensor]) -> list[Proposals]:
         if self.rpn is None:
@@ -191,7 +199,8 @@ class RegionCLIPDetector(nn.Module):
         emb = self.encode_regions(res4, [r.boxes for r in regions])
         probs_all = self.classify(emb, class_embeddings)
         names = list(class_names) if class_names is not None else (
-            self.class_names if class_embeddings is None else [str(i) for i in range(probs_all.shape[1] - 1)])
+            self.class_names if class_embeddings is None else
+            [str(i) for i in range(probs_all.shape[1] - int(self.has_background))])
         results, start = [], 0
         for img_i, (p, r) in enumerate(zip(prepared, regions)):
             n = r.boxes.shape[0]
@@ -199,7 +208,8 @@ class RegionCLIPDetector(nn.Module):
             start += n
             scores = combine_rpn_scores(probs, r.objectness_logits, cfg.rpn_score)
             boxes = self.predict_boxes(e, r.boxes.to(e.device), cfg.apply_box_deltas and not gt_mode)
-            dets = postprocess_detections(boxes, scores, p.resized_hw, cfg, probs=probs)
+            dets = postprocess_detections(boxes, scores, p.resized_hw, cfg, probs=probs,
+                                          has_background=self.has_background)
             out = rescale_to_original(dets, p.resized_hw, p.original_hw)
             masks = None
             if self.mask_head is not None:
