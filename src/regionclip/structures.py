@@ -33,6 +33,7 @@ class Detections:
     region_index: Optional[Tensor] = None
     probs: Optional[Tensor] = None
     masks: Optional[Tensor] = None  # [N, H, W] bool, LVIS fine-tuned checkpoints only
+    features: Optional[Tensor] = None  # [N, D] raw attnpool embedding of each detection's source region
     image_id: Any = None
     file_name: Optional[str] = None
 
@@ -48,7 +49,8 @@ class Detections:
             return t.to(device) if isinstance(t, Tensor) else t
 
         return Detections(mv(self.boxes), mv(self.scores), mv(self.labels), self.image_size, self.class_names,
-                          mv(self.region_index), mv(self.probs), mv(self.masks), self.image_id, self.file_name)
+                          mv(self.region_index), mv(self.probs), mv(self.masks), self.image_id, self.file_name,
+                          mv(self.features))
 
     def to_coco_json(self, image_id: Any, category_ids: Optional[Sequence[int]] = None) -> list[dict]:
         """COCO results format (``bbox`` XYWH in original pixels), as the original's

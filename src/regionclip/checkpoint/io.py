@@ -57,9 +57,10 @@ def load_state_dict(path: PathLike) -> dict[str, Tensor]:
     return state_dict_from(read_weight_file(path), path)
 
 
-def save_file_atomic(obj: Any, path: PathLike) -> Path:
+def save_file_atomic(obj: Any, path: PathLike, metadata: Optional[dict[str, str]] = None) -> Path:
     """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temp file, then rename: a killed
-    process never leaves a half-written file under the final name."""
+    process never leaves a half-written file under the final name. ``metadata``: safetensors header strings
+    (stored in the same atomic file, so they can never disagree with the tensors)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
@@ -68,8 +69,10 @@ def save_file_atomic(obj: Any, path: PathLike) -> Path:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in obj.items()}, tmp)
+            save_file({k: v.contiguous() for k, v in obj.items()}, tmp, metadata=metadata)
         else:
+            if metadata is not None:
+                raise ValueError(f"metadata is only stored in .safetensors files, not {path.suffix}")
             torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:

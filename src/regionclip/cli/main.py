@@ -9,9 +9,13 @@ from typing import Optional, Sequence
 # subcommand modules, in help order (each defines register(subparsers) -> parser and run(args) -> int)
 SUBCOMMANDS = [
     "regionclip.cli.detect",
+    "regionclip.cli.train",
     "regionclip.cli.embed",
     "regionclip.cli.evaluate",
     "regionclip.cli.visualize",
+    "regionclip.cli.extract",
+    "regionclip.cli.pretrain",
+    "regionclip.cli.build_concepts",
     "regionclip.cli.demo",
 ]
 

@@ -185,11 +185,16 @@ class RegionCLIPDetector(nn.Module):
     def detect_prepared(self, prepared: Sequence[PreparedImage], regions: Optional[Sequence[Proposals]] = None,
                         *, class_embeddings: Optional[Tensor] = None, class_names: Optional[Sequence[str]] = None,
                         postprocess: Optional[PostprocessConfig] = None, keep_probs: bool = False,
-                        res4: Optional[Tensor] = None) -> list[Detections]:
-        """Detect on already prepared images; ``regions`` = user/GT regions (resized frame) or None for the RPN."""
+                        keep_features: bool = False, res4: Optional[Tensor] = None) -> list[Detections]:
+        """Detect on already prepared images.
+
+        ``regions`` (resized frame): None runs the RPN; user/GT regions (no objectness) select GT mode; regions
+        *with* objectness logits are taken as precomputed RPN proposals (e.g. a top-k slice of :meth:`propose`).
+        ``keep_features`` stores each detection's raw [D] source-region embedding in ``Detections.features``.
+        """
         cfg = postprocess or self.postprocess_cfg
         images = [p.image for p in prepared]
-        gt_mode = regions is not None
+        gt_mode = regions is not None and all(r.objectness_logits is None for r in regions)
         if regions is None:
             regions = self.propose(images)
         if gt_mode and cfg.rpn_score != "none":
@@ -220,7 +225,8 @@ class RegionCLIPDetector(nn.Module):
             results.append(Detections(
                 boxes=out["boxes"], scores=out["scores"], labels=out["labels"], image_size=p.original_hw,
                 class_names=names, region_index=out["region_index"],
-                probs=probs[out["region_index"]] if keep_probs else None, masks=masks))
+                probs=probs[out["region_index"]] if keep_probs else None, masks=masks,
+                features=e[out["region_index"]] if keep_features else None))
         return results
 
     def detect(self, images: Sequence[ImageInput], boxes: Optional[Sequence[Any]] = None, **kwargs: Any

@@ -1,0 +1,248 @@
+"""Inference input pipeline: which images (and user boxes), decoded + resized in DataLoader workers, batched by size.
+
+* :class:`InferenceItem` names one image of a run by a unique ``key`` (what the output index is keyed by).
+* :func:`items_from_inputs` / :func:`items_from_coco` build the work list from folders, files, list files or a
+  COCO/LVIS json; :func:`read_boxes_file` reads user boxes (COCO json, ``{file: [[x1,y1,x2,y2], ...]}`` JSON, or a
+  ``file_name,x1,y1,x2,y2`` CSV).
+* :func:`make_loader` decodes and resizes (spec §2.1, PIL) in worker processes, so the main process only runs the
+  network; :func:`batch_by_size` groups images of *equal* resized size, so no padding is needed and a batch gives
+  exactly what the one-image-at-a-time path gives (spec §2.1 padding changes border features of the smaller
+  images; allow it explicitly with ``pad_mixed_sizes=True``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import InputConfig
+from ..modeling.detector import PreparedImage
+from .images import IMAGE_EXTENSIONS, load_image, resize_image
+
+PathLike = Union[str, os.PathLike]
+T = TypeVar("T")
+
+
+@dataclass
+class InferenceItem:
+    """One image of a run. ``boxes``: [R, 4] XYXY float32 original pixels (user-box mode) or None;
+    ``category_ids``: [R] dataset category id per box when the boxes come from annotations."""
+
+    key: str
+    file_name: str
+    image_id: Any = None
+    boxes: Optional[np.ndarray] = None
+    category_ids: Optional[np.ndarray] = None
+
+
+@dataclass
+class LoadedItem:
+    """What a worker returns: the item's position, the prepared image, or the reason it could not be read."""
+
+    index: int
+    prepared: Optional[PreparedImage] = None
+    error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def items_from_inputs(inputs: Sequence[PathLike]) -> list[InferenceItem]:
+    """Folders (images directly inside, sorted; key = path relative to the folder), image files (key = the path
+    as given) and ``.txt`` list files (one image path per line, relative to the list's folder)."""
+    items: list[InferenceItem] = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
+            items += [InferenceItem(key=f.relative_to(p).as_posix(), file_name=str(f)) for f in files]
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            for ln in lines:
+                f = Path(ln) if Path(ln).is_absolute() else p.parent / ln
+                items.append(InferenceItem(key=ln, file_name=str(f)))
+        elif p.is_file():
+            items.append(InferenceItem(key=str(inp), file_name=str(p)))
+        else:
+            raise FileNotFoundError(f"no such image, folder or list file: {p}")
+    _check_unique(items)
+    return items
+
+
+def items_from_coco(json_file: PathLike, image_root: PathLike, *, with_boxes: bool = True) -> list[InferenceItem]:
+    """Every image of a COCO / LVIS json (key = image id). ``with_boxes``: the GT-mode regions of the original
+    (crowd removed, clipped to the image, empty removed; LVIS ≤ 500 per image, spec §4.2) as user boxes."""
+    from .datasets import load_annotations
+
+    ds = load_annotations(json_file, image_root)
+    items = []
+    for rec in ds:
+        boxes = cats = None
+        if with_boxes:
+            boxes, labels = rec.region_boxes()
+            cats = np.asarray([ds.category_ids[i] for i in labels], np.int64)
+        items.append(InferenceItem(key=str(rec.image_id), file_name=rec.file_name, image_id=rec.image_id,
+                                   boxes=boxes, category_ids=cats))
+    _check_unique(items)
+    return items
+
+
+def read_boxes_file(path: PathLike) -> dict[str, np.ndarray]:
+    """User boxes per image, keyed by the file name as written in the file.
+
+    Accepts a COCO json (``bbox`` XYWH, crowd annotations skipped), a JSON ``{file_name: [[x1, y1, x2, y2], ...]}``
+    or a CSV with rows ``file_name,x1,y1,x2,y2`` (XYXY original pixels; a header row is allowed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"boxes file not found: {path}")
+    out: dict[str, list[list[float]]] = {}
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.reader(f)):
+                if not row or (i == 0 and not _is_number(row[-1])):
+                    continue
+                if len(row) != 5:
+                    raise ValueError(f"{path} line {i + 1}: expected file_name,x1,y1,x2,y2, got {row}")
+                out.setdefault(row[0].strip(), []).append([float(v) for v in row[1:]])
+    else:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and "images" in data and "annotations" in data:
+            id2name = {im["id"]: im["file_name"] for im in data["images"]}
+            for name in id2name.values():
+                out.setdefault(name, [])
+            for a in data["annotations"]:
+                if not a.get("iscrowd", 0):
+                    x, y, w, h = a["bbox"]
+                    out[id2name[a["image_id"]]].append([x, y, x + w, y + h])
+        elif isinstance(data, dict):
+            out = {str(k): v for k, v in data.items()}
+        else:
+            raise ValueError(f"{path}: expected a COCO json or {{file_name: [[x1, y1, x2, y2], ...]}}")
+    return {k: np.asarray(v, np.float32).reshape(-1, 4) for k, v in out.items()}
+
+
+def attach_boxes(items: Sequence[InferenceItem], boxes: dict[str, np.ndarray], source: str = "boxes file"
+                 ) -> list[InferenceItem]:
+    """Give each item its boxes, matched by key, then by file path, then by base name (when unambiguous)."""
+    by_base: dict[str, list[str]] = {}
+    for k in boxes:
+        by_base.setdefault(Path(k).name, []).append(k)
+    out = []
+    for it in items:
+        k = next((c for c in (it.key, it.file_name) if c in boxes), None)
+        if k is None:
+            cands = by_base.get(Path(it.file_name).name, [])
+            if len(cands) > 1:
+                raise ValueError(f"{source}: several entries named {Path(it.file_name).name} ({cands[:3]}); "
+                                 "write the paths relative to the image folder so they are unique")
+            k = cands[0] if cands else None
+        if k is None:
+            raise ValueError(f"{source} has no boxes for image {it.file_name}; add an entry (an empty list for "
+                             "an image without boxes)")
+        out.append(InferenceItem(it.key, it.file_name, it.image_id, boxes[k], it.category_ids))
+    return out
+
+
+class PreparedImageDataset(Dataset):
+    """Decode + resize ``items[i]`` (runs inside DataLoader workers). A file that cannot be read is returned as
+    an error instead of raising, so one bad image does not end a long run."""
+
+    def __init__(self, items: Sequence[InferenceItem], input_cfg: InputConfig) -> None:
+        self.items = list(items)
+        self.input_cfg = input_cfg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> LoadedItem:
+        try:
+            img = load_image(self.items[i].file_name)
+        except (ValueError, OSError) as e:
+            return LoadedItem(i, error=str(e))
+        resized = resize_image(img, self.input_cfg.min_size, self.input_cfg.max_size)
+        return LoadedItem(i, PreparedImage(resized, (int(img.shape[1]), int(img.shape[2])),
+                                           (int(resized.shape[1]), int(resized.shape[2]))))
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _worker_init(_: int) -> None:
+    # decoding is PIL work; torch intra-op threads in workers would only compete with the model for cores
+    torch.set_num_threads(1)
+
+
+def make_loader(items: Sequence[InferenceItem], input_cfg: InputConfig, *, num_workers: int = 2,
+                prefetch_factor: int = 4) -> DataLoader:
+    """A DataLoader yielding one :class:`LoadedItem` per image, in ``items`` order, decoded by ``num_workers``
+    processes (0 = in the main process)."""
+    kw: dict[str, Any] = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init,
+                          "persistent_workers": False} if num_workers > 0 else {}
+    return DataLoader(PreparedImageDataset(items, input_cfg), batch_size=None, shuffle=False,
+                      num_workers=num_workers, collate_fn=_identity, **kw)
+
+
+def batch_by_size(stream: Iterable[T], batch_size: int, size_of: Callable[[T], Hashable], *,
+                  pad_mixed_sizes: bool = False, max_pending: Optional[int] = None) -> Iterator[list[T]]:
+    """Group a stream into batches of at most ``batch_size`` elements with equal ``size_of``.
+
+    A group is emitted when full; when more than ``max_pending`` (default ``4 * batch_size``) elements wait,
+    the oldest group is emitted partly filled, so memory stays bounded with many different sizes. With
+    ``pad_mixed_sizes`` the stream is simply cut into consecutive batches (sizes then get padded, spec §2.1).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pad_mixed_sizes or batch_size == 1:
+        batch: list[T] = []
+        for x in stream:
+            batch.append(x)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        return
+    limit = max_pending or 4 * batch_size
+    groups: dict[Hashable, list[T]] = {}
+    pending = 0
+    for x in stream:
+        key = size_of(x)
+        group = groups.setdefault(key, [])
+        group.append(x)
+        pending += 1
+        if len(group) == batch_size:
+            pending -= len(groups.pop(key))
+            yield group
+        elif pending > limit:
+            oldest = next(iter(groups))
+            flushed = groups.pop(oldest)
+            pending -= len(flushed)
+            yield flushed
+    yield from groups.values()
+
+
+def _check_unique(items: Sequence[InferenceItem]) -> None:
+    seen: dict[str, str] = {}
+    for it in items:
+        if it.key in seen:
+            raise ValueError(f"two inputs map to the same output key {it.key!r} ({seen[it.key]} and {it.file_name}); "
+                             "pass each image once, or the folders separately in different runs")
+        seen[it.key] = it.file_name
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,483 @@
+"""Region feature extraction over many images, batched, into a resumable sharded store (spec §6, extended).
+
+Region sources (``regions=``):
+
+* ``"rpn"``: the top-k offline-RPN proposals (spec §6 mode A): ``boxes`` [R, 4], ``feats`` [R, D],
+  ``objectness`` [R] raw RPN logits, in objectness order.
+* ``"detections"``: proposals classified and post-processed as the detector does (spec §6 mode B): ``boxes``
+  [M, 4], ``classes`` [M], ``probs`` [M, K+1] (before RPN multiplication, background last), ``scores`` [M], and
+  ``feats`` [M, D] of each detection's source proposal (rows repeat when one proposal gives several classes).
+* ``"boxes"``: user boxes (GT mode): ``boxes`` [R, 4] as given, ``feats`` [R, D], plus ``probs``/``classes``
+  when a vocabulary is given and ``category_ids`` when the boxes came from annotations.
+
+Boxes are XYXY float32 in original-image pixels; ``feats`` are the raw attnpool embeddings (not normalized).
+
+Store layout (``output_dir``)::
+
+    shards/shard-00000.safetensors   rows of many images concatenated; the safetensors header metadata holds the
+                                     run fingerprint and the per-image row ranges -> a shard is one atomic file
+    index.json                       {meta, fields, shards, images: [{key, file_name, shard, start, count, ...}],
+                                     errors}; rebuilt from the shards, rewritten atomically after every shard
+    original/<name>.pth              with write_original: the original tool's per-image dicts (spec §6 naming)
+
+Resuming: a shard is written to a temp file and renamed, so it either exists complete or not at all. A re-run
+reads the finished image keys from the shards, deletes temp leftovers, and processes only the rest; an image is
+never in two shards. A different run fingerprint in the same folder is an error, and a lock file refuses two
+concurrent runs on one folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..checkpoint.io import save_file_atomic
+from ..config import PostprocessConfig
+from ..data.loader import InferenceItem, LoadedItem, batch_by_size, make_loader
+from ..modeling.detector import PreparedImage, RegionCLIPDetector
+from ..ops.boxes import clip_boxes, nonempty, scale_boxes
+from ..structures import Proposals
+from ..utils import write_json_atomic
+
+PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
+
+FORMAT = "regionclip-regions/1"
+REGION_MODES = ("rpn", "detections", "boxes")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one extraction run.
+
+    regions: ``"rpn"`` | ``"detections"`` | ``"boxes"`` (see the module docstring).
+    topk: keep the k best RPN proposals per image (rpn/detections; None = all the RPN returns). Proposals come
+        sorted by objectness, so this equals the original's ``OFFLINE_RPN_POST_NMS_TOPK_TEST k``.
+    dtype: compute dtype of the CLIP backbone and RoI head (autocast); the RPN always runs in float32 because
+        box decoding in 16-bit loses pixels.
+    save_dtype: dtype of the stored ``feats``/``probs``.
+    chunk_size: regions per RoI-head call (None: the detector's ``region_chunk_size``); never changes results.
+    pad_mixed_sizes: batch images of different sizes with the original's zero padding (changes features near
+        the bottom/right border of the smaller images); default batches only equal sizes.
+    shard_mb / shard_images: a shard is written when either is reached (bounds memory and lost work on a kill).
+    """
+
+    regions: str = "rpn"
+    topk: Optional[int] = None
+    batch_size: int = 1
+    num_workers: int = 2
+    dtype: str = "float32"
+    save_dtype: str = "float32"
+    chunk_size: Optional[int] = None
+    pad_mixed_sizes: bool = False
+    shard_mb: float = 256.0
+    shard_images: int = 1000
+    write_original: bool = False
+
+    def __post_init__(self) -> None:
+        if self.regions not in REGION_MODES:
+            raise ValueError(f"regions must be one of {REGION_MODES}, got {self.regions!r}")
+        for name in ("dtype", "save_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast for 16-bit compute (``float32``: a no-op). bfloat16 works on CPU and GPU; float16 only on GPU."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("float16 autocast is for GPUs; on the CPU use --dtype bfloat16 (or float32)")
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def _chunk_size(detector: RegionCLIPDetector, chunk: Optional[int]) -> Iterator[None]:
+    old = detector.region_chunk_size
+    if chunk:
+        detector.region_chunk_size = chunk
+    try:
+        yield
+    finally:
+        detector.region_chunk_size = old
+
+
+def top_proposals(proposals: Sequence[Proposals], topk: Optional[int]) -> list[Proposals]:
+    """First ``topk`` proposals per image (the RPN returns them by descending objectness)."""
+    if topk is None:
+        return list(proposals)
+    return [Proposals(p.boxes[:topk], None if p.objectness_logits is None else p.objectness_logits[:topk])
+            for p in proposals]
+
+
+@torch.no_grad()
+def extract_batch(detector: RegionCLIPDetector, prepared: Sequence[PreparedImage], cfg: ExtractConfig, *,
+                  boxes: Optional[Sequence[Tensor]] = None, class_embeddings: Optional[Tensor] = None,
+                  class_names: Optional[Sequence[str]] = None, postprocess: Optional[PostprocessConfig] = None,
+                  ) -> list[dict[str, Tensor]]:
+    """Region records of a batch of prepared images (one backbone pass over the batch, chunked RoI head).
+
+    Args:
+        prepared: images from :meth:`RegionCLIPDetector.prepare` / the loader.
+        boxes: ``regions="boxes"``: per image [R_i, 4] XYXY original pixels.
+        class_embeddings: [K, D] (required for ``"detections"``, optional for ``"boxes"``).
+    Returns:
+        per image a dict of CPU tensors (float32; see the module docstring for the keys of each mode).
+    """
+    images = [p.image for p in prepared]
+    amp = autocast_context(detector.device, cfg.dtype)
+    with _chunk_size(detector, cfg.chunk_size):
+        if cfg.regions == "boxes":
+            if boxes is None or len(boxes) != len(prepared):
+                raise ValueError("regions='boxes' needs one [R, 4] box tensor per image")
+            regions = [detector.regions_from_user_boxes(b.reshape(-1, 4), p) for b, p in zip(boxes, prepared)]
+            with amp:
+                emb = detector.encode_regions(detector.compute_res4(images), [r.boxes for r in regions]).float()
+            out, start = [], 0
+            for b in boxes:
+                rec = {"boxes": b.reshape(-1, 4).float().cpu(), "feats": emb[start:start + len(b)].cpu()}
+                if class_embeddings is not None:
+                    rec.update(_classify(detector, emb[start:start + len(b)], class_embeddings))
+                out.append(rec)
+                start += len(b)
+            return out
+        proposals = top_proposals(detector.propose(images), cfg.topk)  # float32: boxes must stay exact
+        if cfg.regions == "rpn":
+            with amp:
+                emb = detector.encode_regions(detector.compute_res4(images), [p.boxes for p in proposals]).float()
+            out, start = [], 0
+            for p, props in zip(prepared, proposals):
+                n = len(props.boxes)
+                b = clip_boxes(scale_boxes(props.boxes.float(), 1 / p.scale_xy[0], 1 / p.scale_xy[1]),
+                               *p.original_hw)
+                keep = nonempty(b)  # filter boxes and feats together (the original forgot the feats, spec §6)
+                rec = {"boxes": b[keep].cpu(), "feats": emb[start:start + n][keep].cpu()}
+                if props.objectness_logits is not None:
+                    rec["objectness"] = props.objectness_logits[keep].float().cpu()
+                out.append(rec)
+                start += n
+            return out
+        if class_embeddings is None:
+            raise ValueError("regions='detections' needs a vocabulary (class embeddings)")
+        with amp:
+            res4 = detector.compute_res4(images)
+            dets = detector.detect_prepared(prepared, proposals, class_embeddings=class_embeddings,
+                                            class_names=class_names, postprocess=postprocess, keep_probs=True,
+                                            keep_features=True, res4=res4)
+        return [{"boxes": d.boxes.float().cpu(), "feats": d.features.float().cpu(), "classes": d.labels.cpu(),
+                 "probs": d.probs.float().cpu(), "scores": d.scores.float().cpu()} for d in dets]
+
+
+def _classify(detector: RegionCLIPDetector, emb: Tensor, class_embeddings: Tensor) -> dict[str, Tensor]:
+    probs = detector.classify(emb, class_embeddings).float()
+    classes = probs[:, :-1].argmax(dim=1) if len(probs) else torch.zeros(0, dtype=torch.long)
+    return {"probs": probs.cpu(), "classes": classes.cpu()}
+
+
+# ---------------------------------------------------------------------------------------------------- the store
+class RegionStore:
+    """The sharded output folder (see the module docstring). Use as a context manager; ``add`` then ``close``."""
+
+    def __init__(self, output_dir: PathLike, meta: dict[str, Any], *, shard_mb: float = 256.0,
+                 shard_images: int = 1000, save_dtype: str = "float32", extra_index: Optional[dict] = None) -> None:
+        self.dir = Path(output_dir)
+        self.shard_dir = self.dir / "shards"
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self.meta = json.loads(json.dumps(meta))  # normalised (tuples -> lists) so it compares with the stored one
+        self.shard_bytes = int(shard_mb * (1 << 20))
+        self.shard_images = shard_images
+        self.save_dtype = DTYPES[save_dtype]
+        self.extra_index = extra_index or {}
+        self._lock = _lock_dir(self.dir)
+        self.images: dict[str, dict] = {}
+        self.shards: list[dict] = []
+        self.errors: dict[str, dict] = {}
+        self._pending: list[tuple[dict, dict[str, Tensor]]] = []
+        self._pending_bytes = 0
+        self._next_shard = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        from safetensors import safe_open
+
+        for f in self.shard_dir.iterdir():
+            if f.name.startswith(".") and f.name.endswith(".tmp"):
+                f.unlink()  # a shard write interrupted before its atomic rename
+        for f in sorted(self.shard_dir.iterdir()):
+            m = _SHARD_RE.match(f.name)
+            if not m:
+                continue
+            self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    header = json.loads(sf.metadata()["regionclip"])
+            except Exception as e:  # not written by us (atomic), but a disk error could still leave one
+                logger.warning("removing unreadable shard %s (%s); its images will be extracted again", f, e)
+                f.unlink()
+                continue
+            if header.get("meta") != self.meta:
+                raise ValueError(f"{self.dir} holds regions extracted with other settings:\n  stored {header.get('meta')}"
+                                 f"\n  now    {self.meta}\nuse another --output-dir, or --overwrite to start over")
+            for im in header["images"]:
+                if im["key"] in self.images:
+                    raise ValueError(f"image {im['key']!r} is in two shards of {self.dir}; delete one of "
+                                     f"{self.images[im['key']]['shard']} and {f.name}")
+                self.images[im["key"]] = {**im, "shard": f.name}
+            self.shards.append({"file": f.name, "num_images": len(header["images"]),
+                                "num_regions": sum(im["count"] for im in header["images"])})
+        if self.shards:
+            self.write_index()
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.images)
+
+    def add(self, info: dict[str, Any], record: dict[str, Tensor]) -> None:
+        """Queue one image's record (``info`` needs ``key``); writes a shard when the budget is reached."""
+        if info["key"] in self.images or any(i["key"] == info["key"] for i, _ in self._pending):
+            raise ValueError(f"image {info['key']!r} was already extracted into {self.dir}")
+        self.errors.pop(info["key"], None)
+        self._pending.append((info, record))
+        self._pending_bytes += sum(t.numel() * t.element_size() for t in record.values())
+        if self._pending_bytes >= self.shard_bytes or len(self._pending) >= self.shard_images:
+            self.flush()
+
+    def add_error(self, info: dict[str, Any], error: str) -> None:
+        self.errors[info["key"]] = {**info, "error": error}
+
+    def flush(self) -> None:
+        """Write the queued images as one shard (atomically), then the index."""
+        if not self._pending:
+            return
+        name = f"shard-{self._next_shard:05d}.safetensors"
+        fields = sorted({k for _, rec in self._pending for k in rec})
+        tensors, images, start = {}, [], 0
+        for f in fields:
+            parts = [rec[f] for _, rec in self._pending if f in rec]
+            if len(parts) != len(self._pending):
+                raise ValueError(f"field {f!r} is missing for some images of the shard; all records of a run "
+                                 "must have the same fields")
+            t = torch.cat(parts)
+            tensors[f] = t.to(self.save_dtype) if t.is_floating_point() and f in ("feats", "probs") else t
+        for info, rec in self._pending:
+            n = int(rec["boxes"].shape[0])
+            images.append({**info, "start": start, "count": n})
+            start += n
+        header = {"format": FORMAT, "meta": self.meta, "images": images}
+        save_file_atomic(tensors, self.shard_dir / name, metadata={"regionclip": json.dumps(header)})
+        for im in images:
+            self.images[im["key"]] = {**im, "shard": name}
+        self.shards.append({"file": name, "num_images": len(images), "num_regions": start})
+        self._next_shard += 1
+        self._pending, self._pending_bytes = [], 0
+        self.write_index()
+
+    def write_index(self) -> Path:
+        """``index.json``: everything a reader needs, derived from the shards (so it can always be rebuilt)."""
+        index = {"format": FORMAT, "meta": self.meta, **self.extra_index,
+                 "num_images": len(self.images), "num_regions": sum(s["num_regions"] for s in self.shards),
+                 "shards": self.shards, "images": list(self.images.values()), "errors": list(self.errors.values())}
+        return write_json_atomic(index, self.dir / "index.json")
+
+    def close(self) -> None:
+        self.flush()
+        self.write_index()
+        self._lock.close()
+
+    def __enter__(self) -> "RegionStore":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # interrupted (Ctrl-C, an error): the queued records are complete images, keep them
+            try:
+                self.flush()
+            finally:
+                self.write_index()
+                self._lock.close()
+
+
+def _lock_dir(path: Path) -> Any:
+    """An exclusive lock on ``path/.lock`` (released by the OS when the process dies, also on SIGKILL)."""
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / ".lock", "w")
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - Windows: no lock, concurrent runs are the user's responsibility
+        pass
+    except OSError:
+        f.close()
+        raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir")
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def load_index(output_dir: PathLike) -> dict[str, Any]:
+    with open(Path(output_dir) / "index.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_regions(output_dir: PathLike, key: Optional[str] = None) -> Union[dict[str, Tensor], dict[str, dict]]:
+    """The records of one image (``key``) or of all images (``{key: record}``), read from the shards."""
+    from safetensors.torch import load_file
+
+    out_dir = Path(output_dir)
+    index = load_index(out_dir)
+    wanted = [im for im in index["images"] if key is None or im["key"] == key]
+    if key is not None and not wanted:
+        raise KeyError(f"image {key!r} is not in {out_dir}/index.json")
+    cache: dict[str, dict[str, Tensor]] = {}
+    result = {}
+    for im in wanted:
+        if im["shard"] not in cache:
+            cache[im["shard"]] = load_file(str(out_dir / "shards" / im["shard"]))
+        result[im["key"]] = {k: v[im["start"]:im["start"] + im["count"]] for k, v in cache[im["shard"]].items()}
+    return result[key] if key is not None else result
+
+
+def original_name(file_name: str) -> str:
+    """The original tool's output name: base name up to the first '.' (``a.b.jpg`` -> ``a.pth``, spec §6)."""
+    return Path(file_name).name.split(".")[0] + ".pth"
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+@dataclass
+class ExtractSummary:
+    num_images: int
+    num_done_before: int
+    num_errors: int
+    num_regions: int
+    seconds: float
+    output_dir: Path
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.num_images - self.num_done_before - self.num_errors) / max(self.seconds, 1e-9)
+
+
+def extract_regions(detector: RegionCLIPDetector, items: Sequence[InferenceItem], output_dir: PathLike,
+                    cfg: ExtractConfig = ExtractConfig(), *, class_embeddings: Optional[Tensor] = None,
+                    class_names: Optional[Sequence[str]] = None, postprocess: Optional[PostprocessConfig] = None,
+                    model_id: str = "", progress: bool = True) -> ExtractSummary:
+    """Extract region records for ``items`` into ``output_dir`` (resuming a previous run there).
+
+    Args:
+        items: the images (with ``boxes`` for ``regions="boxes"``), see :mod:`regionclip.data.loader`.
+        class_embeddings / class_names: the vocabulary ([K, D]) for ``"detections"`` (required) / ``"boxes"``.
+        model_id: identifies the weights in the run fingerprint (e.g. checkpoint path + content fingerprint).
+    """
+    from tqdm import tqdm
+
+    if cfg.regions == "boxes" and any(it.boxes is None for it in items):
+        raise ValueError("regions='boxes' needs boxes for every image: a COCO json or a --boxes CSV/JSON file")
+    emb = None if class_embeddings is None else class_embeddings.float().to(detector.device)
+    meta = {"format": FORMAT, "model": model_id, "embed_dim": detector.embed_dim,
+            "input": asdict(detector.input_cfg), "extract": {k: v for k, v in asdict(cfg).items() if k in (
+                "regions", "topk", "dtype", "save_dtype", "pad_mixed_sizes")},
+            "vocabulary_sha256": None if emb is None else hashlib.sha256(emb.cpu().numpy().tobytes()).hexdigest(),
+            "postprocess": asdict(postprocess or detector.postprocess_cfg) if cfg.regions == "detections" else None}
+    extra = {"class_names": list(class_names) if class_names is not None else None}
+    t0 = time.perf_counter()
+    with RegionStore(output_dir, meta, shard_mb=cfg.shard_mb, shard_images=cfg.shard_images,
+                     save_dtype=cfg.save_dtype, extra_index=extra) as store:
+        done_before = len(store.done)
+        todo = [it for it in items if it.key not in store.done]
+        if cfg.write_original:
+            _warn_name_collisions(items)
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", disable=not progress,
+                   desc=f"extract {cfg.regions}", dynamic_ncols=True)
+        loaded: Iterator[LoadedItem] = iter(make_loader(todo, detector.input_cfg, num_workers=cfg.num_workers))
+        good = _skip_errors(loaded, todo, store, bar)
+        t_run = time.perf_counter()
+        for batch in batch_by_size(good, cfg.batch_size, lambda x: x.prepared.resized_hw,
+                                   pad_mixed_sizes=cfg.pad_mixed_sizes):
+            if cfg.regions == "boxes":
+                batch = _drop_invalid_boxes(batch, todo, store, bar)
+                if not batch:
+                    continue
+            batch_items = [todo[b.index] for b in batch]
+            prepared = [b.prepared for b in batch]
+            boxes = [torch.as_tensor(it.boxes, dtype=torch.float32).reshape(-1, 4) for it in batch_items] \
+                if cfg.regions == "boxes" else None
+            records = extract_batch(detector, prepared, cfg, boxes=boxes, class_embeddings=emb,
+                                    class_names=class_names, postprocess=postprocess)
+            for it, p, rec in zip(batch_items, prepared, records):
+                if it.category_ids is not None and cfg.regions == "boxes":
+                    rec["category_ids"] = torch.as_tensor(it.category_ids, dtype=torch.int64)
+                if cfg.write_original:
+                    _write_original(Path(output_dir) / "original", it, rec)
+                store.add(_info(it, p), rec)
+            bar.update(len(batch))
+            done_now = len(store.done) + len(store._pending) - done_before
+            bar.set_postfix_str(f"{done_now / max(time.perf_counter() - t_run, 1e-9):.2f} img/s (model)")
+        bar.close()
+    return ExtractSummary(len(items), done_before, len(store.errors), sum(s["num_regions"] for s in store.shards),
+                          time.perf_counter() - t0, Path(output_dir))
+
+
+def _skip_errors(loaded: Iterator[LoadedItem], todo: Sequence[InferenceItem], store: RegionStore,
+                 bar: Any) -> Iterator[LoadedItem]:
+    for x in loaded:
+        if x.error is not None:
+            logger.warning("skipping %s: %s", todo[x.index].file_name, x.error)
+            store.add_error({"key": todo[x.index].key, "file_name": todo[x.index].file_name}, x.error)
+            bar.update(1)
+            continue
+        yield x
+
+
+def _drop_invalid_boxes(batch: list[LoadedItem], todo: Sequence[InferenceItem], store: RegionStore,
+                        bar: Any) -> list[LoadedItem]:
+    """Images whose user boxes are invalid (empty, outside the image, NaN) are recorded as errors, not run."""
+    from ..ops.boxes import validate_boxes
+
+    keep = []
+    for b in batch:
+        it = todo[b.index]
+        try:
+            validate_boxes(torch.as_tensor(it.boxes, dtype=torch.float32).reshape(-1, 4), *b.prepared.original_hw,
+                           name=f"boxes of {it.file_name}")
+            keep.append(b)
+        except ValueError as e:
+            logger.warning("skipping %s: %s", it.file_name, e)
+            store.add_error(_info(it, b.prepared), str(e))
+            bar.update(1)
+    return keep
+
+
+def _info(it: InferenceItem, p: PreparedImage) -> dict[str, Any]:
+    image_id = it.image_id if isinstance(it.image_id, (int, str)) or it.image_id is None else str(it.image_id)
+    return {"key": it.key, "file_name": it.file_name, "image_id": image_id, "height": p.original_hw[0],
+            "width": p.original_hw[1], "input_height": p.resized_hw[0], "input_width": p.resized_hw[1]}
+
+
+def _write_original(folder: Path, it: InferenceItem, rec: dict[str, Tensor]) -> None:
+    keys = ("boxes", "feats", "classes", "probs")  # exactly the original's dict (spec §6 modes A and B)
+    save_file_atomic({k: rec[k] for k in keys if k in rec}, folder / original_name(it.file_name))
+
+
+def _warn_name_collisions(items: Sequence[InferenceItem]) -> None:
+    seen: dict[str, str] = {}
+    for it in items:
+        name = original_name(it.file_name)
+        if name in seen:
+            logger.warning("original-format files collide: %s and %s both become %s (the later one overwrites it, "
+                           "as in the original tool); the sharded output keeps both", seen[name], it.file_name, name)
+        seen[name] = it.file_name
