@@ -293,7 +293,8 @@ class DemoBackend:
         rows = [[name, round(float(s), 4), *[round(float(v), 1) for v in box]]
                 for name, s, box in zip(det.names, det.scores.tolist(), det.boxes.tolist())]
         json_path = self._write_json(det, names, cat_ids, image, region_source)
-        regions = "RPN proposals" if user_boxes is None else f"{len(boxes or [])} user boxes"
+        n_boxes = len(boxes or [])
+        regions = "RPN proposals" if user_boxes is None else f"{n_boxes} user box{'es' if n_boxes != 1 else ''}"
         status = (f"**{len(det)} detection{'s' if len(det) != 1 else ''}** from {regions}, vocabulary: "
                   f"{vocab_label} (embeddings {'cached' if cached else 'computed'}), score > {score_thresh:g}, "
                   f"at most {int(max_boxes)} boxes; {dt:.2f} s.")
