@@ -173,9 +173,14 @@ BRANCH_IGNORED: tuple[tuple[str, str], ...] = (
     ("roi_heads.box_predictor.bbox_pred.", "zero-initialised box regression, unused (NO_BOX_DELTA True)"),
     ("pixel_mean", "input normalisation comes from InputConfig"),
     ("pixel_std", "input normalisation comes from InputConfig"),
-    ("backbone.head.", "classification head of the trunk (NUM_CLASSES 0 at inference)"),
+    ("backbone.head.", "classification head of the trunk (NUM_CLASSES 0 at inference; DaViT's head.norm is kept)"),
     ("backbone.relative_position_index", "non-persistent buffer"),
 )
+
+
+def _is_classifier(key: str) -> bool:
+    """The trunk's ImageNet classifier (unused); DaViT's ``head.norm`` is *not*: it normalises pooled regions."""
+    return key.startswith("backbone.head.") and not key.startswith("backbone.head.norm.")
 
 
 def split_branch_state_dict(sd: Mapping[str, Tensor]) -> BranchSplit:
@@ -186,7 +191,7 @@ def split_branch_state_dict(sd: Mapping[str, Tensor]) -> BranchSplit:
     """
     remapped = remap_branch_keys(sd)
     trunk = {k[len("backbone."):]: v for k, v in remapped.items() if k.startswith("backbone.")
-             and not k.startswith("backbone.head.") and "relative_position_index" not in k and "attn_mask" not in k}
+             and not _is_classifier(k) and "relative_position_index" not in k and "attn_mask" not in k}
     family = detect_trunk_family(list(trunk))
     if family is None:
         raise CheckpointError("no transformer image encoder found: a zero-shot-branch checkpoint has backbone.* (or "

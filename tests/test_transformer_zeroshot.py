@@ -1,0 +1,204 @@
+"""Zero-shot-branch checkpoints (§11.3 key remapping, layouts, conversion) and end-to-end zero-shot runs with every
+transformer family on the demo images (random tiny weights)."""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regionclip.api import RegionCLIP
+from regionclip.assets import demo_image_paths
+from regionclip.checkpoint.io import CheckpointError
+from regionclip.checkpoint.zeroshot_branch import BRANCH_KEY_RULES, LANG, remap_branch_keys, transformer_layout
+from regionclip.config import InputConfig, PostprocessConfig
+from regionclip.factory import load_detector
+from regionclip.modeling.recognizer import RegionRecognizer, foreground_probs
+from regionclip.modeling.transformer.build import export_branch_state_dict
+from regionclip.modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder
+from regionclip.modeling.transformer.vit import VisionTransformerTrunk
+from regionclip.postprocess import postprocess_detections
+from regionclip.text.unicl import UniCLTextEncoder
+
+SMALL_INPUT = InputConfig(min_size=128, max_size=224)
+TINY_TIMM = {
+    "swin": dict(patch_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=7),
+    "davit": dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4)),
+    "focalnet": dict(embed_dim=16, depths=(1, 1, 2, 1), focal_levels=(3, 3, 3, 3), focal_windows=(3, 3, 3, 3),
+                     use_overlap_down=True, normalize_modulator=True, use_post_norm=True, layerscale_value=1e-4),
+}
+
+
+def tiny_detector(family: str, seed: int = 0) -> TransformerRegionDetector:
+    """Random tiny detector of ``family`` with a 1-layer UniCL text tower (width 64, D = 32)."""
+    torch.manual_seed(seed)
+    if family == "vit":
+        trunk = VisionTransformerTrunk(128, 2, 2, 16, 14, act="gelu", ln_eps=1e-6, patch_bias=True, ln_pre=False,
+                                       final_norm="map")
+    else:
+        pytest.importorskip("timm")
+        from regionclip.modeling.transformer.timm_trunks import TimmTrunk
+
+        trunk = TimmTrunk(family, TINY_TIMM[family])
+    text = UniCLTextEncoder(64, 1, 1, 32, autoregressive=family == "swin")
+    det = TransformerRegionDetector(TransformerRegionEncoder(trunk, 32), text_encoder=text, input_cfg=SMALL_INPUT)
+    with torch.no_grad():
+        det.logit_scale.fill_(3.0)
+        for name, p in det.named_parameters():  # timm zero-inits some biases / LN shifts; make every weight count
+            p.add_(0.02 * torch.randn_like(p))
+    return det.eval()
+
+
+def test_branch_key_remapping_every_rule_in_order() -> None:
+    """One key per rule of spec §11.3, plus keys that show the order and the str.replace semantics."""
+    # order matters: rule 6 claims lang_encoder.lang_encoder.* before rule 9 would prefix it a second time, and
+    # rules 7/8 (exact keys) run before rule 9 (prefix); untouched keys stay as they are
+    sd = {k: torch.zeros(1) for k in ["lang_encoder.lang_encoder.ln_final.weight", "lang_encoder.logit_scale",
+                                      "lang_encoder.lang_proj", "backbone.blocks.0.norm1.weight", "image_projection"]}
+    assert sorted(remap_branch_keys(sd)) == sorted([LANG + "lang_encoder.ln_final.weight", LANG + "logit_scale",
+                                                    LANG + "lang_proj", "backbone.blocks.0.norm1.weight",
+                                                    "image_projection"])
+    # each rule separately, so collisions do not hide a rule
+    expected = {
+        "image_encoder.x": "backbone.x", "text_encoder.x": LANG + "lang_encoder.x", "text_projection": LANG + "lang_proj",
+        "logit_scale": LANG + "logit_scale", "norm.bias": "backbone.norm.bias",
+        "lang_encoder.lang_encoder.x": LANG + "lang_encoder.x", "lang_encoder.logit_scale": LANG + "logit_scale",
+        "lang_encoder.lang_proj": LANG + "lang_proj", "lang_encoder.x": LANG + "lang_encoder.x",
+        "lang_projection": LANG + "lang_proj",
+    }
+    assert len(expected) == len(BRANCH_KEY_RULES)
+    for rule, (src, dst) in zip(BRANCH_KEY_RULES, expected.items()):
+        assert remap_branch_keys({src: torch.zeros(1)}) == {dst: torch.zeros(1)}, rule
+    # "any" rules replace inside a key, "prefix" rules only at the start (the original's str.replace calls)
+    assert list(remap_branch_keys({"module.image_encoder.x": torch.zeros(1)})) == ["module.backbone.x"]
+    assert list(remap_branch_keys({"a.text_encoder.x": torch.zeros(1)})) == ["a.text_encoder.x"]
+    assert list(remap_branch_keys({"x.norm.weight": torch.zeros(1)})) == ["x.norm.weight"]
+
+
+@pytest.mark.parametrize("spelling", ["model", "vit", "swin", "focalnet"])
+def test_branch_checkpoint_round_trip(tmp_path, spelling: str) -> None:
+    """Every spelling of the branch's files loads back into an identical detector (ViT trunk in timm layout)."""
+    det = tiny_detector("vit")
+    sd = export_branch_state_dict(det, spelling)
+    assert any(k.startswith("image_encoder." if spelling == "swin" else "backbone.") for k in sd)
+    torch.save({"model": sd}, tmp_path / "ckpt.pth")
+    loaded, info = load_detector(tmp_path / "ckpt.pth", use_rpn=False)
+    assert isinstance(loaded, TransformerRegionDetector) and info.report.ok and info.config is None
+    for k, v in det.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, msg=k)
+
+
+def test_branch_vit_pos_embed_resized_to_model_grid_at_load() -> None:
+    """A checkpoint with another grid is interpolated to the branch model's 14x14 (IMG_SIZE 224) when loading."""
+    det = tiny_detector("vit")
+    sd = export_branch_state_dict(det)
+    pos = sd["backbone.pos_embed"]
+    cls, grid = pos[:, :1], pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    small = F.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False)
+    sd["backbone.pos_embed"] = torch.cat([cls, small.permute(0, 2, 3, 1).reshape(1, 49, -1)], dim=1)
+    loaded, _ = load_detector_from_dict(sd)
+    back = F.interpolate(small, size=(14, 14), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(loaded.backbone.trunk.positional_embedding[1:],
+                               back.permute(0, 2, 3, 1).reshape(196, -1))
+
+
+def load_detector_from_dict(sd):
+    from regionclip.modeling.transformer.build import load_transformer_detector
+
+    return load_transformer_detector(sd, use_rpn=False)
+
+
+def test_microsoft_swin_layout_converts_through_timm_filter() -> None:
+    """Microsoft's Swin puts each downsample at the end of a stage (timm: at the start of the next)."""
+    det = tiny_detector("swin")
+    sd = export_branch_state_dict(det, "swin")
+    ms = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
+          for k, v in sd.items()}
+    assert "image_encoder.layers.0.downsample.reduction.weight" in ms
+    loaded, report = load_detector_from_dict(ms)
+    assert report.ok
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone.forward_dense(x), det.backbone.forward_dense(x))
+
+
+def test_transformer_layout_detection(tmp_path) -> None:
+    assert transformer_layout({"backbone.attnpool.c_proj.weight": torch.zeros(1)}) is None  # RegionCLIP ResNet
+    assert transformer_layout({"visual.transformer.resblocks.0.ln_1.weight": torch.zeros(1)}) == "openai_vit"
+    assert transformer_layout(export_branch_state_dict(tiny_detector("vit"), "vit")) == "branch"
+    with pytest.raises(CheckpointError, match="visual.trunk"):
+        transformer_layout({"visual.trunk.blocks.0.norm1.weight": torch.zeros(1)})
+
+
+def test_missing_weights_give_clear_errors(tmp_path) -> None:
+    sd = export_branch_state_dict(tiny_detector("vit"))
+    no_proj = {k: v for k, v in sd.items() if k != "image_projection"}
+    with pytest.raises(CheckpointError, match="no image projection"):
+        load_detector_from_dict(no_proj)
+    no_block = {k: v for k, v in sd.items() if not k.startswith("backbone.blocks.1.mlp.fc2.")}
+    with pytest.raises(CheckpointError, match=r"MISSING 2: backbone\.trunk\.transformer\.resblocks\.1\.mlp\.c_proj"):
+        load_detector_from_dict(no_block)
+    only_text = {k: v for k, v in sd.items() if k.startswith(LANG) or k == "image_projection"}
+    with pytest.raises(CheckpointError, match="no transformer image encoder found"):
+        load_detector_from_dict(only_text)
+    with pytest.raises(FileNotFoundError, match="weight file not found"):
+        load_detector(tmp_path / "missing.pth")
+    # no text tower: still loads; naming classes then asks for embeddings
+    no_text = {k: v for k, v in sd.items() if not k.startswith(LANG)}
+    det, report = load_detector_from_dict(no_text)
+    with pytest.raises(ValueError, match="--concept-emb"):
+        det.encode_class_names(["cat"])
+
+
+def test_missing_timm_names_the_extra(monkeypatch) -> None:
+    from regionclip.modeling.transformer.timm_trunks import TimmTrunk
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` raise ImportError
+    with pytest.raises(ImportError, match=r"regionclip\[transformers\]"):
+        TimmTrunk("swin", TINY_TIMM["swin"])
+
+
+def test_postprocess_without_background_column() -> None:
+    """has_background=False keeps the last column as a class (the ResNet path drops it)."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    cfg = PostprocessConfig(score_thresh=0.5, nms_thresh=0.5, detections_per_image=10)
+    with_bg = postprocess_detections(boxes, scores, (40, 40), cfg)
+    no_bg = postprocess_detections(boxes, scores, (40, 40), cfg, has_background=False)
+    assert with_bg["labels"].tolist() == [0] and with_bg["region_index"].tolist() == [1]
+    assert sorted(zip(no_bg["region_index"].tolist(), no_bg["labels"].tolist())) == [(0, 1), (1, 0)]
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "davit", "focalnet"])
+def test_end_to_end_zero_shot_on_demo_images(tmp_path, family: str) -> None:
+    """Branch checkpoint file -> RegionCLIP.from_pretrained -> names -> detect with user boxes on the demo images."""
+    det = tiny_detector(family)
+    path = tmp_path / f"{family}.pth"
+    torch.save(export_branch_state_dict(det, family if family != "davit" else "model"), path)
+    model = RegionCLIP.from_pretrained(path)
+    assert isinstance(model.detector, RegionRecognizer) and model.detector.has_background is False
+    model.detector.input_cfg = SMALL_INPUT
+    names = model.set_vocabulary(["cat", "dog", "person", "car"])
+    images = [str(p) for p in demo_image_paths()]
+    boxes = [[[0, 0, 600, 500], [300, 200, 1200, 900], [1000, 100, 1900, 1000]]] * len(images)
+    d = model.detector
+    pp = replace(d.postprocess_cfg, score_thresh=0.0, nms_thresh=0.5, detections_per_image=100)
+    dets = model.detect(images, boxes, keep_probs=True, postprocess=pp)
+    for img, det_i in zip(images, dets):
+        assert det_i.probs.shape[1] == len(names)  # no background column
+        torch.testing.assert_close(det_i.probs.sum(1), torch.ones(len(det_i.probs)))
+        assert int(det_i.labels.max()) < len(names) and det_i.class_names == names
+        # every (box, class) pair survives threshold 0 with NMS 0.5 on these distinct boxes
+        assert len(det_i.scores) == 3 * len(names)
+        # scores = softmax(exp(logit_scale) * cos) recomputed from the pieces
+        prepared = d.prepare(img)
+        regions = d.regions_from_user_boxes(torch.tensor(boxes[0], dtype=torch.float32), prepared)
+        emb = d.encode_regions(d.compute_features([prepared.image]), [regions.boxes])
+        probs = F.softmax(d.logit_scale.exp() * F.normalize(emb, dim=-1) @ F.normalize(d.class_embeddings, dim=-1).T,
+                          dim=-1)
+        torch.testing.assert_close(det_i.scores, probs[det_i.region_index, det_i.labels], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(foreground_probs(d, probs), probs)
+    assert not torch.allclose(dets[0].scores, dets[1].scores)  # the two images differ
