@@ -91,7 +91,7 @@ def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
             rpn_source = str(rpn_weights)
         else:  # the README custom-image command runs the RPN stored inside the RegionCLIP checkpoint
             rpn_sd = {k[len("rpn."):]: v for k, v in split.detector.items() if k.startswith("rpn.")}
-            rpn_source = f"{weights} (offline_* keys)"
+            rpn_source = f"{weights} (offline_* keys)" if rpn_sd else ""
     # the RPN file overrides offline_* weights of the main checkpoint
     det_sd = {k: v for k, v in split.detector.items() if not k.startswith("rpn.")}
     rpn_cfg: Optional[RPNConfig] = None
