@@ -47,7 +47,7 @@ def tiny_arch(rpn: bool = True) -> dict[str, Any]:
                                      "image_resolution": 64}}
     if rpn:
         arch["rpn"] = {"arch": "c4", "size_divisibility": 0, "pre_nms_topk": 300, "post_nms_topk": 100,
-                       "anchor_sizes": [16, 32, 64], "resnet_layers": [1, 1, 1], "stem_out_channels": 8,
+                       "resnet_layers": [1, 1, 1], "stem_out_channels": 8,
                        "width_per_group": 8, "res2_out_channels": 16}
     return arch
 
@@ -74,7 +74,7 @@ def tiny_recipe(tmp: Path, *, max_iter: int = 20, rpn: bool = True, mask: bool =
                  "classes": {"train_embeddings": str(emb), "test_embeddings": str(emb)},
                  "min_sizes": [56, 64, 72], "max_size": 96},
         "roi": {"batch_size_per_image": 32},
-        "solver": {"ims_per_batch": ims_per_batch, "base_lr": 0.02, "warmup_iters": 5, "steps": [max_iter * 3 // 4],
+        "solver": {"ims_per_batch": ims_per_batch, "base_lr": 0.005, "warmup_iters": 5, "steps": [max_iter * 3 // 4],
                    "max_iter": max_iter},
         "train": {"output_dir": str(tmp / "run"), "seed": seed, "device": "cpu", "checkpoint_period": max_iter,
                   "eval_period": 0, "eval_at_end": False, "log_period": 1, "progress": False, "num_workers": 0},

@@ -316,8 +316,6 @@ class Trainer:
                 losses = self._step(batches)
                 self.iteration += 1
                 reduced = reduce_dict_mean(losses)
-                for hook in self.hooks:
-                    hook(self.iteration, reduced)
                 bar.update(1)
                 bar.set_postfix(loss=f"{reduced['total_loss']:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                 if self.iteration % cfg.log_period == 0 or self.iteration == s.max_iter:
@@ -334,6 +332,8 @@ class Trainer:
                 if (cfg.eval_period > 0 and self.iteration % cfg.eval_period == 0) or \
                         (self.iteration == s.max_iter and cfg.eval_at_end):
                     self._run_eval(metrics)
+                for hook in self.hooks:  # last: a hook that stops the run sees everything of this step written
+                    hook(self.iteration, reduced)
         finally:
             bar.close()
             metrics.close()
