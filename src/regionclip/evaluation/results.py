@@ -5,10 +5,11 @@ import importlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Optional, Union
+
+from ..utils import write_json_atomic  # noqa: F401  (re-exported: one atomic JSON writer for the package)
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,22 +26,6 @@ def require(module: str, extra: str = "eval") -> ModuleType:
         pip_name = {"pycocotools.coco": "pycocotools", "pycocotools.cocoeval": "pycocotools"}.get(module, module)
         raise ImportError(f"{module} is needed for evaluation but is not installed: "
                           f"pip install {pip_name}  (or pip install 'regionclip[{extra}]')") from e
-
-
-def write_json_atomic(obj: Any, path: PathLike) -> Path:
-    """Write JSON to a temp file in the same folder, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def load_results(path: PathLike) -> list[dict]:
