@@ -435,6 +435,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 
         index, seed = key if isinstance(key, tuple) else (int(key), 0)
         rng = np.random.default_rng(seed)
+        flip = self.flip and rng.random() < 0.5  # drawn first: the flip must not depend on the caption count
         name = self.source.key(index)
         pil = decode_image(self.source.image_bytes(index), f"image {name!r}")
         caption = choose_caption(parse_text_value(self.source.text(index)), rng, self.templates)
@@ -443,7 +444,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         if (nh, nw) != (h, w):
             pil = pil.resize((nw, nh), Image.Resampling.BICUBIC)
         img = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
-        if self.flip and rng.random() < 0.5:
+        if flip:
             img = img.flip(-1).contiguous()
         tokens = default_tokenizer()([caption], context_length=self.context_length)[0]
         return CaptionSample(img, tokens, caption, name)
