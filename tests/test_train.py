@@ -25,6 +25,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {m["iteration"]: m["total_loss"] for m in _metrics(run_dir) if "total_loss" in m}
 
 
+@pytest.mark.slow  # ~15 s on 2 idle cores, minutes on a loaded machine
 def test_overfit_tiny_dataset_loss_down_ap_up(tmp_path: Path) -> None:
     r = tiny_recipe(tmp_path, max_iter=100)
     r["solver"].update(ims_per_batch=4, base_lr=0.002, warmup_iters=20, steps=[80])
