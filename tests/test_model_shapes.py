@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from regionclip.checkpoint.regionclip import infer_clip_resnet_config
 from regionclip.config import ClipResNetConfig
-from regionclip.modeling.clip_resnet import AttentionPool2d, FrozenBatchNorm2d, ModifiedResNet
+from regionclip.modeling.clip_resnet import AttentionPool2d, ModifiedResNet
+from regionclip.modeling.layers import FrozenBatchNorm2d
 
 
 def _official_backbone_shapes(shared_dir, variant):

@@ -11,38 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm with fixed affine parameters and statistics (all buffers, never trained).
-
-    RegionCLIP replaces every BN of the CLIP ResNet with this, whatever ``MODEL.RESNETS.NORM`` says. The
-    affine form ``x * scale + shift`` is what detectron2 computes, so results agree to float rounding.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features) - eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not x.requires_grad:
-            # detectron2 uses the fused op when no gradient is needed; mirroring it keeps bitwise-close parity
-            return F.batch_norm(x, self.running_mean.to(x.dtype), self.running_var.to(x.dtype),
-                                self.weight.to(x.dtype), self.bias.to(x.dtype), training=False, eps=self.eps)
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # OpenAI CLIP / SyncBN checkpoints carry num_batches_tracked, which a frozen BN has no use for.
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+from .layers import FrozenBatchNorm2d
 
 
 class Bottleneck(nn.Module):

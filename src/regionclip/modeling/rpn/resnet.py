@@ -5,53 +5,14 @@ Module and parameter names follow detectron2 exactly (``stem.conv1.norm.running_
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import FrozenBatchNorm2d
+
 __all__ = ["FrozenBatchNorm2d", "Conv2dNorm", "BasicStem", "BottleneckBlock", "ResNet"]
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics and affine parameters (all buffers).
-
-    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``. Also used for the LSJ RPN's SyncBN
-    layers: in eval mode SyncBN computes exactly this, and the RPN is always in eval mode.
-
-    ``num_batches_tracked`` (present in SyncBN/BatchNorm checkpoints) carries no information at inference, so
-    it is not a buffer here and is silently dropped when loading -- a strict ``load_state_dict`` of an LSJ
-    checkpoint therefore succeeds, and ``state_dict()`` never contains it.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        # detectron2 initialises running_var to 1 - eps so that a fresh layer is the identity.
-        self.register_buffer("running_var", torch.ones(num_features) - eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [N, C, H, W] -> [N, C, H, W]."""
-        # detectron2 uses the fused F.batch_norm whenever no gradient is needed (always the case for the
-        # offline RPN); using the same op keeps the result bit-identical to the original's.
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, eps=self.eps)
-
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict[str, Any],
-                              strict: bool, missing_keys: List[str], unexpected_keys: List[str],
-                              error_msgs: List[str]) -> None:
-        # `state_dict` is already a private copy made by nn.Module.load_state_dict, so popping is safe.
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
 
 
 class Conv2dNorm(nn.Conv2d):
