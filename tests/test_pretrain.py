@@ -4,6 +4,7 @@ the loss goes down, frozen parts stay frozen, the checkpoint has the original la
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,11 @@ def test_config_defaults_are_the_original_schedule(tmp_path):
                                                                               "post_nms_topk": 300}
     partial = load_pretrain_config(None, ["solver.max_iter=5"])
     assert partial.solver.warmup_iters == 1000 and partial.solver.max_iter == 5  # other fields keep pretrain values
+    repo = Path(__file__).resolve().parents[1]
+    for name, dim_hint in (("pretrain_rn50.yaml", "RN50_sd"), ("pretrain_rn50x4.yaml", "RN50x4_sd")):
+        shipped = load_pretrain_config(repo / "configs" / name)
+        assert shipped.solver.base_lr == 0.002 and shipped.pretrain.num_regions == 100
+        assert dim_hint in shipped.model.clip_weights and shipped.clip_grad_per_parameter == 5.0
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain: {num_region: 3}\n")
     with pytest.raises(ValueError, match="num_region"):

@@ -163,11 +163,17 @@ def _concept_pools(cfg: PretrainConfig, text: nn.Module, teacher_text: Optional[
     if c.pool is None:
         raise ValueError("concepts.pool is required: a names file (regionclip build-concepts) or an embedding file "
                          "(regionclip embed-concepts)")
-    teacher = load_concept_embeddings(c.teacher_pool, expected_dim=teacher_dim) if c.teacher_pool else None
-    if str(c.pool).endswith((".pth", ".pt", ".safetensors")):
-        pool = load_concept_embeddings(c.pool, expected_dim=dim)
+    from ..pretrained import resolve_weights
+
+    def resolve(name: str) -> Path:  # a path, or a released file name (coco_nouns_4764_emb)
+        return Path(name) if Path(name).exists() or name.endswith(".txt") else resolve_weights(name)
+
+    teacher = load_concept_embeddings(resolve(c.teacher_pool), expected_dim=teacher_dim) if c.teacher_pool else None
+    pool_path = resolve(c.pool)
+    if pool_path.suffix in (".pth", ".pt", ".safetensors"):
+        pool = load_concept_embeddings(pool_path, expected_dim=dim)
     else:
-        names = read_names_file(c.pool)
+        names = read_names_file(pool_path)
         logger.info("embedding %d concepts of %s with the text encoder (%s templates)", len(names), c.pool,
                     c.templates)
         pool = concept_embeddings(names, text, templates=c.templates)
