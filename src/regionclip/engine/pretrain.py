@@ -281,6 +281,7 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False,
         trainer = Trainer(task, cfg.solver, cfg.train, dist, make, hooks=hooks)
         if cfg.clip_grad_per_parameter is not None:
             install_per_parameter_clipping(trainer.optimizer, cfg.clip_grad_per_parameter)
-        return trainer.train(resume=resume)
+        last = trainer.train(resume=resume)
+        return last if dist.is_main else {}  # only rank 0 reports (the CLI prints it)
     finally:
         cleanup()
