@@ -83,7 +83,7 @@ def test_spacy_parser_finds_caption_nouns():
             "child"} <= set(counts)
 
 
-def test_explicit_spacy_backend_without_model_fails_clearly(monkeypatch):
+def test_explicit_spacy_backend_without_model_fails_clearly():
     if _has_model("definitely_not_a_model"):
         pytest.skip("unexpected model")
     with pytest.raises((RuntimeError, ImportError), match="definitely_not_a_model|spacy"):
