@@ -142,3 +142,20 @@ def test_roi_mean_of_linear_map_is_value_at_box_centre() -> None:
     out = pool_regions(fm, boxes_to_rois([boxes], fm), stride=16)  # adaptive sampling ratio
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 32 - 0.5, (boxes[:, 1] + boxes[:, 3]) / 32 - 0.5
     torch.testing.assert_close(out[:, 0], (0.3 * cx - 0.7 * cy + 2.0).double())
+
+
+def test_open_clip_file_end_to_end_through_the_api(tmp_path) -> None:
+    """An open_clip / OpenAI-layout ViT file -> RegionCLIP.from_pretrained -> names -> classify boxes on a demo image."""
+    from regionclip.api import RegionCLIP
+    from regionclip.assets import demo_image_paths
+    from regionclip.config import InputConfig
+
+    torch.save(_open_clip_model(seed=2).state_dict(), tmp_path / "vit.pth")
+    model = RegionCLIP.from_pretrained(tmp_path / "vit.pth")
+    model.detector.input_cfg = InputConfig(min_size=96, max_size=160)
+    model.set_vocabulary(["cat", "dog", "remote"])
+    boxes = [[0, 0, 900, 700], [800, 300, 1900, 1000]]
+    det = model.detect([str(demo_image_paths()[0])], [boxes], keep_probs=True)[0]
+    assert det.probs.shape == (len(det.scores), 3)
+    torch.testing.assert_close(det.probs.sum(1), torch.ones(len(det.probs)))
+    assert model.detector.backbone.stride == 16 and model.detector.backbone.trunk.region_norm is not None
