@@ -103,18 +103,24 @@ class RegionCLIP:
             return names
         if names is None:
             raise ValueError("give a vocabulary (names) or a concept-embedding file")
-        if hasattr(self.detector, "encode_class_names"):  # transformer path: the text tower came with the weights
-            emb = self.detector.encode_class_names(names)
-            self.detector.set_vocabulary(emb, names, source=f"text embeddings of {self.weights_path}")
-            return names
-        if self.weights_path is None:
-            raise ValueError("computing embeddings from names needs the checkpoint's text encoder (weights path)")
-        from .text.vocabulary import class_embeddings
-
-        emb = class_embeddings(names, self.weights_path, cache_dir=cache_dir, device=self.detector.device,
-                               show_progress=show_progress)
+        emb = self.embed_names(names, cache_dir=cache_dir, show_progress=show_progress)
         self.detector.set_vocabulary(emb, names, source=f"text embeddings of {self.weights_path}")
         return names
+
+    def embed_names(self, names: Sequence[str], *, cache_dir: Optional[PathLike] = None,
+                    show_progress: bool = False) -> Tensor:
+        """[K, D] class embeddings of ``names`` with this checkpoint's own text tower: the 81-template RegionCLIP
+        procedure (cached on disk) for ResNet checkpoints, the zero-shot branch's 2-template normalised
+        procedure for transformer checkpoints. Does not change the model's vocabulary."""
+        if hasattr(self.detector, "encode_class_names"):  # transformer path: the text tower came with the weights
+            return self.detector.encode_class_names(list(names))
+        if self.weights_path is None:
+            raise ValueError("computing embeddings from names needs the checkpoint's text encoder (weights path); "
+                             "pass class embeddings instead")
+        from .text.vocabulary import class_embeddings
+
+        return class_embeddings(list(names), self.weights_path, cache_dir=cache_dir, device=self.detector.device,
+                                show_progress=show_progress)
 
     @property
     def class_names(self) -> list[str]:

@@ -215,15 +215,12 @@ class DemoBackend:
     def __init__(self, model: RegionCLIP, embed_fn: Optional[EmbedFn] = None, *, cache_size: int = 8,
                  output_dir: Optional[Path] = None, cache_dir: Optional[Path] = None) -> None:
         if embed_fn is None:
-            if model.weights_path is None:
+            if model.weights_path is None and not hasattr(model.detector, "encode_class_names"):
                 raise ValueError("the model was not loaded from a checkpoint, so it has no text encoder to embed "
                                  "vocabularies with: pass embed_fn (names -> [K, D] tensor)")
-            from ..text.vocabulary import class_embeddings
-
-            weights = model.weights_path
 
             def embed_fn(names: Sequence[str]) -> Tensor:
-                return class_embeddings(list(names), weights, cache_dir=cache_dir, device=model.detector.device)
+                return model.embed_names(names, cache_dir=cache_dir)
 
         self.model = model
         self.embed_fn = embed_fn
