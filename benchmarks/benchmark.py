@@ -90,7 +90,7 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
 # ---------------------------------------------------------------------------------------------- worker side
 def _load(task: dict) -> Any:
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import random_checkpoints  # noqa: E402  (generates the random files once per machine)
+    from conftest import random_checkpoints  # generates the random files once per machine
 
     from regionclip.factory import load_detector
 
@@ -110,8 +110,6 @@ def _images(n: int) -> list[Path]:
 
 def run_throughput(task: dict) -> dict:
     """One (variant, mode, path, batch size) measurement: images/s over ``images`` images, peak memory."""
-    import torch
-
     from regionclip.data.loader import InferenceItem, batch_by_size, make_loader
     from regionclip.engine.extract import ExtractConfig, extract_batch
 

@@ -125,7 +125,12 @@ def test_resume_skips_done_images_and_rejects_other_settings(tmp_path, data) -> 
         extract_regions(det, items, tmp_path, ExtractConfig(regions="boxes", dtype="bfloat16"), progress=False)
     with RegionStore(tmp_path / "locked", {"x": 1}):
         with pytest.raises(RuntimeError, match="another extraction"):
-            RegionStore(tmp_path / "locked", {"x": 1})
+            RegionStore(tmp_path / "locked", {"x": 1})  # same process
+        code = ("from regionclip.engine.extract import RegionStore\n"
+                f"RegionStore({str(tmp_path / 'locked')!r}, {{'x': 1}})")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        assert other.returncode != 0 and "another extraction" in other.stderr  # other process
+    RegionStore(tmp_path / "locked", {"x": 1}).close()  # released on exit
 
 
 def test_bad_boxes_and_unreadable_images_are_reported_not_fatal(tmp_path, data) -> None:
@@ -234,8 +239,8 @@ def test_cli_extract_regions_boxes_and_resume(tmp_path, data, capsys) -> None:
     torch.save(det.state_dict(), tmp_path / "tiny.pth")
     torch.save(vocab, tmp_path / "emb.pth")
     (tmp_path / "boxes.json").write_text(json.dumps({k: v.tolist() for k, v in boxes.items()}))
-    argv = ["extract-regions", str(root / "imgs"), "--weights", str(tmp_path / "tiny.pth"), "--regions", "boxes", "--boxes",
-            str(tmp_path / "boxes.json"), "--concept-emb", str(tmp_path / "emb.pth"), "--vocab", "x,y,z",
+    argv = ["extract-regions", str(root / "imgs"), "--weights", str(tmp_path / "tiny.pth"), "--regions", "boxes",
+            "--boxes", str(tmp_path / "boxes.json"), "--concept-emb", str(tmp_path / "emb.pth"), "--vocab", "x,y,z",
             "-o", str(tmp_path / "out"), "--format", "original", "--num-workers", "0", "--quiet"]
     assert main(argv) == 0
     assert f"{len(paths)} images extracted" in capsys.readouterr().out
@@ -243,6 +248,6 @@ def test_cli_extract_regions_boxes_and_resume(tmp_path, data, capsys) -> None:
     assert index["num_images"] == len(paths) and index["class_names"] == ["x", "y", "z"]
     assert len(list((tmp_path / "out" / "original").glob("*.pth"))) == len(paths)
     assert main(argv) == 0
-    assert f"0 images extracted in" in (out := capsys.readouterr().out) and f"{len(paths)} were already done" in out
+    assert "0 images extracted in" in (out := capsys.readouterr().out) and f"{len(paths)} were already done" in out
     assert main(argv[:2] + ["--weights", str(tmp_path / "tiny.pth"), "-o", str(tmp_path / "x"), "--quiet"]) == 2
     assert "no RPN weights" in capsys.readouterr().err

@@ -56,6 +56,7 @@ FORMAT = "regionclip-regions/1"
 REGION_MODES = ("rpn", "detections", "boxes")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+_LOCKED: set[str] = set()  # output folders this process holds the lock of
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,11 @@ class RegionStore:
         self._pending: list[tuple[dict, dict[str, Tensor]]] = []
         self._pending_bytes = 0
         self._next_shard = 0
-        self._scan()
+        try:
+            self._scan()
+        except BaseException:
+            self._lock.close()
+            raise
 
     def _scan(self) -> None:
         from safetensors import safe_open
@@ -230,7 +235,8 @@ class RegionStore:
                 f.unlink()
                 continue
             if header.get("meta") != self.meta:
-                raise ValueError(f"{self.dir} holds regions extracted with other settings:\n  stored {header.get('meta')}"
+                raise ValueError(f"{self.dir} holds regions extracted with other settings:\n"
+                                 f"  stored {header.get('meta')}"
                                  f"\n  now    {self.meta}\nuse another --output-dir, or --overwrite to start over")
             for im in header["images"]:
                 if im["key"] in self.images:
@@ -313,19 +319,36 @@ class RegionStore:
 
 
 def _lock_dir(path: Path) -> Any:
-    """An exclusive lock on ``path/.lock`` (released by the OS when the process dies, also on SIGKILL)."""
+    """An exclusive lock on ``path/.lock``, released by the OS when the process dies (also on SIGKILL).
+
+    A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it, so a worker that
+    outlives a killed parent for a few seconds cannot block the resumed run."""
     path.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _LOCKED:  # POSIX locks do not conflict within one process (and closing a 2nd fd would drop them)
+        raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir")
     f = open(path / ".lock", "w")
     try:
         import fcntl
 
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # pragma: no cover - Windows: no lock, concurrent runs are the user's responsibility
         pass
     except OSError:
         f.close()
         raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir")
-    return f
+    _LOCKED.add(key)
+    return _DirLock(f, key)
+
+
+class _DirLock:
+    def __init__(self, f: Any, key: str) -> None:
+        self._f, self._key = f, key
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+            _LOCKED.discard(self._key)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
