@@ -210,15 +210,12 @@ class RegionPredictor:
     def _embed_names(self, names: list[str]) -> Tensor:
         key = tuple(names)
         if key not in self._vocab_cache:
-            weights = getattr(self.model, "weights_path", None)
-            if weights is None:
+            if self.model is None or not hasattr(self.model, "embed_names"):
                 raise ValueError("class names need the checkpoint's text encoder: build the predictor from "
                                  "RegionCLIP.from_pretrained(...), or pass a [K, D] embedding tensor as vocab")
-            from .text.vocabulary import class_embeddings
-
-            self._vocab_cache[key] = class_embeddings(names, weights, device=self.detector.device)
+            # RegionCLIP.embed_names picks the text procedure of the checkpoint (81 templates, on-disk cache)
+            self._vocab_cache[key] = self.model.embed_names(names)
         return self._vocab_cache[key]
-
 
 def _as_boxes(boxes: Any) -> Tensor:
     """Any [R, 4]-like input as float32 (an empty list becomes [0, 4])."""
