@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .data.images import ImageInput
 from .modeling.detector import PreparedImage, RegionCLIPDetector
+from .modeling.recognizer import foreground_probs
 from .structures import Detections
 
 # names ("car,bus" / ["car", "bus"] / a built-in vocabulary name), a [K, D] embedding tensor, or names + tensor
@@ -155,7 +156,8 @@ class RegionPredictor:
         emb, names = self.vocabulary(vocab)
         region_emb = self.encode_boxes(boxes, chunk_size=chunk_size)
         probs = self.detector.classify(region_emb, emb)
-        scores, labels = probs[:, :-1].max(dim=1) if len(probs) else (probs.new_zeros(0), probs.new_zeros(0).long())
+        fg = foreground_probs(self.detector, probs)  # [R, K] whether or not the classifier has a background column
+        scores, labels = fg.max(dim=1) if len(probs) else (probs.new_zeros(0), probs.new_zeros(0).long())
         return BoxClassification(probs=probs, labels=labels, scores=scores, class_names=names)
 
     @torch.no_grad()

@@ -45,6 +45,7 @@ from ..checkpoint.io import save_file_atomic
 from ..config import PostprocessConfig
 from ..data.loader import InferenceItem, LoadedItem, batch_by_size, make_loader
 from ..modeling.detector import PreparedImage, RegionCLIPDetector
+from ..modeling.recognizer import foreground_probs
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
 from ..structures import Proposals
 from ..utils import write_json_atomic
@@ -185,7 +186,7 @@ def extract_batch(detector: RegionCLIPDetector, prepared: Sequence[PreparedImage
 
 def _classify(detector: RegionCLIPDetector, emb: Tensor, class_embeddings: Tensor) -> dict[str, Tensor]:
     probs = detector.classify(emb, class_embeddings).float()
-    classes = probs[:, :-1].argmax(dim=1) if len(probs) else torch.zeros(0, dtype=torch.long)
+    classes = foreground_probs(detector, probs).argmax(dim=1) if len(probs) else torch.zeros(0, dtype=torch.long)
     return {"probs": probs.cpu(), "classes": classes.cpu()}
 
 
