@@ -202,3 +202,21 @@ def test_end_to_end_zero_shot_on_demo_images(tmp_path, family: str) -> None:
         torch.testing.assert_close(det_i.scores, probs[det_i.region_index, det_i.labels], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(foreground_probs(d, probs), probs)
     assert not torch.allclose(dets[0].scores, dets[1].scores)  # the two images differ
+
+
+def test_predictor_on_transformer_model_uses_every_class(tmp_path) -> None:
+    """Box prompts through RegionPredictor: top class ranges over all K classes (no background column to drop)."""
+    from regionclip.predictor import RegionPredictor
+
+    det = tiny_detector("vit")
+    path = tmp_path / "vit.pth"
+    torch.save(export_branch_state_dict(det, "vit"), path)
+    model = RegionCLIP.from_pretrained(path)
+    model.detector.input_cfg = SMALL_INPUT
+    pred = RegionPredictor(model)
+    pred.set_image(str(demo_image_paths()[0]))
+    boxes = torch.tensor([[0, 0, 600, 500], [300, 200, 1200, 900], [1000, 100, 1900, 1000]], dtype=torch.float32)
+    out = pred.classify_boxes(boxes, ["cat", "dog"])
+    assert out.probs.shape == (3, 2)
+    torch.testing.assert_close(out.scores, out.probs.max(dim=1).values)
+    assert out.labels.tolist() == out.probs.argmax(dim=1).tolist()
