@@ -220,3 +220,30 @@ def test_predictor_on_transformer_model_uses_every_class(tmp_path) -> None:
     assert out.probs.shape == (3, 2)
     torch.testing.assert_close(out.scores, out.probs.max(dim=1).values)
     assert out.labels.tolist() == out.probs.argmax(dim=1).tolist()
+
+
+def test_evaluate_cli_runs_with_a_transformer_checkpoint(tmp_path) -> None:
+    """`regionclip evaluate` (GT boxes, COCO-format json) accepts a zero-shot-branch ViT file."""
+    import json
+
+    from regionclip.cli.main import main
+
+    det = tiny_detector("vit")
+    path = tmp_path / "vit.pth"
+    torch.save(export_branch_state_dict(det, "vit"), path)
+    images = demo_image_paths()
+    gt = {"images": [{"id": i + 1, "file_name": p.name, "height": 1080, "width": 1920} for i, p in enumerate(images)],
+          "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 100, 400, 300], "area": 120000,
+                           "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 2, "bbox": [500, 200, 300, 600], "area": 180000,
+                           "iscrowd": 0}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--dataset", str(tmp_path / "gt.json"), "--image-root", str(images[0].parent),
+               "--preset", "coco-gt", "--weights", str(path), "-o", str(out), "--no-progress"])  # classes from the json
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "AP50" in metrics
+    results = json.loads((out / "coco_instances_results.json").read_text())
+    assert {r["category_id"] for r in results} <= {1, 2} and {r["image_id"] for r in results} == {1, 2}
