@@ -85,3 +85,34 @@ def read_user_boxes(path: str, files: list[Path]) -> list[Any]:
             raise ValueError(f"{path} has no boxes for image {f.name}")
         out.append(by_name[f.name])
     return out
+
+
+def add_recipe_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """Arguments of the recipe-driven commands (``train``, ``pretrain``)."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set solver.base_lr=0.01 (repeatable; values are YAML)")
+    p.add_argument("-o", "--output-dir", help="shortcut for --set train.output_dir=...")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run_recipe(args: argparse.Namespace, load_config: Any, run: Any) -> int:
+    """Resolve a recipe (YAML + ``--set`` overrides), print it or run it, print the last metrics line."""
+    import logging
+
+    from ..config import to_dict
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    last = run(cfg, resume=args.resume)
+    if last:
+        print(json.dumps({k: v for k, v in last.items() if not isinstance(v, dict)}))
+    return 0
