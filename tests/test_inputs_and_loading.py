@@ -142,3 +142,15 @@ def test_resize_rule_matches_detectron2():
     assert resized_shape(1000, 100, 800, 1333) == (1333, 133)  # long side capped, rounded half up
     img = torch.zeros(3, 1080, 1920, dtype=torch.uint8)
     assert resize_image(img).shape == (3, 750, 1333)
+
+
+def test_user_boxes_scaled_like_the_original_mapper(tiny_model, demo_images):
+    """Integer boxes are truncated after scaling (detectron2 scales them in an integer array); floats are not."""
+    det = tiny_model.detector
+    det.input_cfg = InputConfig()  # 1920x1080 -> 1333x750, as the parity fixtures
+    p = det.prepare(demo_images[0])
+    ints = det.regions_from_user_boxes([[540, 660, 1290, 1080]], p).boxes
+    floats = det.regions_from_user_boxes([[540.0, 660.0, 1290.0, 1080.0]], p).boxes
+    s = 1333 / 1920, 750 / 1080
+    assert ints.tolist() == [[float(int(540 * s[0])), float(int(660 * s[1])), float(int(1290 * s[0])), 750.0]]
+    torch.testing.assert_close(floats, torch.tensor([[540 * s[0], 660 * s[1], 1290 * s[0], 750.0]]))

@@ -40,3 +40,27 @@ def test_gt_mode_matches_original(detector, parity_inputs, parity_gt, name):
     assert torch.equal(dets.region_index, ref["det_region_index"])
     torch.testing.assert_close(dets.scores, ref["final_scores"], rtol=1e-4, atol=1e-5)
     assert (dets.boxes - ref["final_boxes"]).abs().max() <= 1e-3
+
+
+def test_detect_cli_with_gt_json_reproduces_original(tmp_path, rn50_ckpts, parity_gt, shared_dir):
+    """`regionclip detect --boxes gt_boxes.json` (integer COCO boxes, original-image pixels) gives the original's
+    GT-mode detections: the integer boxes are scaled and truncated exactly as detectron2's mapper does."""
+    import json
+
+    from regionclip.assets import demo_image_paths
+    from regionclip.cli.main import main
+
+    out = tmp_path / "det"
+    rc = main(["detect", *[str(p) for p in demo_image_paths()], "--weights", str(rn50_ckpts["regionclip"]),
+               "--preset", "coco-gt", "--boxes", str(shared_dir / "parity" / "gt_boxes.json"),
+               "--concept-emb", str(rn50_ckpts["concept_emb"]), "-o", str(out), "--no-vis"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    coco_ids = [c["coco_id"] for c in __import__("regionclip").assets.coco_ovd_categories()]
+    for image_id, name in ((1, "sample_img1.jpg"), (2, "sample_img2.jpg")):
+        ref = parity_gt["images"][name]
+        ours = [r for r in results if r["image_id"] == image_id]
+        assert [r["category_id"] for r in ours] == [coco_ids[c] for c in ref["final_classes"].tolist()]
+        torch.testing.assert_close(torch.tensor([r["score"] for r in ours]), ref["final_scores"], rtol=1e-4, atol=1e-5)
+        xyxy = torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (r["bbox"] for r in ours)])
+        assert (xyxy - ref["final_boxes"]).abs().max() <= 1e-3

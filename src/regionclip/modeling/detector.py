@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 from ..config import InputConfig, PostprocessConfig
 from ..data.images import ImageInput, load_image, resize_image
 from ..ops.box_coder import decode_boxes
-from ..ops.boxes import clip_boxes, scale_boxes, validate_boxes
+from ..ops.boxes import clip_boxes, validate_boxes
 from ..postprocess import combine_rpn_scores, postprocess_detections, rescale_to_original
 from ..structures import Detections, Proposals
 from .clip_resnet import ModifiedResNet
@@ -171,13 +171,23 @@ class RegionCLIPDetector(nn.Module):
         return decode_boxes(deltas, proposal_boxes.float(), weights=BOX_REG_WEIGHTS)
 
     # ------------------------------------------------------------------ end to end
-    def regions_from_user_boxes(self, boxes: Tensor, prepared: PreparedImage, frame: str = "original") -> Proposals:
-        """User/GT boxes -> resized-frame regions (scaled, clipped; no objectness). ``frame="resized"`` if the boxes
-        are already in the resized frame (as the parity fixtures)."""
+    def regions_from_user_boxes(self, boxes: Any, prepared: PreparedImage, frame: str = "original") -> Proposals:
+        """User/GT boxes (XYXY) -> resized-frame regions (scaled, clipped; no objectness).
+
+        ``frame="resized"`` if the boxes are already in the resized frame (as the parity fixtures). Scaling
+        follows the original's dataset mapper exactly: the coordinates are multiplied in float64 (numpy), and
+        *integer* boxes (a JSON with whole numbers, an integer tensor) are truncated toward zero after scaling,
+        because detectron2 scales them inside an integer array. Float boxes are not truncated.
+        """
         h, w = prepared.original_hw if frame == "original" else prepared.resized_hw
         b = validate_boxes(boxes, h, w)
         if frame == "original":
-            b = scale_boxes(b, *prepared.scale_xy)
+            raw = torch.as_tensor(boxes).reshape(-1, 4)
+            sx, sy = prepared.scale_xy
+            b64 = raw.to(torch.float64) * torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
+            if not (raw.is_floating_point() or raw.is_complex()):
+                b64 = b64.trunc()
+            b = b64.float()
         b = clip_boxes(b, *prepared.resized_hw)
         return Proposals(b, None)
 
