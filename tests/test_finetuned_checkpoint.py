@@ -98,3 +98,17 @@ def test_deltas_applied_to_rpn_proposals(finetuned_ckpt, demo_images, monkeypatc
         exp = clip_boxes(moved[r], *p.resized_hw) * torch.tensor([sx, sy, sx, sy])  # clipped in the resized frame
         torch.testing.assert_close(out.boxes[i], exp, rtol=1e-5, atol=1e-3)
     assert not torch.allclose(moved, props.boxes)  # the regression actually moved the boxes
+
+
+def test_finetuned_defaults_without_preset(finetuned_ckpt, tmp_path):
+    """No preset: a checkpoint with bbox_pred gets the transfer-learning test settings, a pretrained one not."""
+    path, sd = finetuned_ckpt
+    pp = RegionCLIP.from_pretrained(path).detector.postprocess_cfg
+    assert pp.apply_box_deltas and pp.soft_nms == "gaussian"
+    plain = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    p2 = tmp_path / "pretrained.pth"
+    torch.save({"model": plain}, p2)
+    pp2 = RegionCLIP.from_pretrained(p2).detector.postprocess_cfg
+    assert not pp2.apply_box_deltas and pp2.soft_nms is None
+    # a preset still decides
+    assert not RegionCLIP.from_pretrained(path, preset="coco-gt").detector.postprocess_cfg.apply_box_deltas

@@ -195,7 +195,7 @@ def test_end_to_end_zero_shot_on_demo_images(tmp_path, family: str) -> None:
         assert len(det_i.scores) == 3 * len(names)
         # scores = softmax(exp(logit_scale) * cos) recomputed from the pieces
         prepared = d.prepare(img)
-        regions = d.regions_from_user_boxes(torch.tensor(boxes[0], dtype=torch.float32), prepared)
+        regions = d.regions_from_user_boxes(boxes[0], prepared)  # same (integer) boxes as detect got
         emb = d.encode_regions(d.compute_features([prepared.image]), [regions.boxes])
         probs = F.softmax(d.logit_scale.exp() * F.normalize(emb, dim=-1) @ F.normalize(d.class_embeddings, dim=-1).T,
                           dim=-1)

@@ -66,9 +66,7 @@ class RegionCLIP:
         RPN file. ``preset`` (see :mod:`regionclip.presets`) sets post-processing and RPN overrides; keyword
         ``postprocess_overrides`` (e.g. ``score_thresh=0.1``) replace single fields."""
         p = get_preset(preset) if preset else None
-        pp = postprocess or (p.postprocess if p else PostprocessConfig())
-        if postprocess_overrides:
-            pp = replace(pp, **postprocess_overrides)
+        pp = postprocess or (p.postprocess if p else None)  # None: load_detector picks by checkpoint kind
         rpn_ov = dict(p.rpn_overrides) if p else {}
         rpn_ov.update(rpn_overrides or {})
         wpath = resolve_weights(weights)
@@ -76,6 +74,8 @@ class RegionCLIP:
         use_rpn = not (p is not None and p.regions == "gt" and rpath is None)
         det, loaded = load_detector(wpath, rpath, postprocess=pp, rpn_overrides=rpn_ov, use_rpn=use_rpn,
                                     strict=strict, device=device, region_chunk_size=region_chunk_size)
+        if postprocess_overrides:
+            det.postprocess_cfg = replace(det.postprocess_cfg, **postprocess_overrides)
         return cls(det, wpath, loaded, p)
 
     # ------------------------------------------------------------------ vocabulary

@@ -18,6 +18,9 @@ from .modeling.heads import MaskHead
 
 PathLike = Union[str, os.PathLike]
 
+FINETUNED_TEST = PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100, soft_nms="gaussian",
+                                   apply_box_deltas=True)
+
 
 def build_detector(cfg: DetectorConfig) -> RegionCLIPDetector:
     """Build an (uninitialised) detector from a config. Weights are loaded separately (:func:`load_detector`)."""
@@ -101,7 +104,11 @@ def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
         rpn_cfg = infer_rpn_config(rpn_sd, **(rpn_overrides or {}))
         det_sd.update({"rpn." + k: v for k, v in rpn_sd.items()})
 
-    cfg = DetectorConfig(clip=clip_cfg, rpn=rpn_cfg, postprocess=postprocess or PostprocessConfig(),
+    if postprocess is None:
+        # no preset: a fine-tuned detector (it has bbox_pred) gets the test settings of the original's transfer
+        # scripts (class-agnostic regression + gaussian soft-NMS, spec §8.5); a pretrained one the zero-shot ones
+        postprocess = FINETUNED_TEST if "bbox_pred.weight" in det_sd else PostprocessConfig()
+    cfg = DetectorConfig(clip=clip_cfg, rpn=rpn_cfg, postprocess=postprocess,
                          box_regression="bbox_pred.weight" in det_sd, mask_head="mask_head.deconv.weight" in det_sd,
                          region_chunk_size=region_chunk_size)
     detector = build_detector(cfg)

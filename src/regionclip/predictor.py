@@ -220,6 +220,7 @@ class RegionPredictor:
         return self._vocab_cache[key]
 
 def _as_boxes(boxes: Any) -> Tensor:
-    """Any [R, 4]-like input as float32 (an empty list becomes [0, 4])."""
-    b = torch.as_tensor(boxes, dtype=torch.float32)
-    return b.reshape(0, 4) if b.numel() == 0 else b
+    """Any [R, 4]-like input as a tensor (an empty list becomes float32 [0, 4]). The dtype is kept: whole-number
+    boxes are scaled like the original's mapper (see RegionCLIPDetector.regions_from_user_boxes)."""
+    b = torch.as_tensor(boxes)
+    return b.float().reshape(0, 4) if b.numel() == 0 else b

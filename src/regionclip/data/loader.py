@@ -87,6 +87,8 @@ def items_from_coco(json_file: PathLike, image_root: PathLike, *, with_boxes: bo
         boxes = cats = None
         if with_boxes:
             boxes, labels = rec.region_boxes()
+            if len(boxes) and bool(rec.int_boxes[~rec.iscrowd].all()):
+                boxes = boxes.astype(np.int64)  # whole-number json boxes: truncated after scaling, as the original
             cats = np.asarray([ds.category_ids[i] for i in labels], np.int64)
         items.append(InferenceItem(key=str(rec.image_id), file_name=rec.file_name, image_id=rec.image_id,
                                    boxes=boxes, category_ids=cats))
@@ -127,7 +129,15 @@ def read_boxes_file(path: PathLike) -> dict[str, np.ndarray]:
             out = {str(k): v for k, v in data.items()}
         else:
             raise ValueError(f"{path}: expected a COCO json or {{file_name: [[x1, y1, x2, y2], ...]}}")
-    return {k: np.asarray(v, np.float32).reshape(-1, 4) for k, v in out.items()}
+    return {k: _box_array(v) for k, v in out.items()}
+
+
+def _box_array(boxes: Any) -> np.ndarray:
+    """[R, 4] array; whole-number boxes stay int64 so they are scaled like the original's mapper (truncated after
+    scaling, see RegionCLIPDetector.regions_from_user_boxes), anything else is float32."""
+    a = np.asarray(boxes)
+    a = a.astype(np.int64) if a.size and np.issubdtype(a.dtype, np.integer) else a.astype(np.float32)
+    return a.reshape(-1, 4)
 
 
 def attach_boxes(items: Sequence[InferenceItem], boxes: dict[str, np.ndarray], source: str = "boxes file"
