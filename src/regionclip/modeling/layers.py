@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrozenBatchNorm2d"]
+__all__ = ["FrozenBatchNorm2d", "SelfAttention"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -46,3 +46,30 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention in ``nn.MultiheadAttention``'s parameter layout (``in_proj_weight`` [3W, W],
+    ``in_proj_bias`` [3W], ``out_proj``), computed with ``scaled_dot_product_attention``.
+
+    ``causal=True``: position i attends to positions <= i (CLIP text tower); ``False``: bidirectional (ViT).
+    """
+
+    def __init__(self, width: int, heads: int, causal: bool = False) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.causal = causal
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, N, W] -> [B, N, W]."""
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))

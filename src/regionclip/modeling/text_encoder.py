@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from regionclip.checkpoint.io import load_into
 from regionclip.config import ClipTextConfig
 
+from .layers import SelfAttention
+
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (CLIP does this so fp16 text towers stay stable)."""
@@ -33,35 +35,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class CausalSelfAttention(nn.Module):
-    """``nn.MultiheadAttention``'s parameter layout (``in_proj_weight``/``in_proj_bias`` [3W, W] / [3W],
-    ``out_proj``) with a causal mask, computed with ``scaled_dot_product_attention``."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"text width {width} is not divisible by {heads} heads")
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, L, W] -> [B, L, W]; position i attends to positions <= i only."""
-        b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
-
-
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x QuickGELU MLP."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        self.attn = CausalSelfAttention(width, heads)
+        self.attn = SelfAttention(width, heads, causal=True)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width))]))

@@ -23,33 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import SelfAttention
 from ..text_encoder import QuickGELU
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 FINAL_NORMS = ("region", "map")
-
-
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention in ``nn.MultiheadAttention``'s parameter layout (``in_proj_weight``
-    [3W, W], ``in_proj_bias`` [3W], ``out_proj``), computed with ``scaled_dot_product_attention``."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"ViT width {width} is not divisible by {heads} heads")
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, N, W] -> [B, N, W]."""
-        b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
 class ResidualAttentionBlock(nn.Module):
