@@ -39,6 +39,17 @@ def from_dict(cls: Type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def read_yaml_mapping(path: Any, sections: str) -> dict[str, Any]:
+    """A recipe file's top-level mapping (empty file -> {}); anything else is a ``ValueError`` naming ``sections``."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a YAML mapping with sections {sections}")
+    return data
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
-import yaml
 from torch import Tensor, nn
 
-from ..config import ClipResNetConfig, ClipTextConfig, InputConfig, RPNConfig, from_dict, to_dict
+from ..config import ClipResNetConfig, ClipTextConfig, InputConfig, RPNConfig, from_dict, read_yaml_mapping, to_dict
 from ..losses.region_text import clip_grad_norm_per_parameter_
 from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
 from ..utils import write_json_atomic
@@ -105,13 +104,7 @@ def load_pretrain_config(path: Optional[str | Path] = None, overrides: Sequence[
     """Read a recipe over the pretraining defaults (unknown keys raise ``ValueError``) and apply ``--set``."""
     from .transfer import apply_overrides
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a pretraining recipe must be a YAML mapping (model/concepts/data/pretrain/"
-                             "solver/train)")
+    data = read_yaml_mapping(path, "model/concepts/data/pretrain/solver/train") if path is not None else {}
     data = apply_overrides(data, overrides)
     defaults = to_dict(PretrainConfig())
     return from_dict(PretrainConfig, _merge(defaults, data))

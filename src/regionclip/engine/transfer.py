@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ..config import DetectorConfig, InputConfig, PostprocessConfig, from_dict, to_dict
+from ..config import DetectorConfig, InputConfig, PostprocessConfig, from_dict, read_yaml_mapping, to_dict
 from ..data.datasets import DetectionDataset, load_annotations, load_lvis_json, load_registered
 from ..data.train_data import (GroupedBatchSampler, TrainingDataset, TrainingSampler, filter_empty_records,
                                load_segmentations, repeat_factors)
@@ -117,12 +117,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> TransferConfig:
     """Read a recipe (strict: unknown keys raise ``ValueError``) and apply ``--set`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a recipe must be a YAML mapping with sections model/data/roi/solver/train")
+    data = read_yaml_mapping(path, "model/data/roi/solver/train") if path is not None else {}
     return from_dict(TransferConfig, apply_overrides(data, overrides))
 
 
