@@ -154,3 +154,40 @@ def test_user_boxes_scaled_like_the_original_mapper(tiny_model, demo_images):
     s = 1333 / 1920, 750 / 1080
     assert ints.tolist() == [[float(int(540 * s[0])), float(int(660 * s[1])), float(int(1290 * s[0])), 750.0]]
     torch.testing.assert_close(floats, torch.tensor([[540 * s[0], 660 * s[1], 1290 * s[0], 750.0]]))
+
+
+def test_rpn_inside_regionclip_checkpoint_and_rpn_file_override(tmp_path, demo_images):
+    """The README demo runs the RPN stored in the RegionCLIP file (offline_* keys); a separate RPN file replaces
+    exactly those weights and nothing else (spec §3.5)."""
+    from regionclip.config import ClipResNetConfig, DetectorConfig, RPNConfig
+    from regionclip.factory import build_detector
+
+    torch.manual_seed(0)
+    rpn_cfg = RPNConfig.fpn(resnet_layers=(1, 1, 1, 1), stem_out_channels=8, width_per_group=4, res2_out_channels=16,
+                            fpn_out_channels=16, post_nms_topk=50)
+    det = build_detector(DetectorConfig(clip=ClipResNetConfig(layers=(1, 1, 1, 1), width=8, embed_dim=16, heads=2,
+                                                              image_resolution=64), rpn=rpn_cfg))
+    with torch.no_grad():
+        for p in det.rpn.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {"backbone." + k: v for k, v in det.backbone.state_dict().items()}
+    sd.update({"offline_" + k: v for k, v in det.rpn.state_dict().items()})  # backbone.* / proposal_generator.*
+    main_file = tmp_path / "regionclip_with_rpn.pth"
+    torch.save({"model": sd}, main_file)
+    loaded, info = load_detector(main_file, rpn_overrides={"post_nms_topk": 50})  # NMS settings are not in files
+    assert info.report.ok and loaded.rpn is not None
+    img = load_image(demo_images[0])[:, :200, :300]
+    ref = det.rpn([img.float()])[0]
+    got = loaded.rpn([img.float()])[0]
+    torch.testing.assert_close(got.boxes, ref.boxes)
+    torch.testing.assert_close(got.objectness_logits, ref.objectness_logits)
+    # a separate d2 RPN file (other weights) overrides the stored RPN; the CLIP backbone is untouched
+    other = {k: v + 0.01 for k, v in det.rpn.state_dict().items()}
+    rpn_file = tmp_path / "rpn.pth"
+    torch.save({"model": {**other, "roi_heads.box_predictor.cls_score.weight": torch.zeros(3, 4)}}, rpn_file)
+    loaded2, info2 = load_detector(main_file, rpn_file, rpn_overrides={"post_nms_topk": 50})
+    for k, v in other.items():
+        torch.testing.assert_close(loaded2.rpn.state_dict()[k], v)
+    for k, v in det.backbone.state_dict().items():
+        assert torch.equal(loaded2.backbone.state_dict()[k], v)
+    assert any("roi_heads.box_predictor.cls_score.weight" in k for k in info2.report.ignored)
