@@ -1,6 +1,7 @@
 """`regionclip detect` end to end: tiny checkpoints (fast) and the README command with full-size random
 official-format weights (slow)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +83,29 @@ def test_readme_detect_command_with_random_official_weights(tmp_path, rn50_ckpts
     assert all(1 <= r["category_id"] <= 1203 and r["score"] > 0.02 for r in res)
     assert (tmp_path / "demo" / "sample_img1_vis.jpg").exists()
     print(capsys.readouterr().out)
+
+
+def test_unreadable_image_is_skipped_and_reported(tmp_path, demo_images, tiny_ckpt_with_text, capsys):
+    """A corrupt file in a folder: the other images' results are written, the bad one is named, exit code 1."""
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(demo_images[0], folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    shutil.copy(demo_images[1], folder / "c.jpg")
+    emb = tmp_path / "emb.pth"
+    torch.save(torch.randn(2, 16), emb)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({n: [[10, 10, 500, 400]] for n in ("a.jpg", "b.jpg", "c.jpg")}))
+    rc = main(["detect", str(folder), "--weights", str(tiny_ckpt_with_text), "--preset", "coco-gt", "--boxes",
+               str(boxes), "--vocab", "cat,dog", "--concept-emb", str(emb), "--batch-size", "2", "-o",
+               str(tmp_path / "out"), "--no-vis"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "b.jpg" in err and "skipped" in err
+    meta = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert [Path(m["file_name"]).name for m in meta["images"]] == ["a.jpg", "c.jpg"]
+    assert [m["id"] for m in meta["images"]] == [1, 3]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["image_id"] for r in res} == {1, 3}

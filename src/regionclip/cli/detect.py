@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -43,22 +44,23 @@ def run(args: argparse.Namespace) -> int:
     cat_ids = list(range(1, len(names) + 1))
     if isinstance(vocab, str) and vocab.lower().replace("-", "").replace("_", "") in BUILTIN_VOCABULARIES:
         cat_ids = dataset_category_ids(vocab)
-    results, images_meta, all_dets = [], [], []
+    results, images_meta, done, errors = [], [], [], []
     t0 = time.perf_counter()
     bar = tqdm(total=len(files), desc="detect", unit="img")
-    for i, det in enumerate(model.iter_detect([str(f) for f in files], boxes, batch_size=args.batch_size)):
-        image_id = i + 1
-        results += det.to_coco_json(image_id, cat_ids)
-        h, w = det.image_size
-        images_meta.append({"id": image_id, "file_name": str(files[i]), "height": h, "width": w})
-        all_dets.append(det)
+    for i, det in _detect_all(model, files, boxes, args.batch_size, errors):
+        image_id = i + 1  # position in the input list, also for skipped images (ids stay stable across runs)
+        if det is not None:
+            results += det.to_coco_json(image_id, cat_ids)
+            h, w = det.image_size
+            images_meta.append({"id": image_id, "file_name": str(files[i]), "height": h, "width": w})
+            done.append((files[i], det))
         bar.update(1)
     bar.close()
     dt = time.perf_counter() - t0
     dataset = {"images": images_meta, "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, names)]}
     res_path = write_json_atomic(results, out_dir / "results.json")
     write_json_atomic(dataset, out_dir / "images.json")
-    print(f"{len(files)} images in {dt:.1f} s ({len(files) / max(dt, 1e-9):.3f} images/s on {args.device}); "
+    print(f"{len(done)} images in {dt:.1f} s ({len(done) / max(dt, 1e-9):.3f} images/s on {args.device}); "
           f"{len(results)} detections -> {res_path}")
     if not args.no_vis:
         # the original's visualisation settings (spec §7): unique boxes, first N by score, no tiny boxes
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         from ..visualize import draw_results, select_predictions
 
         id2name = dict(zip(cat_ids, names))
-        for f, det in zip(files, all_dets):
+        for f, det in done:
             preds = select_predictions(det.to_coco_json(0, cat_ids), conf_threshold=args.vis_conf_threshold,
                                        show_unique_boxes=True, max_boxes=args.vis_max_boxes,
                                        small_region_px=args.vis_small_region_px)
@@ -78,4 +80,29 @@ def run(args: argparse.Namespace) -> int:
             draw_results(img, preds, id2name).save(tmp, format="JPEG", quality=92)
             tmp.replace(out)
             print(f"wrote {out} ({len(preds)} boxes)")
+    if errors:
+        print(f"{len(errors)} image(s) skipped:\n" + "\n".join(f"  {e}" for e in errors), file=sys.stderr)
+        return 1
     return 0
+
+
+def _detect_all(model, files: list[Path], boxes, batch_size: int, errors: list[str]):
+    """Yield (index, Detections | None) in input order. An unreadable image is reported and skipped (None) instead
+    of ending the run: the other images' results are still written."""
+    from ..data.images import ImageReadError
+
+    for s in range(0, len(files), batch_size):
+        chunk = [str(f) for f in files[s:s + batch_size]]
+        bx = boxes[s:s + batch_size] if boxes is not None else None
+        try:
+            yield from enumerate(model.detect(chunk, bx), start=s)
+            continue
+        except ImageReadError:
+            pass
+        for j, f in enumerate(chunk):  # find the bad image(s) of this batch, keep the others
+            try:
+                yield s + j, model.detect([f], [bx[j]] if bx is not None else None)[0]
+            except ImageReadError as e:
+                errors.append(str(e))
+                print(f"skipping: {e}", file=sys.stderr)
+                yield s + j, None
