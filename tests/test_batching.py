@@ -94,3 +94,26 @@ def test_bfloat16_autocast_on_cpu_is_close_and_float16_needs_gpu(same_size) -> N
     assert cos.min() > 0.95
     with pytest.raises(ValueError, match="bfloat16"):
         autocast_context(torch.device("cpu"), "float16")
+
+
+def test_bfloat16_compute_dtype_keeps_classifier_float32(demo_images):
+    """detect with compute_dtype bfloat16: outputs float32, close to float32 compute; classifier runs in float32."""
+    import torch
+
+    from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig
+    from regionclip.factory import build_detector
+
+    torch.manual_seed(0)
+    det = build_detector(DetectorConfig(clip=ClipResNetConfig(layers=(1, 1, 1, 1), width=8, embed_dim=16, heads=2,
+                                                              image_resolution=64),
+                                        input=InputConfig(min_size=64, max_size=128))).eval()
+    det.set_vocabulary(torch.randn(3, 16), ["a", "b", "c"])
+    boxes = [[[0, 0, 900, 700], [800, 100, 1900, 1000]]]
+    ref = det.detect([demo_images[0]], boxes, keep_probs=True)[0]
+    det.compute_dtype = "bfloat16"
+    out = det.detect([demo_images[0]], boxes, keep_probs=True)[0]
+    assert out.probs.dtype == torch.float32 and out.scores.dtype == torch.float32
+    torch.testing.assert_close(out.probs, ref.probs, atol=0.05, rtol=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = det.classify(torch.randn(4, 16))
+    assert probs.dtype == torch.float32

@@ -1,6 +1,7 @@
 """Small shared helpers: optional-dependency import with an actionable message, atomic JSON writes."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -33,3 +34,20 @@ def write_json_atomic(obj: Any, path: Union[str, os.PathLike], **dump_kwargs: An
             os.unlink(tmp)
         raise
     return path
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def autocast_context(device: Any, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast for 16-bit compute (``float32``: a no-op). bfloat16 works on CPU and GPU; float16 only on GPU."""
+    import torch
+
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("float16 autocast is for GPUs; on the CPU use --dtype bfloat16 (or float32)")
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))

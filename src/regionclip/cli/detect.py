@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--boxes", help="classify these boxes instead of RPN proposals: COCO json or {file: [[x1,y1,x2,y2]]}")
     p.add_argument("-o", "--output-dir", default="output/detect")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="compute dtype of the backbone and region head (autocast; RPN and classifier stay float32; "
+                        "bfloat16 also on CPU, float16 GPU only). Accuracy cost: docs/BENCHMARKS.md")
     p.add_argument("--no-vis", action="store_true", help="do not write annotated images")
     p.add_argument("--vis-conf-threshold", type=float, default=0.05)
     p.add_argument("--vis-max-boxes", type=int, default=25)
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         files += list_images(x)
     boxes = read_user_boxes(args.boxes, files) if args.boxes else None
     model = load_model(args)
+    model.detector.compute_dtype = args.dtype
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = model.class_names

@@ -46,6 +46,7 @@ from ..config import PostprocessConfig
 from ..data.loader import InferenceItem, LoadedItem, batch_by_size, make_loader
 from ..modeling.detector import PreparedImage, RegionCLIPDetector
 from ..modeling.recognizer import foreground_probs
+from ..utils import autocast_context  # noqa: F401  (re-exported)
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
 from ..structures import Proposals
 from ..utils import write_json_atomic
@@ -96,15 +97,6 @@ class ExtractConfig:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
-
-
-def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """Autocast for 16-bit compute (``float32``: a no-op). bfloat16 works on CPU and GPU; float16 only on GPU."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    if device.type == "cpu" and dtype == "float16":
-        raise ValueError("float16 autocast is for GPUs; on the CPU use --dtype bfloat16 (or float32)")
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
 @contextlib.contextmanager

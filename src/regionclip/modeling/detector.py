@@ -22,6 +22,7 @@ from ..ops.box_coder import decode_boxes
 from ..ops.boxes import clip_boxes, validate_boxes
 from ..postprocess import combine_rpn_scores, postprocess_detections, rescale_to_original
 from ..structures import Detections, Proposals
+from ..utils import autocast_context
 from .clip_resnet import ModifiedResNet
 from .heads import MaskHead, paste_masks, text_classifier_logits
 
@@ -67,6 +68,9 @@ class RegionCLIPDetector(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(input_cfg.pixel_std).view(3, 1, 1), persistent=False)
         self.register_buffer("class_embeddings", torch.zeros(0, backbone.output_dim), persistent=False)
         self.class_names: list[str] = []
+        # "bfloat16"/"float16": autocast for the CLIP backbone and the RoI head (the RPN and the classifier always
+        # run in float32: proposal boxes and the 1/0.01-scaled logits need the precision)
+        self.compute_dtype = "float32"
 
     @property
     def embed_dim(self) -> int:
@@ -161,7 +165,9 @@ class RegionCLIPDetector(nn.Module):
         if emb.numel() == 0:
             raise ValueError("no vocabulary set: pass class embeddings or call set_vocabulary() "
                              "(CLI: --vocab 'cat,dog' or --concept-emb file.pth)")
-        return F.softmax(text_classifier_logits(region_emb.float(), emb, self.temperature), dim=-1)
+        # always float32, also inside an autocast region: cosines are scaled by 1/0.01 before the softmax
+        with torch.autocast(device_type=region_emb.device.type, enabled=False):
+            return F.softmax(text_classifier_logits(region_emb.float(), emb.float(), self.temperature), dim=-1)
 
     def predict_boxes(self, region_emb: Tensor, proposal_boxes: Tensor, apply_deltas: bool) -> Tensor:
         """Class-agnostic box regression from the raw attnpool embedding (fine-tuned checkpoints)."""
@@ -209,9 +215,10 @@ class RegionCLIPDetector(nn.Module):
             regions = self.propose(images)
         if gt_mode and cfg.rpn_score != "none":
             cfg = replace(cfg, rpn_score="none")  # no objectness for given boxes (the original can't do it either)
-        if res4 is None:
-            res4 = self.compute_res4(images)
-        emb = self.encode_regions(res4, [r.boxes for r in regions])
+        with autocast_context(self.device, self.compute_dtype):
+            if res4 is None:
+                res4 = self.compute_res4(images)
+            emb = self.encode_regions(res4, [r.boxes for r in regions]).float()
         probs_all = self.classify(emb, class_embeddings)
         names = list(class_names) if class_names is not None else (
             self.class_names if class_embeddings is None else
