@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,7 +60,11 @@ def load_model(args: argparse.Namespace, *, verbose: bool = True):
             concept_emb = str(resolve_weights(preset.concept_emb, download=False))
         except WeightsNotFound:
             concept_emb = None
-    model.set_vocabulary(vocab, concept_emb, show_progress=verbose)
+    t0 = time.perf_counter()
+    names = model.set_vocabulary(vocab, concept_emb, show_progress=verbose)
+    if verbose:
+        src = f"from {concept_emb}" if concept_emb else "from the checkpoint's text encoder (disk-cached)"
+        print(f"vocabulary: {len(names)} classes, embeddings {src} in {time.perf_counter() - t0:.2f} s")
     return model
 
 
