@@ -63,6 +63,11 @@ def rn50_ckpts() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def rn50x4_ckpts() -> dict[str, Path]:
+    return random_checkpoints("rn50x4", 0)
+
+
+@pytest.fixture(scope="session")
 def parity_inputs(shared_dir: Path) -> dict:
     return torch.load(shared_dir / "parity" / "refs" / "inputs.pt", weights_only=True)
 

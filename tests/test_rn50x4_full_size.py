@@ -3,7 +3,6 @@ GT-box and RPN modes end to end (the parity fixtures cover RN50 only)."""
 import pytest
 import torch
 
-from conftest import random_checkpoints
 from regionclip.checkpoint.io import read_weight_file
 from regionclip.config import PostprocessConfig
 from regionclip.factory import load_detector
@@ -13,8 +12,8 @@ from regionclip.structures import Proposals
 pytestmark = pytest.mark.slow
 
 
-def test_rn50x4_loads_and_detects(parity_inputs):
-    ck = random_checkpoints("rn50x4", 0)
+def test_rn50x4_loads_and_detects(parity_inputs, rn50x4_ckpts):
+    ck = rn50x4_ckpts
     det, info = load_detector(ck["regionclip"], ck["rpn"], rpn_overrides={"nms_thresh": 0.9, "post_nms_topk": 100})
     assert info.report.ok and info.config.clip.width == 80 and info.config.clip.layers == (4, 6, 10, 6)
     assert det.pooler_resolution == 18 and det.embed_dim == 640 and det.rpn is not None
