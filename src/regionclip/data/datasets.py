@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 PathLike = Union[str, os.PathLike]
 DatasetKind = Literal["coco", "lvis", "folder"]
@@ -83,11 +84,12 @@ class ImageRecord:
         coordinates are truncated toward zero (e.g. ``gt_boxes.json``; real COCO files use floats). Reproducing
         this keeps GT-mode scores identical to the original's.
         """
+        from ..ops.boxes import scale_boxes_like_d2
+
         keep = ~self.iscrowd
         sx, sy = resized_hw[1] / self.width, resized_hw[0] / self.height
-        boxes = self.boxes[keep].astype(np.float64) * np.array([sx, sy, sx, sy])
-        ints = self.int_boxes[keep]
-        boxes[ints] = np.trunc(boxes[ints])
+        boxes = scale_boxes_like_d2(torch.from_numpy(self.boxes[keep].astype(np.float64)), sx, sy,
+                                    torch.from_numpy(self.int_boxes[keep])).double().numpy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, resized_hw[1])
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, resized_hw[0])
         nonempty = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)  # d2 nonempty()

@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 from ..config import InputConfig, PostprocessConfig
 from ..data.images import ImageInput, load_image, resize_image
 from ..ops.box_coder import decode_boxes
-from ..ops.boxes import clip_boxes, validate_boxes
+from ..ops.boxes import clip_boxes, scale_boxes_like_d2, validate_boxes
 from ..postprocess import combine_rpn_scores, postprocess_detections, rescale_to_original
 from ..structures import Detections, Proposals
 from ..utils import autocast_context
@@ -189,11 +189,7 @@ class RegionCLIPDetector(nn.Module):
         b = validate_boxes(boxes, h, w)
         if frame == "original":
             raw = torch.as_tensor(boxes).reshape(-1, 4)
-            sx, sy = prepared.scale_xy
-            b64 = raw.to(torch.float64) * torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
-            if not (raw.is_floating_point() or raw.is_complex()):
-                b64 = b64.trunc()
-            b = b64.float()
+            b = scale_boxes_like_d2(raw, *prepared.scale_xy, truncate=not raw.is_floating_point())
         b = clip_boxes(b, *prepared.resized_hw)
         return Proposals(b, None)
 

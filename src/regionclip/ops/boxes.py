@@ -1,12 +1,13 @@
 """Pure box operations. One internal format: XYXY, absolute pixels, float32."""
 from __future__ import annotations
 
+from typing import Union
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
-__all__ = ["box_iou", "xywh_to_xyxy", "xyxy_to_xywh", "clip_boxes", "nonempty", "scale_boxes",
+__all__ = ["box_iou", "xywh_to_xyxy", "xyxy_to_xywh", "clip_boxes", "nonempty", "scale_boxes", "scale_boxes_like_d2",
            "validate_boxes", "classwise_nms", "soft_nms"]
 
 
@@ -34,6 +35,20 @@ def nonempty(boxes: Tensor, threshold: float = 0.0) -> Tensor:
 
 def scale_boxes(boxes: Tensor, scale_x: float, scale_y: float) -> Tensor:
     return boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+
+
+def scale_boxes_like_d2(boxes: Tensor, scale_x: float, scale_y: float, truncate: Union[bool, Tensor]) -> Tensor:
+    """Scale original-image boxes to the resized frame exactly as detectron2's dataset mapper does.
+
+    The mapper multiplies a numpy array in float64; a box written with whole numbers stays an *integer* array, so
+    its scaled coordinates are truncated toward zero. ``truncate``: one flag for all boxes or a [R] bool mask.
+    Returns float32 [R, 4].
+    """
+    b = boxes.reshape(-1, 4).to(torch.float64) * torch.tensor([scale_x, scale_y, scale_x, scale_y],
+                                                               dtype=torch.float64)
+    t = torch.as_tensor(truncate, dtype=torch.bool)
+    b = torch.where(t.reshape(-1, 1) if t.ndim else t, b.trunc(), b)
+    return b.float()
 
 
 def validate_boxes(boxes: Tensor, height: int, width: int, name: str = "boxes") -> Tensor:
