@@ -191,3 +191,27 @@ def test_rpn_inside_regionclip_checkpoint_and_rpn_file_override(tmp_path, demo_i
     for k, v in det.backbone.state_dict().items():
         assert torch.equal(loaded2.backbone.state_dict()[k], v)
     assert any("roi_heads.box_predictor.cls_score.weight" in k for k in info2.report.ignored)
+
+
+def test_openai_clip_resnet_file_is_the_plain_clip_baseline(tmp_path, demo_images, monkeypatch):
+    """An OpenAI CLIP ResNet state dict (visual.* + top-level text keys) loads through the explicit rename table:
+    region classification with plain CLIP, vocabulary from its own text tower."""
+    from regionclip.modeling.text_encoder import CLIPTextTransformer
+
+    monkeypatch.setenv("REGIONCLIP_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
+    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)
+    sd = {"visual." + k: v for k, v in vis.state_dict().items()}
+    sd.update(txt.state_dict())
+    sd["logit_scale"] = torch.tensor(4.6)
+    path = tmp_path / "RN_tiny_openai.pt"
+    torch.save(sd, path)
+    model = RegionCLIP.from_pretrained(path)
+    assert model.loaded.report.ok and "logit_scale" in model.loaded.report.ignored
+    for k, v in vis.state_dict().items():
+        assert torch.equal(model.detector.backbone.state_dict()[k], v)
+    model.detector.input_cfg = InputConfig(min_size=64, max_size=128)
+    names = model.set_vocabulary("cat,dog")
+    d = model.detect([demo_images[0]], boxes=[[[0, 0, 900, 700]]])[0]
+    assert names == ["cat", "dog"] and len(d) >= 1

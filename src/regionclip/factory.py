@@ -74,10 +74,23 @@ def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
                                                   region_chunk_size=region_chunk_size)
         treport.source = str(weights) + treport.source.replace("<state dict>", "")
         return tdet, LoadedCheckpoint(treport, SplitCheckpoint(), None)
+    openai_ignored: list[str] = []
+    if any(k.startswith("visual.attnpool.") for k in sd) and not any(k.startswith("backbone.") for k in sd):
+        # an OpenAI CLIP ResNet state dict (or *_OAI_CLIP file): the plain-CLIP region-classification baseline.
+        # Explicit rename table (checkpoint.openai_clip): visual.* -> backbone.*, text keys -> lang_encoder.*
+        from .checkpoint.openai_clip import split_clip_state_dict
+
+        parts = split_clip_state_dict(sd, str(weights))
+        if parts.unknown and strict:
+            raise CheckpointError(f"{weights}: OpenAI CLIP file with keys no rule covers: {parts.unknown[:5]}")
+        sd = {**{"backbone." + k: v for k, v in parts.image.items()},
+              **{"lang_encoder." + k: v for k, v in parts.text.items()}}
+        openai_ignored = parts.ignored + parts.unknown
     if not any(k.startswith("backbone.attnpool.") for k in sd):
         raise CheckpointError(f"{weights} is {describe_checkpoint(sd)}, not a RegionCLIP checkpoint with a CLIP ResNet "
-                              "under 'backbone.*' (e.g. regionclip_pretrained-cc_rn50.pth). OpenAI CLIP files: convert "
-                              "with `regionclip convert-openai-clip`.")
+                              "under 'backbone.*' (e.g. regionclip_pretrained-cc_rn50.pth) nor an OpenAI CLIP ResNet "
+                              "state dict (visual.*). TorchScript CLIP archives: see `regionclip embed-concepts "
+                              "--allow-jit` or convert them to a state dict first.")
     split = split_regionclip_state_dict(sd)
     clip_cfg = infer_clip_resnet_config(sd)
 
@@ -112,7 +125,7 @@ def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
                          box_regression="bbox_pred.weight" in det_sd, mask_head="mask_head.deconv.weight" in det_sd,
                          region_chunk_size=region_chunk_size)
     detector = build_detector(cfg)
-    ignored = list(split.set_aside) + [f"{rpn_weights}:{k}" for k in rpn_ignored]
+    ignored = list(split.set_aside) + openai_ignored + [f"{rpn_weights}:{k}" for k in rpn_ignored]
     if split.unexpected:
         ignored_unexp = split.unexpected
         if strict:
