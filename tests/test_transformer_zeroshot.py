@@ -247,3 +247,26 @@ def test_evaluate_cli_runs_with_a_transformer_checkpoint(tmp_path) -> None:
     assert "AP50" in metrics
     results = json.loads((out / "coco_instances_results.json").read_text())
     assert {r["category_id"] for r in results} <= {1, 2} and {r["image_id"] for r in results} == {1, 2}
+
+
+def test_transformer_options_reach_the_loader(tmp_path) -> None:
+    """--vit-act / transformer_options: what a file's shapes cannot tell changes the model; a ResNet file refuses."""
+    det = tiny_detector("vit")
+    path = tmp_path / "vit.pth"
+    torch.save(export_branch_state_dict(det, "vit"), path)
+    boxes = [[[0, 0, 600, 500], [300, 200, 1200, 900]]]
+    img = [str(demo_image_paths()[0])]
+    embs = []
+    for act in ("gelu", "quick_gelu"):
+        m = RegionCLIP.from_pretrained(path, transformer_options={"act": act})
+        m.detector.input_cfg = SMALL_INPUT
+        m.set_vocabulary(["cat", "dog"])
+        embs.append(m.detect(img, boxes, keep_features=True)[0].features)
+    assert not torch.allclose(embs[0], embs[1])
+    from regionclip.modeling.clip_resnet import ModifiedResNet
+
+    rn = tmp_path / "rn.pth"
+    torch.save({"model": {"backbone." + k: v for k, v in ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8).state_dict().items()}},
+               rn)
+    with pytest.raises(ValueError, match="transformer options"):
+        RegionCLIP.from_pretrained(rn, transformer_options={"act": "gelu"})

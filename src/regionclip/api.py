@@ -60,7 +60,8 @@ class RegionCLIP:
     def from_pretrained(cls, weights: PathLike = "regionclip_pretrained-cc_rn50", rpn_weights: Optional[PathLike] = None,
                         *, preset: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                         postprocess: Optional[PostprocessConfig] = None, rpn_overrides: Optional[dict] = None,
-                        strict: bool = True, region_chunk_size: int = 256, **postprocess_overrides: Any
+                        strict: bool = True, region_chunk_size: int = 256,
+                        transformer_options: Optional[dict[str, Any]] = None, **postprocess_overrides: Any
                         ) -> "RegionCLIP":
         """Load a RegionCLIP checkpoint (name from :data:`regionclip.pretrained.WEIGHTS` or a path) and an optional
         RPN file. ``preset`` (see :mod:`regionclip.presets`) sets post-processing and RPN overrides; keyword
@@ -73,7 +74,8 @@ class RegionCLIP:
         rpath = resolve_weights(rpn_weights) if rpn_weights is not None else None
         use_rpn = not (p is not None and p.regions == "gt" and rpath is None)
         det, loaded = load_detector(wpath, rpath, postprocess=pp, rpn_overrides=rpn_ov, use_rpn=use_rpn,
-                                    strict=strict, device=device, region_chunk_size=region_chunk_size)
+                                    strict=strict, device=device, region_chunk_size=region_chunk_size,
+                                    transformer_options=transformer_options)
         if postprocess_overrides:
             det.postprocess_cfg = replace(det.postprocess_cfg, **postprocess_overrides)
         return cls(det, wpath, loaded, p)

@@ -54,14 +54,16 @@ class LoadedCheckpoint:
 def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
                   postprocess: Optional[PostprocessConfig] = None, rpn_overrides: Optional[dict[str, Any]] = None,
                   use_rpn: bool = True, strict: bool = True, device: Union[str, torch.device] = "cpu",
-                  region_chunk_size: int = 256) -> tuple[RegionCLIPDetector, LoadedCheckpoint]:
+                  region_chunk_size: int = 256, transformer_options: Optional[dict[str, Any]] = None
+                  ) -> tuple[RegionCLIPDetector, LoadedCheckpoint]:
     """Build a detector whose architecture is read off the checkpoint's shapes, and load it.
 
     Load order of the original (spec §3.5, §3.8): the RegionCLIP file first, then the RPN file, which replaces
     only the offline RPN (nothing else is touched). RN50 vs RN50x4, FPN vs C4 and the LSJ RPN head are detected
     from tensor shapes; the user never passes DEPTH / TEXT_EMB_DIM / pooler flags. Transformer region encoders
     (OpenAI / open_clip CLIP ViT, zero-shot-branch ViT / Swin / DaViT / FocalNet, spec §11) are recognised from their
-    keys and built by :func:`regionclip.modeling.transformer.build.load_transformer_detector` (``config`` is None).
+    keys and built by :func:`regionclip.modeling.transformer.build.load_transformer_detector` (``config`` is None);
+    ``transformer_options`` (``act``, ``autoregressive``) go to it — what a file's shapes cannot tell.
     """
     sd = load_state_dict(weights)
     from .checkpoint.zeroshot_branch import transformer_layout
@@ -71,9 +73,12 @@ def load_detector(weights: PathLike, rpn_weights: Optional[PathLike] = None, *,
 
         tdet, treport = load_transformer_detector(sd, rpn_weights, postprocess=postprocess, rpn_overrides=rpn_overrides,
                                                   use_rpn=use_rpn, strict=strict, device=device,
-                                                  region_chunk_size=region_chunk_size)
+                                                  region_chunk_size=region_chunk_size, **(transformer_options or {}))
         treport.source = str(weights) + treport.source.replace("<state dict>", "")
         return tdet, LoadedCheckpoint(treport, SplitCheckpoint(), None)
+    if transformer_options:
+        raise ValueError(f"{weights} is a CLIP ResNet checkpoint; transformer options ({', '.join(transformer_options)}) "
+                         "only apply to ViT / Swin / DaViT / FocalNet checkpoints")
     openai_ignored: list[str] = []
     if any(k.startswith("visual.attnpool.") for k in sd) and not any(k.startswith("backbone.") for k in sd):
         # an OpenAI CLIP ResNet state dict (or *_OAI_CLIP file): the plain-CLIP region-classification baseline.

@@ -20,6 +20,11 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
     g.add_argument("--vocab", help="class names: 'car,traffic cone', a text file (one per line), or coco65/lvis1203/...")
     g.add_argument("--concept-emb", help="concept-embedding file [K, D] (e.g. lvis_1203_cls_emb.pth); row i = name i")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--vit-act", choices=["quick_gelu", "gelu"],
+                   help="transformer checkpoints: MLP activation of a CLIP ViT (OpenAI: quick_gelu, most open_clip "
+                        "models: gelu); the file's shapes cannot tell")
+    g.add_argument("--text-causal", choices=["yes", "no"],
+                   help="zero-shot-branch checkpoints: causal text attention (default: the branch's per-backbone choice)")
     g.add_argument("--non-strict", action="store_true", help="load checkpoints with missing/unexpected keys (reported)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     q = p.add_argument_group("post-processing (override the preset)")
@@ -45,8 +50,14 @@ def load_model(args: argparse.Namespace, *, verbose: bool = True):
     preset = get_preset(args.preset) if args.preset else None
     weights = args.weights or (preset.weights if preset else "regionclip_pretrained-cc_rn50")
     rpn = args.rpn_weights or (preset.rpn_weights if preset and preset.regions == "rpn" and not args.weights else None)
+    topts = {}
+    if getattr(args, "vit_act", None):
+        topts["act"] = args.vit_act
+    if getattr(args, "text_causal", None):
+        topts["autoregressive"] = args.text_causal == "yes"
     model = RegionCLIP.from_pretrained(weights, rpn, preset=args.preset, device=args.device,
-                                       strict=not args.non_strict, **postprocess_overrides(args))
+                                       strict=not args.non_strict, transformer_options=topts or None,
+                                       **postprocess_overrides(args))
     if verbose and model.loaded is not None:
         print(model.loaded.report.summary(max_items=4))
     vocab = args.vocab if args.vocab is not None else (preset.vocabulary if preset else None)
