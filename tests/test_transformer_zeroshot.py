@@ -270,3 +270,22 @@ def test_transformer_options_reach_the_loader(tmp_path) -> None:
                rn)
     with pytest.raises(ValueError, match="transformer options"):
         RegionCLIP.from_pretrained(rn, transformer_options={"act": "gelu"})
+
+
+def test_transformer_class_embeddings_are_disk_cached(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("REGIONCLIP_CACHE", str(tmp_path / "cache"))
+    det = tiny_detector("vit")
+    path = tmp_path / "vit.pth"
+    torch.save(export_branch_state_dict(det, "vit"), path)
+    m = RegionCLIP.from_pretrained(path)
+    calls = []
+    original = m.detector.encode_class_names
+    monkeypatch.setattr(m.detector, "encode_class_names", lambda names: calls.append(list(names)) or original(names))
+    first = m.embed_names(["cat", "dog"])
+    again = m.embed_names(["dog", "cat", "bird"])  # only "bird" is new
+    assert calls == [["cat", "dog"], ["bird"]]
+    torch.testing.assert_close(again[:2], first.flip(0))
+    torch.testing.assert_close(again[2:], original(["bird"]))
+    other = RegionCLIP.from_pretrained(path, transformer_options={"autoregressive": True})
+    other.embed_names(["cat"])  # another text-tower setting: its own cache file
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2

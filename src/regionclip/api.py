@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -50,8 +51,10 @@ class RegionCLIP:
     """A loaded detector plus its vocabulary. Thread-compatible for inference (no per-call state)."""
 
     def __init__(self, detector: RegionCLIPDetector, weights_path: Optional[Path] = None,
-                 loaded: Optional[LoadedCheckpoint] = None, preset: Optional[Preset] = None) -> None:
+                 loaded: Optional[LoadedCheckpoint] = None, preset: Optional[Preset] = None,
+                 transformer_options: Optional[dict[str, Any]] = None) -> None:
         self.detector = detector
+        self.transformer_options = transformer_options
         self.weights_path = weights_path
         self.loaded = loaded
         self.preset = preset
@@ -78,7 +81,7 @@ class RegionCLIP:
                                     transformer_options=transformer_options)
         if postprocess_overrides:
             det.postprocess_cfg = replace(det.postprocess_cfg, **postprocess_overrides)
-        return cls(det, wpath, loaded, p)
+        return cls(det, wpath, loaded, p, transformer_options)
 
     # ------------------------------------------------------------------ vocabulary
     def set_vocabulary(self, vocab: Union[str, Sequence[str], None] = None,
@@ -115,7 +118,19 @@ class RegionCLIP:
         procedure (cached on disk) for ResNet checkpoints, the zero-shot branch's 2-template normalised
         procedure for transformer checkpoints. Does not change the model's vocabulary."""
         if hasattr(self.detector, "encode_class_names"):  # transformer path: the text tower came with the weights
-            return self.detector.encode_class_names(list(names))
+            if self.weights_path is None:
+                return self.detector.encode_class_names(list(names))
+            import json
+
+            from .text.vocabulary import cached_name_embeddings, checkpoint_fingerprint, default_cache_dir
+
+            # keyed by the file and by the options its shapes cannot tell (they change the text tower's output)
+            opts = json.dumps(self.transformer_options or {}, sort_keys=True)
+            key = hashlib.sha256(f"zeroshot-branch|{opts}".encode()).hexdigest()[:16]
+            root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            cache_file = root / f"{checkpoint_fingerprint(self.weights_path)[:24]}_{key}.safetensors"
+            return cached_name_embeddings(list(names), cache_file, self.detector.encode_class_names).to(
+                self.detector.device)
         if self.weights_path is None:
             raise ValueError("computing embeddings from names needs the checkpoint's text encoder (weights path); "
                              "pass class embeddings instead")

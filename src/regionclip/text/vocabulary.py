@@ -25,7 +25,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -172,15 +172,27 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stem = f"{checkpoint_fingerprint(weights_path)[:24]}_{_settings_key(templates, average)[:16]}"
     cache_file = root / f"{stem}.safetensors"
+
+    def compute(missing: list[str]) -> Tensor:
+        encoder = load_text_encoder(weights_path, allow_jit=allow_jit, device=device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*duplicate class names.*")  # already warned above
+            return concept_embeddings(missing, encoder, templates=templates, average=average,
+                                      batch_size=batch_size, show_progress=show_progress)
+
+    return cached_name_embeddings(names, cache_file, compute).to(out_device)
+
+
+def cached_name_embeddings(names: Sequence[str], cache_file: Path,
+                           compute: Callable[[list[str]], Tensor]) -> Tensor:
+    """[N, D] rows for ``names`` from the per-name cache file ``cache_file``; ``compute(missing_names)`` runs only
+    for the names not cached yet, and the file is then rewritten atomically. Used for every text procedure (the
+    81-template RegionCLIP one here, the zero-shot branch's in :meth:`regionclip.RegionCLIP.embed_names`)."""
     cached = _read_cache(cache_file)
     unique = list(dict.fromkeys(names))
     missing = [n for n in unique if _name_key(n) not in cached]
     if missing:
-        encoder = load_text_encoder(weights_path, allow_jit=allow_jit, device=device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*duplicate class names.*")  # already warned above
-            new = concept_embeddings(missing, encoder, templates=templates, average=average,
-                                     batch_size=batch_size, show_progress=show_progress).cpu()
+        new = compute(missing).detach().float().cpu()
         if cached and next(iter(cached.values())).shape[-1] != new.shape[-1]:
             cached = {}  # a fingerprint collision with another architecture; drop the stale rows
         cached.update({_name_key(n): row.clone() for n, row in zip(missing, new)})
@@ -188,7 +200,7 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
             save_file_atomic(cached, cache_file)
         except OSError as e:  # read-only home, full disk: still return the result
             warnings.warn(f"could not write the text-embedding cache {cache_file}: {e}", UserWarning, stacklevel=2)
-    return torch.stack([cached[_name_key(n)] for n in names]).to(out_device)
+    return torch.stack([cached[_name_key(n)] for n in names])
 
 
 def _read_cache(path: Path) -> dict[str, Tensor]:
