@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
 if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="$(command -v sudo || true)"
+  if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
   else
     echo "install-browser: chromium missing and not root; the browser tests will be skipped" >&2
   fi
