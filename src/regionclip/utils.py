@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 
 def require(module: str, extra: str, purpose: str = "") -> Any:
@@ -20,20 +20,28 @@ def require(module: str, extra: str, purpose: str = "") -> Any:
                           f"{module.split('.')[0]})") from e
 
 
-def write_json_atomic(obj: Any, path: Union[str, os.PathLike], **dump_kwargs: Any) -> Path:
-    """json.dump to a temp file in the same folder, then rename: readers never see a half-written file."""
+@contextlib.contextmanager
+def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield a temp path in ``path``'s folder; on success rename it to ``path``, on any error delete it. Readers
+    never see a half-written file, and a killed process leaves only a hidden ``.name.*.tmp`` behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, **dump_kwargs)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_json_atomic(obj: Any, path: Union[str, os.PathLike], **dump_kwargs: Any) -> Path:
+    """json.dump through :func:`atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, **dump_kwargs)
+    return Path(path)
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")

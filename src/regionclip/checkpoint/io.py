@@ -5,7 +5,6 @@ Everything goes through ``torch.load(..., weights_only=True)`` or safetensors; n
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -61,25 +60,18 @@ def save_file_atomic(obj: Any, path: PathLike, metadata: Optional[dict[str, str]
     """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temp file, then rename: a killed
     process never leaves a half-written file under the final name. ``metadata``: safetensors header strings
     (stored in the same atomic file, so they can never disagree with the tensors)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
+    from ..utils import atomic_path
+
+    if metadata is not None and Path(path).suffix != ".safetensors":
+        raise ValueError(f"metadata is only stored in .safetensors files, not {Path(path).suffix}")
+    with atomic_path(path) as tmp:
+        if Path(path).suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in obj.items()}, tmp, metadata=metadata)
+            save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp), metadata=metadata)
         else:
-            if metadata is not None:
-                raise ValueError(f"metadata is only stored in .safetensors files, not {path.suffix}")
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+            torch.save(obj, str(tmp))
+    return Path(path)
 
 
 @dataclass

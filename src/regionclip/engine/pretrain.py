@@ -23,10 +23,9 @@ from torch import Tensor, nn
 from ..config import ClipResNetConfig, ClipTextConfig, InputConfig, RPNConfig, from_dict, read_yaml_mapping, to_dict
 from ..losses.region_text import clip_grad_norm_per_parameter_
 from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
-from ..utils import write_json_atomic
 from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .schedule import SolverConfig
-from .train import EngineConfig, Trainer
+from .train import EngineConfig, Trainer, prepare_run_dir
 
 __all__ = ["PretrainConfig", "PretrainModelSection", "ConceptSection", "CaptionDataSection", "load_pretrain_config",
            "build_pretrainer", "install_per_parameter_clipping", "run_pretraining", "PRETRAIN_SOLVER"]
@@ -265,10 +264,7 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False,
                          "not both")
     dist = init_distributed(cfg.train.device, cfg.train.backend)
     try:
-        out = Path(cfg.train.output_dir)
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(to_dict(cfg), out / "config.json", indent=1)
+        prepare_run_dir(cfg, cfg.train.output_dir, dist)
         task = build_pretrainer(cfg, dist)
         make = make_caption_batches(cfg, dist, task.text_encoder.context_length)
         trainer = Trainer(task, cfg.solver, cfg.train, dist, make, hooks=hooks)

@@ -338,3 +338,15 @@ class Trainer:
             bar.close()
             metrics.close()
         return last
+
+
+def prepare_run_dir(cfg: Any, output_dir: Any, dist: Any) -> Path:
+    """Create the run folder and record the resolved config (``config.json``, rank 0 only, atomic)."""
+    from ..config import to_dict
+    from ..utils import write_json_atomic
+
+    out = Path(output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(to_dict(cfg), out / "config.json", indent=1)
+    return out

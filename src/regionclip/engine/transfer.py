@@ -15,15 +15,14 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ..config import DetectorConfig, InputConfig, PostprocessConfig, from_dict, read_yaml_mapping, to_dict
+from ..config import DetectorConfig, InputConfig, PostprocessConfig, from_dict, read_yaml_mapping
 from ..data.datasets import DetectionDataset, load_annotations, load_lvis_json, load_registered
 from ..data.train_data import (GroupedBatchSampler, TrainingDataset, TrainingSampler, filter_empty_records,
                                load_segmentations, repeat_factors)
-from ..utils import write_json_atomic
 from .detection import DetectionTask, RoIConfig, make_detection_predictor
 from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .schedule import SolverConfig
-from .train import EngineConfig, Trainer
+from .train import EngineConfig, Trainer, prepare_run_dir
 
 __all__ = ["TransferConfig", "ModelSection", "DataSection", "DatasetSection", "ClassesSection", "load_config",
            "apply_overrides", "build_task", "run_transfer"]
@@ -299,10 +298,7 @@ def run_transfer(cfg: TransferConfig, *, resume: bool = False,
     """Train (on every ``torchrun`` rank, or a single process) and return rank 0's last metrics."""
     dist = init_distributed(cfg.train.device, cfg.train.backend)
     try:
-        out = Path(cfg.train.output_dir)
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(to_dict(cfg), out / "config.json", indent=1)
+        prepare_run_dir(cfg, cfg.train.output_dir, dist)
         built = build_task(cfg, dist)
         trainer = Trainer(built.task, cfg.solver, cfg.train, dist, make_batch_iterator(built, cfg, dist),
                           evaluate=make_evaluate(built, cfg), hooks=hooks)
