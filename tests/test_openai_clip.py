@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from regionclip.checkpoint.io import CheckpointError
-from regionclip.checkpoint.openai_clip import (is_torchscript_archive, load_clip_towers, read_clip_checkpoint,
-                                               split_clip_state_dict)
+from regionclip.checkpoint.openai_clip import is_torchscript_archive, read_clip_checkpoint, split_clip_state_dict
+from regionclip.factory.clip_towers import load_clip_towers
 from regionclip.modeling.clip_resnet import ModifiedResNet
 from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.text.embeddings import load_text_encoder

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from regionclip.config import RPNConfig
+from regionclip.checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
 from regionclip.modeling.rpn import (
     FrozenBatchNorm2d, OfflineRPN, build_offline_rpn, find_top_rpn_proposals, generate_cell_anchors,
-    grid_anchors, infer_rpn_config, rpn_state_dict_from_checkpoint,
+    grid_anchors,
 )
 from regionclip.ops.box_coder import decode_boxes
 

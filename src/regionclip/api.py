@@ -4,10 +4,15 @@
 >>> model = RegionCLIP.from_pretrained("regionclip_pretrained-cc_rn50x4", preset="custom")
 >>> model.set_vocabulary(["car", "traffic cone", "forklift"])
 >>> dets = model.detect(["street.jpg"])[0]      # Detections: boxes XYXY (original pixels), scores, labels, names
+
+``RegionCLIP`` is a thin front door: loading goes through :mod:`regionclip.factory` with settings resolved once by
+:func:`regionclip.presets.resolve_settings`, and inference through :class:`regionclip.pipeline.Pipeline`.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,148 +23,193 @@ from torch import Tensor
 
 from .checkpoint.io import read_weight_file
 from .checkpoint.regionclip import class_embedding_file
-from .config import PostprocessConfig
+from .config import InputConfig
 from .data.images import ImageInput
-from .factory import LoadedCheckpoint, load_detector
-from .modeling.detector import RegionCLIPDetector
-from .presets import Preset, get_preset
-from .pretrained import resolve_weights
+from .data.loader import InferenceItem
+from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_detector, read_checkpoint
+from .modeling.recognizer import RegionRecognizer
+from .pipeline import ImageResult, Pipeline, RunOptions
+from .presets import LoadOptions, Settings, resolve_settings
+from .pretrained import WeightsNotFound, resolve_weights
 from .structures import Detections
+from .text.unicl import zeroshot_class_embeddings
+from .text.vocabulary import cached_name_embeddings, checkpoint_fingerprint, class_embeddings, default_cache_dir
+from .vocab import Vocabulary, VocabularyArg, resolve_names
 
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 
 
-def parse_names(vocab: Union[str, Sequence[str]]) -> list[str]:
-    """``"car,traffic cone"``, a text file (one name per line), a built-in name (coco65, lvis1203, ...) or a list.
-
-    Delegates to :func:`regionclip.text.vocabulary.parse_vocabulary` (strings) and
-    :func:`regionclip.text.prompts.validate_names` (lists): empty names are errors naming their position,
-    duplicates warn and are kept (row i stays class i).
-    """
-    from .text.prompts import validate_names
-    from .text.vocabulary import parse_vocabulary
-
-    if isinstance(vocab, str):
-        return parse_vocabulary(vocab)
-    names = validate_names([str(v).strip() for v in vocab], source="vocabulary")
-    if not names:
-        raise ValueError("empty vocabulary: give at least one class name")
-    return names
+def parse_names(vocab: VocabularyArg) -> list[str]:
+    """Class names of a vocabulary argument (see :func:`regionclip.vocab.resolve_names`)."""
+    return resolve_names(vocab)[0]
 
 
 class RegionCLIP:
-    """A loaded detector plus its vocabulary. Thread-compatible for inference (no per-call state)."""
+    """A loaded model, the settings it was loaded with, its pipeline and its current vocabulary.
 
-    def __init__(self, detector: RegionCLIPDetector, weights_path: Optional[Path] = None,
-                 loaded: Optional[LoadedCheckpoint] = None, preset: Optional[Preset] = None,
-                 transformer_options: Optional[dict[str, Any]] = None) -> None:
+    Thread-compatible for inference: a call never changes the model; :meth:`set_vocabulary` is the only state
+    change (per-request vocabularies go to :meth:`detect` as ``vocabulary=``).
+    """
+
+    def __init__(self, detector: RegionRecognizer, loaded: LoadedCheckpoint, settings: Settings,
+                 options: LoadOptions = LoadOptions(), input_cfg: InputConfig = InputConfig()) -> None:
         self.detector = detector
-        self.transformer_options = transformer_options
-        self.weights_path = weights_path
         self.loaded = loaded
-        self.preset = preset
+        self.settings = settings
+        self.options = options
+        self.pipeline = Pipeline(detector, input_cfg)
+        self.vocabulary: Optional[Vocabulary] = None
+        if loaded.class_embeddings is not None:  # fine-tuned files carry their (test) class embeddings
+            self.vocabulary = self._embedded_vocabulary(loaded.class_embeddings)
 
+    @property
+    def weights_path(self) -> Optional[Path]:
+        return self.loaded.weights
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.vocabulary.names) if self.vocabulary is not None else []
+
+    # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, weights: PathLike = "regionclip_pretrained-cc_rn50", rpn_weights: Optional[PathLike] = None,
-                        *, preset: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-                        postprocess: Optional[PostprocessConfig] = None, rpn_overrides: Optional[dict] = None,
-                        strict: bool = True, region_chunk_size: int = 256,
+    def from_pretrained(cls, weights: Optional[PathLike] = None, rpn_weights: Optional[PathLike] = None, *,
+                        preset: Optional[str] = None, device: Union[str, torch.device] = "cpu", strict: bool = True,
+                        regions: Optional[str] = None, rpn_overrides: Optional[dict[str, Any]] = None,
                         transformer_options: Optional[dict[str, Any]] = None, **postprocess_overrides: Any
                         ) -> "RegionCLIP":
-        """Load a RegionCLIP checkpoint (name from :data:`regionclip.pretrained.WEIGHTS` or a path) and an optional
-        RPN file. ``preset`` (see :mod:`regionclip.presets`) sets post-processing and RPN overrides; keyword
-        ``postprocess_overrides`` (e.g. ``score_thresh=0.1``) replace single fields."""
-        p = get_preset(preset) if preset else None
-        pp = postprocess or (p.postprocess if p else None)  # None: load_detector picks by checkpoint kind
-        rpn_ov = dict(p.rpn_overrides) if p else {}
-        rpn_ov.update(rpn_overrides or {})
-        wpath = resolve_weights(weights)
-        rpath = resolve_weights(rpn_weights) if rpn_weights is not None else None
-        use_rpn = not (p is not None and p.regions == "gt" and rpath is None)
-        det, loaded = load_detector(wpath, rpath, postprocess=pp, rpn_overrides=rpn_ov, use_rpn=use_rpn,
-                                    strict=strict, device=device, region_chunk_size=region_chunk_size,
-                                    transformer_options=transformer_options)
-        if postprocess_overrides:
-            det.postprocess_cfg = replace(det.postprocess_cfg, **postprocess_overrides)
-        return cls(det, wpath, loaded, p, transformer_options)
+        """Load a RegionCLIP checkpoint (a name from :data:`regionclip.pretrained.WEIGHTS` or a path) and an optional
+        RPN file. ``preset`` (see :mod:`regionclip.presets`) picks one of the original's scenarios; without one the
+        checkpoint kind picks it (docs/DESIGN.md#settings). Keyword ``postprocess_overrides`` (e.g.
+        ``score_thresh=0.1``) replace single fields."""
+        return cls.load(LoadOptions.create(weights, rpn_weights, preset=preset, device=str(device), strict=strict,
+                                           regions=regions, postprocess=postprocess_overrides, rpn=rpn_overrides,
+                                           transformer=transformer_options))
+
+    @classmethod
+    def load(cls, options: LoadOptions) -> "RegionCLIP":
+        """The one loading path: resolve the files, read the checkpoint kind, resolve the settings once, build."""
+        wpath = resolve_weights(options.weights_name())
+        sd = read_checkpoint(wpath)
+        settings = resolve_settings(checkpoint_kind(sd), options)
+        rpn_name = options.rpn_weights_name()
+        rpath = resolve_weights(rpn_name) if rpn_name is not None and settings.regions == "rpn" else None
+        det, loaded = load_detector(sd, rpath, rpn_overrides=dict(settings.rpn), use_rpn=settings.regions == "rpn",
+                                    strict=options.strict, device=options.device,
+                                    transformer_options=dict(options.transformer) or None)
+        loaded.weights = wpath
+        loaded.report.source = loaded.report.source.replace("<state dict>", str(wpath))
+        input_cfg = loaded.config.input if loaded.config is not None else InputConfig()
+        return cls(det, loaded, settings, options, input_cfg)
 
     # ------------------------------------------------------------------ vocabulary
-    def set_vocabulary(self, vocab: Union[str, Sequence[str], None] = None,
-                       concept_embeddings: Union[PathLike, Tensor, None] = None, *,
-                       cache_dir: Optional[PathLike] = None, show_progress: bool = False) -> list[str]:
-        """Set the classes. Either a concept-embedding file/tensor (rows = classes; names from ``vocab`` or
-        numbered), or names whose embeddings are computed once with this checkpoint's own text encoder (81
-        prompt templates) and cached on disk. Returns the class names."""
-        if vocab is None and concept_embeddings is None and self.preset is not None:
-            vocab = self.preset.vocabulary
-        names = parse_names(vocab) if vocab is not None else None
-        if concept_embeddings is not None:
-            src = str(concept_embeddings) if not isinstance(concept_embeddings, Tensor) else "concept embeddings"
-            emb = concept_embeddings if isinstance(concept_embeddings, Tensor) else \
-                class_embedding_file(read_weight_file(concept_embeddings), src)
-            if emb.ndim == 1:
-                emb = emb[None]
-            if names is None:
-                names = [str(i) for i in range(emb.shape[0])]
-            if len(names) != emb.shape[0]:
-                raise ValueError(f"{src} has {emb.shape[0]} rows but the vocabulary has {len(names)} names; row i must "
-                                 "be the embedding of name i (e.g. lvis_1203_cls_emb.pth goes with --vocab lvis1203)")
-            self.detector.set_vocabulary(emb, names, source=f"{src} (for model {self.weights_path})")
-            return names
-        if names is None:
-            raise ValueError("give a vocabulary (names) or a concept-embedding file")
+    def make_vocabulary(self, vocab: Optional[VocabularyArg] = None,
+                        class_embeddings: Union[PathLike, Tensor, None] = None, *,
+                        cache_dir: Optional[PathLike] = None, show_progress: bool = False) -> Vocabulary:
+        """A validated :class:`Vocabulary` (nothing stored). Either class embeddings (a file or a [K, D] tensor; names
+        from ``vocab`` or numbered) or names, embedded once with this checkpoint's own text encoder and cached on
+        disk. With neither, the settings' default vocabulary (and its released embedding file, when it is in the
+        weights folder and the preset's own weights are used)."""
+        if vocab is None and class_embeddings is None:
+            vocab = self.settings.vocabulary
+            class_embeddings = self._default_embedding_file()
+        names, ids = resolve_names(vocab) if vocab is not None else (None, None)
+        if class_embeddings is not None:
+            src = "class embeddings" if isinstance(class_embeddings, Tensor) else str(class_embeddings)
+            emb = class_embeddings if isinstance(class_embeddings, Tensor) else \
+                class_embedding_file(read_weight_file(class_embeddings), src)
+            return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
+                                     source=f"{src} (for model {self.weights_path})")
+        assert names is not None
         emb = self.embed_names(names, cache_dir=cache_dir, show_progress=show_progress)
-        self.detector.set_vocabulary(emb, names, source=f"text embeddings of {self.weights_path}")
-        return names
+        return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
+                                 source=f"text embeddings of {self.weights_path}")
+
+    def set_vocabulary(self, vocab: Optional[VocabularyArg] = None,
+                       class_embeddings: Union[PathLike, Tensor, None] = None, *,
+                       cache_dir: Optional[PathLike] = None, show_progress: bool = False) -> list[str]:
+        """Set the classes used when :meth:`detect` gets no ``vocabulary``; returns the class names."""
+        self.vocabulary = self.make_vocabulary(vocab, class_embeddings, cache_dir=cache_dir,
+                                               show_progress=show_progress)
+        return list(self.vocabulary.names)
 
     def embed_names(self, names: Sequence[str], *, cache_dir: Optional[PathLike] = None,
                     show_progress: bool = False) -> Tensor:
         """[K, D] class embeddings of ``names`` with this checkpoint's own text tower: the 81-template RegionCLIP
-        procedure (cached on disk) for ResNet checkpoints, the zero-shot branch's 2-template normalised
-        procedure for transformer checkpoints. Does not change the model's vocabulary."""
-        if hasattr(self.detector, "encode_class_names"):  # transformer path: the text tower came with the weights
-            if self.weights_path is None:
-                return self.detector.encode_class_names(list(names))
-            import json
-
-            from .text.vocabulary import cached_name_embeddings, checkpoint_fingerprint, default_cache_dir
-
-            # keyed by the file and by the options its shapes cannot tell (they change the text tower's output)
-            opts = json.dumps(self.transformer_options or {}, sort_keys=True)
-            key = hashlib.sha256(f"zeroshot-branch|{opts}".encode()).hexdigest()[:16]
-            root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-            cache_file = root / f"{checkpoint_fingerprint(self.weights_path)[:24]}_{key}.safetensors"
-            return cached_name_embeddings(list(names), cache_file, self.detector.encode_class_names).to(
-                self.detector.device)
+        procedure for CLIP-ResNet checkpoints, the zero-shot branch's 2-template normalised procedure for
+        transformer checkpoints; both cached on disk per name. Does not change the model's vocabulary."""
         if self.weights_path is None:
             raise ValueError("computing embeddings from names needs the checkpoint's text encoder (weights path); "
                              "pass class embeddings instead")
-        from .text.vocabulary import class_embeddings
+        device = self.detector.device
+        if self.loaded.kind != KIND_TRANSFORMER:
+            return class_embeddings(list(names), self.weights_path, cache_dir=cache_dir, device=device,
+                                    show_progress=show_progress)
+        text = getattr(self.detector, "text_encoder", None)
+        # keyed by the file and by the options its shapes cannot tell (they change the text tower's output)
+        opts = json.dumps(dict(self.options.transformer), sort_keys=True)
+        key = hashlib.sha256(f"zeroshot-branch|{opts}".encode()).hexdigest()[:16]
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache_file = root / f"{checkpoint_fingerprint(self.weights_path)[:24]}_{key}.safetensors"
+        return cached_name_embeddings(list(names), cache_file,
+                                      lambda missing: zeroshot_class_embeddings(text, missing)).to(device)
 
-        return class_embeddings(list(names), self.weights_path, cache_dir=cache_dir, device=self.detector.device,
-                                show_progress=show_progress)
+    def _default_embedding_file(self) -> Optional[str]:
+        """The preset's released embedding file when the user has it locally (else names are embedded)."""
+        s = self.settings
+        if not s.concept_emb or self.options.weights is not None or self.options.preset is None:
+            return None
+        try:
+            return str(resolve_weights(s.concept_emb, download=False))
+        except WeightsNotFound:
+            return None
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.detector.class_names)
+    def _embedded_vocabulary(self, emb: Tensor) -> Vocabulary:
+        names = ids = None
+        try:
+            cand_names, cand_ids = resolve_names(self.settings.vocabulary)
+            if len(cand_names) == emb.reshape(-1, emb.shape[-1]).shape[0]:
+                names, ids = cand_names, cand_ids
+        except ValueError:
+            pass
+        return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
+                                 source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
 
     # ------------------------------------------------------------------ inference
-    def detect(self, images: Sequence[ImageInput], boxes: Optional[Sequence[Any]] = None, *, batch_size: int = 1,
-               **kwargs: Any) -> list[Detections]:
-        """Detect on images (paths / PIL / arrays / uint8 tensors). ``boxes``: per-image user boxes (XYXY,
-        original pixels) to classify instead of RPN proposals."""
-        return list(self.iter_detect(images, boxes, batch_size=batch_size, **kwargs))
+    def run_options(self, *, batch_size: int = 1, dtype: str = "float32", chunk_size: int = 256,
+                    max_proposals: Optional[int] = None, skip_unreachable: bool = True, keep_probs: bool = False,
+                    keep_features: bool = False, num_workers: int = 0, max_pixels: Optional[int] = None,
+                    pad_mixed_sizes: bool = False, **postprocess_overrides: Any) -> RunOptions:
+        """:class:`RunOptions` from this model's resolved settings plus per-call overrides."""
+        post = replace(self.settings.postprocess, **postprocess_overrides)
+        return RunOptions(postprocess=post, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size,
+                          max_proposals=max_proposals, skip_unreachable=skip_unreachable, keep_probs=keep_probs,
+                          keep_features=keep_features, num_workers=num_workers, max_pixels=max_pixels,
+                          pad_mixed_sizes=pad_mixed_sizes)
 
-    def iter_detect(self, images: Sequence[ImageInput], boxes: Optional[Sequence[Any]] = None, *,
-                    batch_size: int = 1, **kwargs: Any) -> Iterator[Detections]:
-        if boxes is not None and len(boxes) != len(images):
-            raise ValueError(f"got boxes for {len(boxes)} images but {len(images)} images")
-        for s in range(0, len(images), batch_size):
-            bx = boxes[s:s + batch_size] if boxes is not None else None
-            for j, d in enumerate(self.detector.detect(images[s:s + batch_size], bx, **kwargs)):
-                im = images[s + j]
-                if isinstance(im, (str, os.PathLike)):
-                    d.file_name = str(im)
-                yield d
+    def require_vocabulary(self, vocabulary: Optional[Vocabulary] = None) -> Vocabulary:
+        v = vocabulary or self.vocabulary
+        if v is None:
+            raise ValueError("no vocabulary set: call set_vocabulary(['cat', 'dog']) (CLI: --vocab 'cat,dog' or "
+                             "--concept-emb file.pth)")
+        return v
+
+    def detect(self, images: Sequence[ImageInput], boxes: Optional[Sequence[Any]] = None, *,
+               vocabulary: Optional[Vocabulary] = None, options: Optional[RunOptions] = None, **kwargs: Any
+               ) -> list[Detections]:
+        """Detect on images (paths / PIL / arrays / uint8 tensors). ``boxes``: per-image user boxes (XYXY, original
+        pixels) to classify instead of RPN proposals. ``kwargs`` go to :meth:`run_options` (``batch_size``,
+        ``dtype``, ``chunk_size``, post-processing fields ...)."""
+        opts = options or self.run_options(**kwargs)
+        dets = self.pipeline.detect(images, self.require_vocabulary(vocabulary), opts, boxes=boxes)
+        for im, d in zip(images, dets):
+            if isinstance(im, (str, os.PathLike)):
+                d.file_name = str(im)
+        return dets
+
+    def run(self, items: Sequence[InferenceItem], options: Optional[RunOptions] = None, *,
+            vocabulary: Optional[Vocabulary] = None) -> Iterator[ImageResult]:
+        """Stream many images (see :meth:`regionclip.pipeline.Pipeline.run`): one result or error per item."""
+        return self.pipeline.run(items, self.require_vocabulary(vocabulary), options or self.run_options())
 
     __call__ = detect

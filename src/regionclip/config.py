@@ -203,9 +203,7 @@ class DetectorConfig:
     clip: ClipResNetConfig = field(default_factory=ClipResNetConfig)
     rpn: Optional[RPNConfig] = None  # None: GT/user-box mode only
     input: InputConfig = field(default_factory=InputConfig)
-    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     temperature: float = 0.01  # MODEL.CLIP.CLSS_TEMP
     box_regression: bool = False  # bbox_pred present (fine-tuned checkpoints)
     mask_head: bool = False  # LVIS fine-tuned class-agnostic mask head
     pooler_sampling_ratio: int = 0
-    region_chunk_size: int = 256  # regions per res5+attnpool call; bounds memory for any number of boxes

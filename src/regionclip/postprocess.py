@@ -1,4 +1,5 @@
-"""Turning per-region class probabilities into detections, exactly as the original (spec §4.6-4.7, §2.4)."""
+"""Turning per-region class probabilities into detections, exactly as the original
+(docs/DESIGN.md#post-processing)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -28,6 +29,17 @@ def combine_rpn_scores(probs: Tensor, objectness_logits: Optional[Tensor], mode:
     if mode == "sigmoid":
         return (probs * o.sigmoid()[:, None]) ** 0.5
     raise ValueError(f"rpn_score must be 'none', 'raw' or 'sigmoid', got {mode!r}")
+
+
+def reachable_by_rpn_score(objectness_logits: Tensor, score_thresh: float) -> Tensor:
+    """[R] bool: proposals whose ``"raw"``-multiplied score ``sqrt(p * logit)`` can still exceed ``score_thresh``.
+
+    ``p <= 1`` (a softmax probability), so ``sqrt(p * logit) <= sqrt(logit)``; the threshold is strict (``>``),
+    so a proposal with ``sqrt(logit) <= score_thresh`` (negative logits give NaN) is never reported, whatever its
+    region embedding. Computed with the same float32 ``** 0.5`` as :func:`combine_rpn_scores` (monotone rounding:
+    ``fl(p * o) <= o``), so skipping these proposals gives identical detections (docs/DESIGN.md#work-skipping).
+    """
+    return objectness_logits.float() ** 0.5 > score_thresh
 
 
 def postprocess_detections(boxes: Tensor, scores: Tensor, resized_hw: tuple[int, int], cfg: PostprocessConfig,

@@ -22,20 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .api import RegionCLIP
 from .data.images import ImageInput
-from .modeling.detector import PreparedImage, RegionCLIPDetector
 from .modeling.recognizer import foreground_probs
-from .structures import Detections
+from .pipeline import Pipeline, RunOptions
+from .structures import Detections, PreparedImage
+from .vocab import Vocabulary
 
-# names ("car,bus" / ["car", "bus"] / a built-in vocabulary name), a [K, D] embedding tensor, or names + tensor
-Vocabulary = Union[str, Sequence[str], Tensor, tuple[Sequence[str], Tensor], None]
+# names ("car,bus" / ["car", "bus"] / a built-in vocabulary name), a [K, D] embedding tensor, names + tensor, or a
+# ready Vocabulary
+VocabularyLike = Union[str, Sequence[str], Tensor, tuple[Sequence[str], Tensor], Vocabulary, None]
 
 
 @dataclass
 class BoxClassification:
     """Zero-shot classification of R boxes of one image.
 
-    probs: [R, K+1] softmax over the K classes and background (last column), as the original's box predictor.
+    probs: [R, K+1] softmax over the K classes and background (last column), as the original's box predictor
+        ([R, K] for transformer models, which have no background column).
     labels: [R] int64 best *foreground* class per box. scores: [R] its probability.
     background: [R] probability of the background column.
     """
@@ -47,7 +51,7 @@ class BoxClassification:
 
     @property
     def background(self) -> Tensor:
-        return self.probs[:, -1]
+        return self.probs[:, -1] if self.probs.shape[1] > len(self.class_names) else self.probs.new_zeros(len(self))
 
     @property
     def names(self) -> list[str]:
@@ -60,22 +64,23 @@ class BoxClassification:
 class RegionPredictor:
     """Compute an image's CLIP res4 map once, then encode / classify / detect any regions of it.
 
+    A thin front end over :class:`regionclip.pipeline.Pipeline` (the same stages every entry point runs).
+
     Args:
-        model: a :class:`regionclip.api.RegionCLIP` (class names can then be turned into text embeddings with the
-            checkpoint's own text encoder) or a bare :class:`RegionCLIPDetector` (pass embedding tensors as vocab).
-        chunk_size: regions per RoI-head call (default: the detector's ``region_chunk_size``). Peak memory grows
-            with the chunk, not with the number of boxes.
+        model: a :class:`regionclip.api.RegionCLIP` (class names are embedded with the checkpoint's own text
+            encoder, and the model's resolved settings are used for :meth:`detect`).
+        chunk_size: regions per region-head call. Peak memory grows with the chunk, not with the number of boxes.
+        dtype: compute dtype of the backbone and region head (``float32``, ``bfloat16``, ``float16``).
     """
 
-    def __init__(self, model: Any, *, chunk_size: Optional[int] = None) -> None:
-        if isinstance(model, RegionCLIPDetector):
-            self.detector, self.model = model, None
-        elif isinstance(getattr(model, "detector", None), RegionCLIPDetector):
-            self.detector, self.model = model.detector, model
-        else:
-            raise TypeError(f"RegionPredictor needs a RegionCLIP or RegionCLIPDetector, got {type(model).__name__}")
-        self.chunk_size = chunk_size
-        self._vocab_cache: dict[tuple[str, ...], Tensor] = {}
+    def __init__(self, model: RegionCLIP, *, chunk_size: int = 256, dtype: str = "float32") -> None:
+        if not isinstance(model, RegionCLIP):
+            raise TypeError(f"RegionPredictor needs a RegionCLIP (RegionCLIP.from_pretrained(...)), got "
+                            f"{type(model).__name__}")
+        self.model = model
+        self.pipeline: Pipeline = model.pipeline
+        self.options = model.run_options(chunk_size=chunk_size, dtype=dtype)
+        self._vocab_cache: dict[tuple[str, ...], Vocabulary] = {}
         self.reset_image()
 
     # ------------------------------------------------------------------ image state
@@ -86,10 +91,10 @@ class RegionPredictor:
 
     @torch.no_grad()
     def set_image(self, image: ImageInput) -> "RegionPredictor":
-        """Decode + resize (spec §2.1) and run the backbone up to res4 once; later calls reuse the map."""
+        """Decode + resize and run the backbone up to res4 once; later calls reuse the map."""
         self.reset_image()
-        prepared = self.detector.prepare(image)
-        self._res4 = self.detector.compute_res4([prepared.image])
+        prepared = self.pipeline.prepare(image)
+        self._res4 = self.pipeline.features([prepared], self.options)
         self._prepared = prepared
         return self
 
@@ -119,6 +124,9 @@ class RegionPredictor:
             raise RuntimeError("no image set: call predictor.set_image(image) first")
         return self._prepared
 
+    def _options(self, chunk_size: Optional[int]) -> RunOptions:
+        return self.options if not chunk_size else RunOptions(**{**self.options.__dict__, "chunk_size": chunk_size})
+
     # ------------------------------------------------------------------ regions
     @torch.no_grad()
     def encode_boxes(self, boxes: Any, *, normalize: bool = False, chunk_size: Optional[int] = None) -> Tensor:
@@ -129,98 +137,74 @@ class RegionPredictor:
                 out of the image are clipped (as GT boxes in the original); empty boxes raise.
             normalize: L2-normalise each row (what cosine similarities need); default raw attnpool output, like
                 the original's ``extract_region_features``.
-            chunk_size: regions per RoI-head call (default: the predictor's / detector's).
+            chunk_size: regions per region-head call (default: the predictor's).
 
         Returns:
             [R, D] float32 in input order (D = 1024 for RN50, 640 for RN50x4).
         """
-        prepared = self._require_image()
-        regions = self.detector.regions_from_user_boxes(_as_boxes(boxes), prepared)
-        emb = self.detector.encode_regions(self.features, [regions.boxes],
-                                           chunk_size=chunk_size or self.chunk_size).float()
+        regions = self.pipeline.user_regions(_as_boxes(boxes), self._require_image())
+        emb = self.pipeline.encode(self.features, [regions.boxes], self._options(chunk_size))
         return F.normalize(emb, dim=-1) if normalize else emb
 
     @torch.no_grad()
-    def classify_boxes(self, boxes: Any, vocab: Vocabulary = None, *, chunk_size: Optional[int] = None
+    def classify_boxes(self, boxes: Any, vocab: VocabularyLike = None, *, chunk_size: Optional[int] = None
                        ) -> BoxClassification:
         """Zero-shot classification of user boxes (the original's GT-box mode, without thresholds or NMS).
 
         Args:
             boxes: [R, 4] XYXY, original-image pixels.
             vocab: class names (list, ``"car,bus"``, a text file or a built-in name such as ``coco65``), a [K, D]
-                embedding tensor, ``(names, tensor)``, or None for the model's current vocabulary.
+                embedding tensor, ``(names, tensor)``, a :class:`Vocabulary`, or None for the model's vocabulary.
 
         Returns:
-            :class:`BoxClassification` with probs [R, K+1] (background last), labels [R], scores [R].
+            :class:`BoxClassification` with probs [R, K(+1)] (background last when the model has one), labels [R],
+            scores [R].
         """
-        emb, names = self.vocabulary(vocab)
-        region_emb = self.encode_boxes(boxes, chunk_size=chunk_size)
-        probs = self.detector.classify(region_emb, emb)
-        fg = foreground_probs(self.detector, probs)  # [R, K] whether or not the classifier has a background column
+        v = self.vocabulary(vocab)
+        probs = self.pipeline.classify(self.encode_boxes(boxes, chunk_size=chunk_size), v)
+        fg = foreground_probs(self.pipeline.model.has_background, probs)
         scores, labels = fg.max(dim=1) if len(probs) else (probs.new_zeros(0), probs.new_zeros(0).long())
-        return BoxClassification(probs=probs, labels=labels, scores=scores, class_names=names)
+        return BoxClassification(probs=probs, labels=labels, scores=scores, class_names=list(v.names))
 
     @torch.no_grad()
-    def detect(self, vocab: Vocabulary = None, *, boxes: Any = None, **kwargs: Any) -> Detections:
+    def detect(self, vocab: VocabularyLike = None, *, boxes: Any = None, options: Optional[RunOptions] = None,
+               **postprocess_overrides: Any) -> Detections:
         """Full detection on the set image, reusing its cached res4 map.
 
         Args:
             vocab: as in :meth:`classify_boxes`.
             boxes: optional [R, 4] user boxes (original pixels) -> GT mode (no RPN, no box deltas, no RPN score
                 multiplication); default RPN proposals.
-            **kwargs: passed to :meth:`RegionCLIPDetector.detect_prepared` (``postprocess``, ``keep_probs``,
-                ``keep_features``).
-
-        Returns:
-            :class:`Detections` in original-image pixels.
+            options: full :class:`RunOptions`; default the model's settings with ``postprocess_overrides``.
         """
         prepared = self._require_image()
-        emb, names = self.vocabulary(vocab)
-        regions = None
-        if boxes is not None:
-            regions = [self.detector.regions_from_user_boxes(_as_boxes(boxes), prepared)]
-        return self.detector.detect_prepared([prepared], regions, class_embeddings=emb, class_names=names,
-                                             res4=self.features, **kwargs)[0]
+        opts = options or RunOptions(**{**self.options.__dict__, "postprocess": self.model.run_options(
+            **postprocess_overrides).postprocess})
+        regions = None if boxes is None else [self.pipeline.user_regions(_as_boxes(boxes), prepared)]
+        return self.pipeline.detect_prepared([prepared], self.vocabulary(vocab), opts, regions=regions,
+                                             features=self.features)[0]
 
     # ------------------------------------------------------------------ vocabulary
-    def vocabulary(self, vocab: Vocabulary = None) -> tuple[Tensor, list[str]]:
-        """Resolve ``vocab`` to ([K, D] embeddings on the model's device, K names). Names are embedded once with
-        the checkpoint's text encoder (81 prompt templates, on-disk cache) and memoised in this predictor."""
-        det = self.detector
+    def vocabulary(self, vocab: VocabularyLike = None) -> Vocabulary:
+        """Resolve ``vocab`` to a validated :class:`Vocabulary`. Names are embedded once with the checkpoint's text
+        encoder (on-disk cache) and memoised in this predictor."""
         if vocab is None:
-            if det.class_embeddings.numel() == 0:
-                raise ValueError("no vocabulary: pass class names or a [K, D] embedding tensor, or call "
-                                 "model.set_vocabulary(...) first")
-            return det.class_embeddings, list(det.class_names)
+            return self.model.require_vocabulary()
+        if isinstance(vocab, Vocabulary):
+            return vocab
+        dim = self.pipeline.model.embed_dim
         if isinstance(vocab, tuple) and len(vocab) == 2 and isinstance(vocab[1], Tensor):
-            names, emb = [str(n) for n in vocab[0]], vocab[1]
-        elif isinstance(vocab, Tensor):
-            emb = vocab[None] if vocab.ndim == 1 else vocab
-            names = [str(i) for i in range(emb.shape[0])]
-        else:
-            from .api import parse_names
-
-            names = parse_names(vocab)
-            emb = self._embed_names(names)
-        emb = torch.as_tensor(emb).float().to(det.device)
-        if emb.ndim != 2 or emb.shape[1] != det.embed_dim or emb.shape[0] != len(names):
-            raise ValueError(f"vocabulary embeddings must be [K, {det.embed_dim}] with one row per name "
-                             f"({len(names)} names), got shape {tuple(emb.shape)}; use embeddings made with this "
-                             "model's CLIP (1024-d RN50, 640-d RN50x4)")
-        return emb, names
-
-    def _embed_names(self, names: list[str]) -> Tensor:
-        key = tuple(names)
+            return Vocabulary.create(vocab[1], [str(n) for n in vocab[0]], embed_dim=dim, source="vocabulary tensor")
+        if isinstance(vocab, Tensor):
+            return Vocabulary.create(vocab, embed_dim=dim, source="vocabulary tensor")
+        key = (vocab,) if isinstance(vocab, str) else tuple(str(v) for v in vocab)
         if key not in self._vocab_cache:
-            if self.model is None or not hasattr(self.model, "embed_names"):
-                raise ValueError("class names need the checkpoint's text encoder: build the predictor from "
-                                 "RegionCLIP.from_pretrained(...), or pass a [K, D] embedding tensor as vocab")
-            # RegionCLIP.embed_names picks the text procedure of the checkpoint (81 templates, on-disk cache)
-            self._vocab_cache[key] = self.model.embed_names(names)
+            self._vocab_cache[key] = self.model.make_vocabulary(vocab)
         return self._vocab_cache[key]
+
 
 def _as_boxes(boxes: Any) -> Tensor:
     """Any [R, 4]-like input as a tensor (an empty list becomes float32 [0, 4]). The dtype is kept: whole-number
-    boxes are scaled like the original's mapper (see RegionCLIPDetector.regions_from_user_boxes)."""
+    boxes are scaled like the original's mapper (see Pipeline.user_regions)."""
     b = torch.as_tensor(boxes)
     return b.float().reshape(0, 4) if b.numel() == 0 else b

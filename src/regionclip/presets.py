@@ -1,11 +1,12 @@
-"""Named scenarios reproducing the original's README / script settings (spec §4.1, §8.5).
+"""Named scenarios reproducing the original's README / script settings (docs/DESIGN.md#settings), and the one
+place where a preset, the checkpoint kind and explicit flags are resolved into the settings a model runs with.
 
 A preset fixes the post-processing, the region source, the RPN overrides and the default vocabulary, so a user
 picks ``--preset lvis-rpn`` instead of ten config overrides. Explicit CLI/API arguments override a preset.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from .config import PostprocessConfig
@@ -67,3 +68,107 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+# Without a preset, a checkpoint runs with the original's scenario for its kind (docs/DESIGN.md#settings):
+# pretrained -> the zero-shot RPN settings (LVIS thresholds, NMS 0.9 / 1000 proposals, raw-logit multiplication);
+# fine-tuned COCO / LVIS -> that transfer model's test settings; transformer -> the zero-shot branch's evaluation.
+KIND_PRESETS = {"pretrained": "lvis-rpn", "finetuned-coco": "coco-ovd", "finetuned-lvis": "lvis-ovd"}
+TRANSFORMER_DEFAULT = PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything a user chooses when loading a model, as given (API keywords or CLI flags), before resolution.
+
+    ``postprocess`` / ``rpn`` / ``transformer`` hold only the fields the user set explicitly, as sorted
+    ``(name, value)`` pairs (hashable: a frozen record of the request). :func:`resolve_settings` turns this plus
+    the checkpoint's kind into :class:`Settings` exactly once.
+    """
+
+    weights: Optional[str] = None  # None: the preset's, else regionclip_pretrained-cc_rn50
+    rpn_weights: Optional[str] = None  # None: the preset's RPN file (if the preset uses RPN regions)
+    preset: Optional[str] = None
+    device: str = "cpu"
+    strict: bool = True
+    regions: Optional[str] = None  # "rpn" or "gt"; None: the preset's, else "rpn" when the model has an RPN
+    postprocess: tuple[tuple[str, Any], ...] = ()
+    rpn: tuple[tuple[str, Any], ...] = ()
+    transformer: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            get_preset(self.preset)  # an unknown preset is an error before anything is loaded
+        if self.regions not in (None, "rpn", "gt"):
+            raise ValueError(f"regions must be 'rpn' or 'gt', got {self.regions!r}")
+        fields = set(PostprocessConfig.__dataclass_fields__)
+        bad = [k for k, _ in self.postprocess if k not in fields]
+        if bad:
+            raise ValueError(f"unknown post-processing option(s) {bad}; valid: {sorted(fields)}")
+
+    @classmethod
+    def create(cls, weights: Any = None, rpn_weights: Any = None, *, postprocess: Optional[dict[str, Any]] = None,
+               rpn: Optional[dict[str, Any]] = None, transformer: Optional[dict[str, Any]] = None,
+               **kwargs: Any) -> "LoadOptions":
+        """Build from plain values (paths become strings, dicts become sorted pairs; ``None`` values dropped)."""
+        def pairs(d: Optional[dict[str, Any]]) -> tuple[tuple[str, Any], ...]:
+            return tuple(sorted((k, v) for k, v in (d or {}).items() if v is not None))
+
+        return cls(weights=None if weights is None else str(weights),
+                   rpn_weights=None if rpn_weights is None else str(rpn_weights), postprocess=pairs(postprocess),
+                   rpn=pairs(rpn), transformer=pairs(transformer), **kwargs)
+
+    @property
+    def preset_obj(self) -> Optional[Preset]:
+        return get_preset(self.preset) if self.preset else None
+
+    def weights_name(self) -> str:
+        p = self.preset_obj
+        return self.weights or (p.weights if p else "regionclip_pretrained-cc_rn50")
+
+    def rpn_weights_name(self) -> Optional[str]:
+        """The RPN file to load: the user's, else the preset's when the preset's own weights are used."""
+        if self.rpn_weights is not None or self.regions == "gt":
+            return self.rpn_weights
+        p = self.preset_obj
+        return p.rpn_weights if p is not None and p.regions == "rpn" and self.weights is None else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings of one loaded model: what every front end runs with, unless a call overrides it."""
+
+    kind: str
+    preset: Optional[str]  # the preset given, or the one chosen for the checkpoint kind
+    regions: str  # "rpn" or "gt"
+    vocabulary: str  # default vocabulary (built-in name)
+    postprocess: PostprocessConfig
+    rpn: tuple[tuple[str, Any], ...]  # RPNConfig fields applied when building the RPN
+    concept_emb: Optional[str] = None  # released embedding file of the default vocabulary
+
+    def describe(self) -> str:
+        """One line for logs / the CLI: where the settings came from and what they are."""
+        pp = self.postprocess
+        rpn = ", ".join(f"{k}={v}" for k, v in self.rpn) or "file defaults"
+        post = (f"score>{pp.score_thresh}, {'soft-NMS ' + pp.soft_nms if pp.soft_nms else 'NMS'} {pp.nms_thresh}, "
+                f"{pp.detections_per_image}/image, rpn_score={pp.rpn_score}"
+                + (", box deltas" if pp.apply_box_deltas else "")
+                + (", reported=class prob" if pp.report_unmultiplied_scores else ""))
+        return (f"settings: {self.kind} checkpoint, preset {self.preset or 'none'}, regions={self.regions}"
+                + (f" (RPN {rpn})" if self.regions == "rpn" else "") + f"; {post}")
+
+
+def resolve_settings(kind: str, options: LoadOptions) -> Settings:
+    """Preset (given, or the one of the checkpoint kind) + explicit overrides -> :class:`Settings`, once."""
+    given = options.preset_obj
+    name = options.preset or KIND_PRESETS.get(kind)
+    p = given or (get_preset(name) if name else None)
+    post = p.postprocess if p else TRANSFORMER_DEFAULT
+    post = replace(post, **dict(options.postprocess))
+    regions = options.regions or (p.regions if given is not None else "rpn")
+    rpn = dict(p.rpn_overrides) if p else {}
+    rpn.update(dict(options.rpn))
+    if regions == "gt" and post.rpn_score != "none":
+        post = replace(post, rpn_score="none")  # given boxes have no objectness (the original can't do it either)
+    return Settings(kind=kind, preset=name, regions=regions, vocabulary=p.vocabulary if p else "lvis1203",
+                    postprocess=post, rpn=tuple(sorted(rpn.items())), concept_emb=p.concept_emb if p else None)

@@ -1,11 +1,26 @@
 """Typed containers returned by the public API."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class PreparedImage:
+    """A decoded image resized for the model (uint8 RGB [3, h, w]) and both frames' sizes."""
+
+    image: Tensor
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """(resized / original) along x and y: the factors that map original-frame boxes into the model's frame."""
+        return self.resized_hw[1] / self.original_hw[1], self.resized_hw[0] / self.original_hw[0]
 
 
 @dataclass
@@ -48,18 +63,6 @@ class Detections:
         def mv(t):
             return t.to(device) if isinstance(t, Tensor) else t
 
-        return Detections(mv(self.boxes), mv(self.scores), mv(self.labels), self.image_size, self.class_names,
-                          mv(self.region_index), mv(self.probs), mv(self.masks), self.image_id, self.file_name,
-                          mv(self.features))
-
-    def to_coco_json(self, image_id: Any, category_ids: Optional[Sequence[int]] = None) -> list[dict]:
-        """COCO results format (``bbox`` XYWH in original pixels), as the original's
-        ``coco_instances_results.json`` / ``lvis_instances_results.json``. ``category_ids[label]`` maps the
-        contiguous label to a dataset id (default: label + 1, the LVIS convention)."""
-        out = []
-        boxes = self.boxes.detach().float().cpu()
-        for b, s, l in zip(boxes.tolist(), self.scores.detach().float().cpu().tolist(), self.labels.tolist()):
-            cid = int(category_ids[l]) if category_ids is not None else int(l) + 1
-            out.append({"image_id": image_id, "category_id": cid,
-                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
-        return out
+        return dataclasses.replace(self, boxes=mv(self.boxes), scores=mv(self.scores), labels=mv(self.labels),
+                                   region_index=mv(self.region_index), probs=mv(self.probs), masks=mv(self.masks),
+                                   features=mv(self.features))

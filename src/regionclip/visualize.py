@@ -57,12 +57,39 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+#: Default bound on the longest side of drawn images: a 108 MP photo would otherwise give a ~90 MB JPEG.
+MAX_SIDE = 2048
+
+
+def bounded_size(size: tuple[int, int], max_side: Optional[int]) -> tuple[int, int]:
+    """PIL (w, h) scaled (aspect kept, rounded, >= 1 px) so that the longer side is <= ``max_side``; unchanged when
+    it already fits or ``max_side`` is None."""
+    w, h = size
+    if max_side is None or max(w, h) <= max_side:
+        return w, h
+    s = max_side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
 def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
                colors: Sequence[Color], *, line_width: Optional[int] = None, font_size: Optional[int] = None,
-               ) -> Image.Image:
+               max_side: Optional[int] = MAX_SIDE) -> Image.Image:
     """A copy of ``image`` with XYXY ``boxes`` outlined in ``colors`` and a filled label tag above each box
-    (inside it when there is no room above). Sizes default to values readable at the image's resolution."""
-    out = image.convert("RGB").copy()
+    (inside it when there is no room above). Sizes default to values readable at the image's resolution.
+
+    ``boxes`` are in ``image`` pixels. An image whose longer side exceeds ``max_side`` is drawn on a downscaled
+    copy (boxes scaled to it), so the output is at most ``max_side`` px on its longer side; ``None`` keeps the
+    full resolution."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    w, h = rgb.size
+    nw, nh = bounded_size((w, h), max_side)
+    if (nw, nh) != (w, h):
+        # bilinear with PIL's antialiasing; the reducing_gap pre-reduction keeps huge images fast
+        out = rgb.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        sx, sy = nw / w, nh / h
+        boxes = [[float(b[0]) * sx, float(b[1]) * sy, float(b[2]) * sx, float(b[3]) * sy] for b in boxes]
+    else:
+        out = rgb.copy() if rgb is image else rgb
     draw = ImageDraw.Draw(out)
     short = min(out.size)
     lw = line_width or max(2, round(short / 300))
@@ -83,20 +110,23 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Seq
     return out
 
 
-def draw_results(image: Image.Image, preds: Sequence[dict], names: Mapping[int, str]) -> Image.Image:
-    """Draw results-JSON predictions (``bbox`` XYWH, ``category_id``, ``score``) with ``names[category_id]``."""
+def draw_results(image: Image.Image, preds: Sequence[dict], names: Mapping[int, str], *,
+                 max_side: Optional[int] = MAX_SIDE) -> Image.Image:
+    """Draw results-JSON predictions (``bbox`` XYWH, ``category_id``, ``score``) with ``names[category_id]``;
+    output bounded to ``max_side`` px (see :func:`draw_boxes`)."""
     boxes = [[p["bbox"][0], p["bbox"][1], p["bbox"][0] + p["bbox"][2], p["bbox"][1] + p["bbox"][3]] for p in preds]
     labels = [f"{names.get(p['category_id'], p['category_id'])} {p['score']:.2f}" for p in preds]
-    return draw_boxes(image, boxes, labels, [class_color(int(p["category_id"])) for p in preds])
+    return draw_boxes(image, boxes, labels, [class_color(int(p["category_id"])) for p in preds], max_side=max_side)
 
 
-def draw_detections(image: Image.Image, det: Detections, *, conf_threshold: float = 0.0) -> Image.Image:
-    """Draw a :class:`Detections` (boxes in original pixels of ``image``)."""
+def draw_detections(image: Image.Image, det: Detections, *, conf_threshold: float = 0.0,
+                    max_side: Optional[int] = MAX_SIDE) -> Image.Image:
+    """Draw a :class:`Detections` (boxes in original pixels of ``image``); output bounded to ``max_side`` px."""
     keep = [i for i, s in enumerate(det.scores.tolist()) if s > conf_threshold]
     names = det.names
     labels = [f"{names[i]} {float(det.scores[i]):.2f}" for i in keep]
     return draw_boxes(image, [det.boxes[i].tolist() for i in keep], labels,
-                      [class_color(int(det.labels[i])) for i in keep])
+                      [class_color(int(det.labels[i])) for i in keep], max_side=max_side)
 
 
 def tile(images: Sequence[Image.Image], columns: int, *, titles: Optional[Sequence[str]] = None,
@@ -136,7 +166,8 @@ def render_results(results: Union[PathLike, Sequence[dict], Sequence[Union[PathL
                    images: Sequence[tuple[Any, PathLike]], names: Mapping[int, str], output_dir: PathLike, *,
                    conf_threshold: float = 0.5, show_unique_boxes: bool = False, max_boxes: int = 30,
                    small_region_px: float = 0.0, image_format: Optional[str] = None,
-                   grid_columns: Optional[int] = None, titles: Optional[Sequence[str]] = None) -> list[Path]:
+                   grid_columns: Optional[int] = None, titles: Optional[Sequence[str]] = None,
+                   max_side: Optional[int] = MAX_SIDE) -> list[Path]:
     """Draw one or several results files on the dataset images and write them to ``output_dir``.
 
     Args:
@@ -147,6 +178,7 @@ def render_results(results: Union[PathLike, Sequence[dict], Sequence[Union[PathL
         output_dir: written as ``<output_dir>/<image file name>`` (suffix replaced by ``image_format``,
             e.g. ``"png"``), plus ``grid.<ext>`` when ``grid_columns`` is given.
         titles: panel titles for side-by-side mode (default: file stems / "results i").
+        max_side: longest side of each drawn panel (larger images are drawn downscaled); None = full size.
     """
     multi = isinstance(results, (list, tuple)) and bool(results) and not isinstance(results[0], dict)
     sources = list(results) if multi else [results]
@@ -168,7 +200,8 @@ def render_results(results: Union[PathLike, Sequence[dict], Sequence[Union[PathL
             im = im.convert("RGB")
         panels = [draw_results(im, select_predictions(g.get(image_id, []), conf_threshold=conf_threshold,
                                                       show_unique_boxes=show_unique_boxes, max_boxes=max_boxes,
-                                                      small_region_px=small_region_px), names) for g in grouped]
+                                                      small_region_px=small_region_px), names,
+                               max_side=max_side) for g in grouped]
         out = panels[0] if len(panels) == 1 else tile(panels, len(panels), titles=titles)
         name = Path(path).name if image_format is None else f"{Path(path).stem}.{image_format.lstrip('.')}"
         written.append(_save(out, out_dir / name))
@@ -193,5 +226,5 @@ def _save(image: Image.Image, path: Path) -> Path:
     return path
 
 
-__all__ = ["select_predictions", "class_color", "draw_boxes", "draw_results", "draw_detections", "tile",
+__all__ = ["MAX_SIDE", "bounded_size", "select_predictions", "class_color", "draw_boxes", "draw_results", "draw_detections", "tile",
            "render_results", "ResultsError"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 ASSETS = Path(__file__).resolve().parent
 
@@ -39,38 +40,41 @@ def lvis_categories() -> list[dict]:
     return sorted(_load("lvis_v1_categories.json")["categories"], key=lambda c: c["id"])
 
 
-def vocabulary(name: str) -> list[str]:
-    """Named built-in vocabularies: ``coco65``, ``coco48`` (base), ``coco17`` (novel), ``lvis1203``, ``lvis866``.
-
-    LVIS names are the prompt names of the original (``bat_(animal)`` -> ``bat animal``)."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key in ("coco", "coco65"):
-        return [c["name"] for c in coco_ovd_categories()]
-    if key in ("coco48", "cocobase"):
-        return [c["name"] for c in coco_ovd_categories() if c["split"] == "base"]
-    if key in ("coco17", "coconovel"):
-        return [c["name"] for c in coco_ovd_categories() if c["split"] == "novel"]
-    if key in ("lvis", "lvis1203"):
-        return [c["prompt_name"] for c in lvis_categories()]
-    if key in ("lvis866", "lvisbase"):
-        return [c["prompt_name"] for c in lvis_categories() if c["frequency"] != "r"]
-    raise ValueError(f"unknown built-in vocabulary {name!r}; choose one of coco65, coco48, coco17, lvis1203, lvis866")
-
-
 BUILTIN_VOCABULARIES = ("coco65", "coco48", "coco17", "lvis1203", "lvis866")
+# every spelling a user may type -> the canonical built-in name (case, '-' and '_' are ignored)
+_ALIASES = {"coco": "coco65", "coco65": "coco65", "coco48": "coco48", "cocobase": "coco48", "coco17": "coco17",
+            "coconovel": "coco17", "lvis": "lvis1203", "lvis1203": "lvis1203", "lvis866": "lvis866",
+            "lvisbase": "lvis866"}
+
+
+def builtin_name(name: str) -> Optional[str]:
+    """The canonical built-in vocabulary name for any alias (``COCO``, ``coco-65``, ``lvis_base``...), or None."""
+    return _ALIASES.get(name.strip().lower().replace("-", "").replace("_", ""))
+
+
+def builtin_vocabulary(name: str) -> tuple[list[str], list[int]]:
+    """(names, dataset category ids) of a built-in vocabulary, in row order: COCO ids for coco*, LVIS ids for
+    lvis*. LVIS names are the original's prompt names (``bat_(animal)`` -> ``bat animal``).
+
+    Raises:
+        ValueError: not a built-in name (the message lists them).
+    """
+    key = builtin_name(name)
+    if key is None:
+        raise ValueError(f"unknown built-in vocabulary {name!r}; choose one of {', '.join(BUILTIN_VOCABULARIES)}")
+    if key.startswith("coco"):
+        split = {"coco65": None, "coco48": "base", "coco17": "novel"}[key]
+        cats = [c for c in coco_ovd_categories() if split is None or c["split"] == split]
+        return [c["name"] for c in cats], [int(c["coco_id"]) for c in cats]
+    lcats = [c for c in lvis_categories() if key == "lvis1203" or c["frequency"] != "r"]
+    return [c["prompt_name"] for c in lcats], [int(c["id"]) for c in lcats]
+
+
+def vocabulary(name: str) -> list[str]:
+    """Names of a built-in vocabulary (see :func:`builtin_vocabulary`)."""
+    return builtin_vocabulary(name)[0]
 
 
 def dataset_category_ids(name: str) -> list[int]:
-    """Dataset category ids of a built-in vocabulary, in row order (COCO ids for coco*, LVIS ids for lvis*)."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key in ("coco", "coco65"):
-        return [c["coco_id"] for c in coco_ovd_categories()]
-    if key in ("coco48", "cocobase"):
-        return [c["coco_id"] for c in coco_ovd_categories() if c["split"] == "base"]
-    if key in ("coco17", "coconovel"):
-        return [c["coco_id"] for c in coco_ovd_categories() if c["split"] == "novel"]
-    if key in ("lvis", "lvis1203"):
-        return [c["id"] for c in lvis_categories()]
-    if key in ("lvis866", "lvisbase"):
-        return [c["id"] for c in lvis_categories() if c["frequency"] != "r"]
-    raise ValueError(f"unknown built-in vocabulary {name!r}")
+    """Dataset category ids of a built-in vocabulary, in row order (see :func:`builtin_vocabulary`)."""
+    return builtin_vocabulary(name)[1]

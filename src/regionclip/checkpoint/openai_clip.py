@@ -26,7 +26,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from regionclip.checkpoint.io import CheckpointError, LoadReport, PathLike, load_into, state_dict_from
+from .io import CheckpointError, PathLike, state_dict_from
 
 # (source prefix or exact key, tower, target prefix). First match wins, so `visual.` claims
 # `visual.attnpool.positional_embedding` before the exact text key `positional_embedding` is tried.
@@ -95,7 +95,7 @@ def read_clip_checkpoint(path: PathLike, *, allow_jit: bool = False) -> dict[str
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # legacy (non-zip) pickles cannot be mmapped; io gives the clear error for bad files
-        from regionclip.checkpoint.io import read_weight_file
+        from .io import read_weight_file
 
         obj = read_weight_file(path)
     return state_dict_from(obj, path)
@@ -147,53 +147,3 @@ def text_state_dict(sd: Mapping[str, Tensor], source: str = "") -> dict[str, Ten
             "checkpoint of the same backbone (regionclip_pretrained-cc_rn50.pth / -cc_rn50x4.pth) or an OpenAI "
             "CLIP RN50 / RN50x4 file, or use precomputed concept embeddings instead")
     return text
-
-
-def build_image_tower(sd: Mapping[str, Tensor]) -> torch.nn.Module:
-    """A randomly initialised ModifiedResNet with the architecture of ``sd`` (keys without ``visual.``), using
-    :func:`regionclip.checkpoint.regionclip.infer_clip_resnet_config` (shapes -> layers/width/dims/resolution)."""
-    from regionclip.checkpoint.regionclip import infer_clip_resnet_config
-    from regionclip.modeling.clip_resnet import ModifiedResNet
-
-    c = infer_clip_resnet_config(sd, prefix="")
-    return ModifiedResNet(c.layers, c.embed_dim, c.heads, c.image_resolution, c.width)
-
-
-@dataclass
-class ClipTowers:
-    """Both towers of a CLIP/RegionCLIP file, loaded, float32, eval mode."""
-
-    image: Optional[torch.nn.Module]  # regionclip.modeling.clip_resnet.ModifiedResNet, None if absent
-    text: Optional[torch.nn.Module]  # regionclip.modeling.text_encoder.CLIPTextTransformer, None if absent
-    report: LoadReport
-
-
-def load_clip_towers(path_or_sd: PathLike | Mapping[str, Tensor], *, allow_jit: bool = False,
-                     strict: bool = True) -> ClipTowers:
-    """Build and load the image and text towers of an OpenAI CLIP (RN50/RN50x4) or RegionCLIP file.
-
-    Architectures are inferred from tensor shapes. With ``strict=True`` a key that no rename rule or ignore
-    entry covers raises :class:`CheckpointError` (so an unexpected file layout is never half-loaded).
-    """
-    from regionclip.modeling.text_encoder import build_text_encoder_from_state_dict
-
-    if isinstance(path_or_sd, Mapping):
-        source, sd = "<state dict>", path_or_sd
-    else:
-        source, sd = str(path_or_sd), read_clip_checkpoint(path_or_sd, allow_jit=allow_jit)
-    parts = split_clip_state_dict(sd, source)
-    if strict and parts.unknown:
-        raise CheckpointError(f"{source}: {len(parts.unknown)} keys belong to neither CLIP tower: "
-                              f"{parts.unknown[:8]}; this is not an OpenAI CLIP / RegionCLIP file")
-    report = LoadReport(source=source, ignored=parts.ignored, unexpected=list(parts.unknown))
-    image = text = None
-    if parts.image:
-        image = build_image_tower(parts.image)
-        report = report.merge(load_into(image, parts.image, strict=strict, source="image tower"))
-        image.eval()
-    if parts.text:
-        text = build_text_encoder_from_state_dict(parts.text, strict=strict, source="text tower")
-        report.loaded += sorted("text:" + k for k in parts.text)
-    if image is None and text is None:
-        raise CheckpointError(f"{source} holds neither a CLIP image tower nor a text tower")
-    return ClipTowers(image=image, text=text, report=report)

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..presets import PRESETS
+from ..api import RegionCLIP
+from ..pipeline import RunOptions
+from ..presets import PRESETS, LoadOptions
+from ..pretrained import WeightsNotFound, resolve_weights
+from ..runtime import resolve_dtype
+from ..vocab import Vocabulary, resolve_names
 
 
 def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "custom") -> None:
@@ -16,9 +22,10 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
     g.add_argument("--rpn-weights", help="offline RPN checkpoint (path or name); default: the preset's, else the RPN "
                    "stored in --weights")
     g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
-                   help=f"scenario of the original (default {default_preset}); see README")
+                   help=f"scenario of the original (default {default_preset}; without one, the checkpoint kind picks "
+                        "it); see README")
     g.add_argument("--vocab", help="class names: 'car,traffic cone', a text file (one per line), or coco65/lvis1203/...")
-    g.add_argument("--concept-emb", help="concept-embedding file [K, D] (e.g. lvis_1203_cls_emb.pth); row i = name i")
+    g.add_argument("--concept-emb", help="class-embedding file [K, D] (e.g. lvis_1203_cls_emb.pth); row i = name i")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--vit-act", choices=["quick_gelu", "gelu"],
                    help="transformer checkpoints: MLP activation of a CLIP ViT (OpenAI: quick_gelu, most open_clip "
@@ -38,69 +45,91 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
                    help="apply class-agnostic box regression (fine-tuned checkpoints)")
 
 
+def add_run_args(p: argparse.ArgumentParser, *, workers: int = 2) -> None:
+    """Per-run inference settings (:class:`regionclip.pipeline.RunOptions`), shared by every inference command."""
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=1, help="images per backbone pass (equal sizes batch together)")
+    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+                   help="compute dtype of the backbone and region head (RPN and classifier stay float32); auto = "
+                        "bfloat16 only where the hardware runs it natively. Accuracy cost: docs/BENCHMARKS.md")
+    r.add_argument("--chunk-size", type=int, default=256, help="regions per region-head call (memory bound; results "
+                   "unchanged)")
+    r.add_argument("--max-proposals", type=int, help="keep only the k best RPN proposals per image")
+    r.add_argument("--num-workers", type=int, default=workers, help="decoding worker processes (0: in the main one)")
+    r.add_argument("--max-pixels", type=int, help="skip images with more decoded pixels than this (default: the "
+                   "decoder's limit)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
+
+
 def postprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ["score_thresh", "nms_thresh", "detections_per_image", "rpn_score", "soft_nms", "apply_box_deltas"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def load_model(args: argparse.Namespace, *, verbose: bool = True):
-    from ..api import RegionCLIP
-    from ..presets import get_preset
-
-    preset = get_preset(args.preset) if args.preset else None
-    weights = args.weights or (preset.weights if preset else "regionclip_pretrained-cc_rn50")
-    rpn = args.rpn_weights or (preset.rpn_weights if preset and preset.regions == "rpn" and not args.weights else None)
-    topts = {}
+def load_options(args: argparse.Namespace, *, regions: Optional[str] = None) -> LoadOptions:
+    """The :class:`LoadOptions` of the command line (validated before anything heavy happens)."""
+    topts: dict[str, Any] = {}
     if getattr(args, "vit_act", None):
         topts["act"] = args.vit_act
     if getattr(args, "text_causal", None):
         topts["autoregressive"] = args.text_causal == "yes"
-    model = RegionCLIP.from_pretrained(weights, rpn, preset=args.preset, device=args.device,
-                                       strict=not args.non_strict, transformer_options=topts or None,
-                                       **postprocess_overrides(args))
-    if verbose and model.loaded is not None:
-        print(model.loaded.report.summary(max_items=4))
-    vocab = args.vocab if args.vocab is not None else (preset.vocabulary if preset else None)
-    concept_emb = args.concept_emb
-    if concept_emb is None and args.vocab is None and preset is not None and preset.concept_emb and not args.weights:
-        # the released embedding file of the preset's vocabulary, if the user has it locally (otherwise the
-        # embeddings are computed with the checkpoint's own text encoder and cached)
-        from ..pretrained import WeightsNotFound, resolve_weights
+    return LoadOptions.create(args.weights, args.rpn_weights, preset=args.preset, device=args.device,
+                              strict=not args.non_strict, regions=regions, postprocess=postprocess_overrides(args),
+                              transformer=topts)
 
+
+def check_cheap_args(args: argparse.Namespace) -> None:
+    """Argument errors that need no model: found in milliseconds instead of after an 18 s checkpoint load."""
+    if getattr(args, "vocab", None) is not None:
+        resolve_names(args.vocab)  # empty vocabulary, empty names, missing names file
+    if getattr(args, "concept_emb", None) is not None and not Path(args.concept_emb).exists():
         try:
-            concept_emb = str(resolve_weights(preset.concept_emb, download=False))
+            resolve_weights(args.concept_emb, download=False)
         except WeightsNotFound:
-            concept_emb = None
-    t0 = time.perf_counter()
-    names = model.set_vocabulary(vocab, concept_emb, show_progress=verbose)
+            raise FileNotFoundError(f"--concept-emb {args.concept_emb}: no such file") from None
+    for name in ("batch_size", "chunk_size", "max_proposals", "max_pixels"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(args, "num_workers", 0) < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def load_model(args: argparse.Namespace, *, regions: Optional[str] = None, verbose: bool = True) -> RegionCLIP:
+    """Load the model once, print what was loaded and the resolved settings in one line each."""
+    check_cheap_args(args)
+    model = RegionCLIP.load(load_options(args, regions=regions))
     if verbose:
-        src = f"from {concept_emb}" if concept_emb else "from the checkpoint's text encoder (disk-cached)"
-        print(f"vocabulary: {len(names)} classes, embeddings {src} in {time.perf_counter() - t0:.2f} s")
+        log(model.loaded.report.summary(max_items=4))
+        log(model.settings.describe())
     return model
 
 
-def read_user_boxes(path: str, files: list[Path]) -> list[Any]:
-    """Boxes per image from a COCO json (images + annotations, XYWH) or {file_name: [[x1,y1,x2,y2], ...]}."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    by_name: dict[str, list[list[float]]] = {}
-    if isinstance(data, dict) and "annotations" in data and "images" in data:
-        id2name = {im["id"]: Path(im["file_name"]).name for im in data["images"]}
-        for a in data["annotations"]:
-            if a.get("iscrowd", 0):
-                continue
-            x, y, w, h = a["bbox"]
-            by_name.setdefault(id2name[a["image_id"]], []).append([x, y, x + w, y + h])
-    elif isinstance(data, dict):
-        by_name = {Path(k).name: v for k, v in data.items()}
+def vocabulary_from_args(model: RegionCLIP, args: argparse.Namespace, *, verbose: bool = True) -> Vocabulary:
+    """The run's vocabulary: ``--vocab`` / ``--concept-emb``, else the settings' default (or the classes a fine-tuned
+    checkpoint carries when neither is given)."""
+    t0 = time.perf_counter()
+    if args.vocab is None and args.concept_emb is None and model.vocabulary is not None:
+        v = model.vocabulary
     else:
-        raise ValueError(f"{path}: expected a COCO json or {{file_name: [[x1, y1, x2, y2], ...]}}")
-    out = []
-    for f in files:
-        if f.name not in by_name:
-            raise ValueError(f"{path} has no boxes for image {f.name}")
-        out.append(by_name[f.name])
-    return out
+        v = model.make_vocabulary(args.vocab, args.concept_emb, show_progress=verbose and not getattr(args, "quiet",
+                                                                                                       False))
+    if verbose:
+        log(f"vocabulary: {len(v)} classes from {v.source} in {time.perf_counter() - t0:.2f} s")
+    return v
+
+
+def run_options(model: RegionCLIP, args: argparse.Namespace, **extra: Any) -> RunOptions:
+    """:class:`RunOptions` from the model's settings and the run flags (``--dtype auto`` resolved here)."""
+    dtype = resolve_dtype(args.dtype, args.device)
+    return model.run_options(batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
+                             max_proposals=args.max_proposals, num_workers=args.num_workers,
+                             max_pixels=args.max_pixels, **extra)
+
+
+def log(msg: str) -> None:
+    """Command-line progress messages go to stderr, so stdout stays the command's result."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def add_recipe_args(p: argparse.ArgumentParser, config_help: str) -> None:

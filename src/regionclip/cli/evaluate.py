@@ -15,7 +15,7 @@ NAME = "evaluate"
 def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     from regionclip.evaluation.scenarios import SCENARIOS
 
-    from .common import add_model_args
+    from .common import add_model_args, add_run_args
 
     p = subparsers.add_parser(NAME, help="evaluate on COCO / LVIS (or write results for an image folder)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,53 +30,11 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     d.add_argument("--limit", type=int, help="only the first N images (scored on those images only)")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--output-dir", help="default output/inference/<dataset>")
-    r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--no-resume", action="store_true", help="start over instead of skipping finished images")
     r.add_argument("--no-progress", action="store_true")
     add_model_args(p, default_preset=None)
+    add_run_args(p, workers=0)
     return p
-
-
-def make_predictor(model: Any, regions: str) -> Callable:
-    """Adapter from :class:`regionclip.api.RegionCLIP` to the evaluation protocol ``predict(records)``.
-
-    GT mode builds each record's regions in the resized frame the way the original's mapper does
-    (:meth:`ImageRecord.region_boxes_resized`: crowd removed, integer json boxes truncated after scaling) and
-    classifies them; an image left without regions gets no detections (the original has nothing to classify).
-    """
-    import torch
-
-    from regionclip.structures import Detections, Proposals
-
-    det_model = model.detector
-
-    def empty(rec: Any) -> Detections:
-        return Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long),
-                          (rec.height, rec.width), model.class_names)
-
-    def predict(records: list) -> list:
-        if regions != "gt":
-            return model.detect([r.file_name for r in records], batch_size=len(records))
-        out: list[Optional[Detections]] = [None] * len(records)
-        prepared, props, idx = [], [], []
-        for i, rec in enumerate(records):
-            p = det_model.prepare(rec.file_name)
-            if p.original_hw != (rec.height, rec.width):
-                raise ValueError(f"{rec.file_name} is {p.original_hw[1]}x{p.original_hw[0]} but its annotation says "
-                                 f"{rec.width}x{rec.height}; the boxes would be misplaced")
-            boxes, _ = rec.region_boxes_resized(p.resized_hw)
-            if len(boxes) == 0:
-                out[i] = empty(rec)
-                continue
-            prepared.append(p)
-            props.append(Proposals(torch.from_numpy(boxes).to(det_model.device), None))
-            idx.append(i)
-        if prepared:
-            for i, det in zip(idx, det_model.detect_prepared(prepared, props)):
-                out[i] = det
-        return out
-
-    return predict
 
 
 def _dataset(args: argparse.Namespace):
@@ -97,12 +55,13 @@ def _dataset(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from regionclip.evaluation import evaluate_dataset, format_metrics
-    from regionclip.evaluation.inference import results_file_name
+    from regionclip.evaluation.inference import dataset_predictor, results_file_name
     from regionclip.evaluation.scenarios import get_scenario
     from regionclip.presets import get_preset
 
-    from .common import load_model, postprocess_overrides
+    from .common import check_cheap_args, load_model, postprocess_overrides, run_options, vocabulary_from_args
 
+    check_cheap_args(args)
     scenario = get_scenario(args.scenario) if args.scenario else None
     if scenario is not None:
         args.preset = args.preset or scenario.preset
@@ -119,13 +78,16 @@ def run(args: argparse.Namespace) -> int:
     if args.vocab is not None and not args.images:
         raise ValueError("--vocab is for --images only: a dataset's classes come from its annotation file")
     args.vocab = list(dataset.class_names)
-    model = load_model(args)
+    model = load_model(args, regions=regions)
+    vocab = vocabulary_from_args(model, args, verbose=not args.no_progress)
+    options = run_options(model, args)
     out_dir = Path(args.output_dir or Path("output") / "inference" / dataset.name)
     meta = {"weights": str(model.weights_path), "rpn_weights": args.rpn_weights, "preset": args.preset,
             "regions": regions, "concept_emb": args.concept_emb, "limit": args.limit,
-            "postprocess": postprocess_overrides(args)}
-    metrics = evaluate_dataset(dataset, make_predictor(model, regions), out_dir, batch_size=args.batch_size,
-                               resume=not args.no_resume, progress=not args.no_progress, meta=meta)
+            "postprocess": postprocess_overrides(args), "dtype": options.dtype}
+    metrics = evaluate_dataset(dataset, dataset_predictor(model.pipeline, vocab, options, regions), out_dir,
+                               batch_size=args.batch_size, resume=not args.no_resume, progress=not args.no_progress,
+                               meta=meta)
     print(f"results: {out_dir / results_file_name(dataset)}")
     if metrics is None:
         return 0

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import InputConfig
-from ..modeling.detector import PreparedImage
-from .images import IMAGE_EXTENSIONS, load_image, resize_image
+from ..structures import PreparedImage
+from .images import IMAGE_EXTENSIONS, ImageInput, load_image, resize_image
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
@@ -162,25 +162,32 @@ def attach_boxes(items: Sequence[InferenceItem], boxes: dict[str, np.ndarray], s
     return out
 
 
+def prepare_image(image: ImageInput, input_cfg: InputConfig, *, max_pixels: Optional[int] = None) -> PreparedImage:
+    """Decode + the original's test-time resize (shortest edge ``min_size``, longest <= ``max_size``, PIL
+    bilinear with antialiasing) -> :class:`PreparedImage` (docs/DESIGN.md#preprocessing)."""
+    img = load_image(image, **({"max_pixels": max_pixels} if max_pixels is not None else {}))
+    resized = resize_image(img, input_cfg.min_size, input_cfg.max_size)
+    return PreparedImage(resized, (int(img.shape[1]), int(img.shape[2])), (int(resized.shape[1]), int(resized.shape[2])))
+
+
 class PreparedImageDataset(Dataset):
     """Decode + resize ``items[i]`` (runs inside DataLoader workers). A file that cannot be read is returned as
     an error instead of raising, so one bad image does not end a long run."""
 
-    def __init__(self, items: Sequence[InferenceItem], input_cfg: InputConfig) -> None:
+    def __init__(self, items: Sequence[InferenceItem], input_cfg: InputConfig, max_pixels: Optional[int] = None
+                 ) -> None:
         self.items = list(items)
         self.input_cfg = input_cfg
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> LoadedItem:
         try:
-            img = load_image(self.items[i].file_name)
-        except (ValueError, OSError) as e:
+            return LoadedItem(i, prepare_image(self.items[i].file_name, self.input_cfg, max_pixels=self.max_pixels))
+        except (ValueError, OSError) as e:  # unreadable, truncated, too large: reported per image
             return LoadedItem(i, error=str(e))
-        resized = resize_image(img, self.input_cfg.min_size, self.input_cfg.max_size)
-        return LoadedItem(i, PreparedImage(resized, (int(img.shape[1]), int(img.shape[2])),
-                                           (int(resized.shape[1]), int(resized.shape[2]))))
 
 
 def _identity(x: Any) -> Any:
@@ -193,12 +200,12 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(items: Sequence[InferenceItem], input_cfg: InputConfig, *, num_workers: int = 2,
-                prefetch_factor: int = 4) -> DataLoader:
+                prefetch_factor: int = 4, max_pixels: Optional[int] = None) -> DataLoader:
     """A DataLoader yielding one :class:`LoadedItem` per image, in ``items`` order, decoded by ``num_workers``
     processes (0 = in the main process)."""
     kw: dict[str, Any] = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init,
                           "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(PreparedImageDataset(items, input_cfg), batch_size=None, shuffle=False,
+    return DataLoader(PreparedImageDataset(items, input_cfg, max_pixels), batch_size=None, shuffle=False,
                       num_workers=num_workers, collate_fn=_identity, **kw)
 
 

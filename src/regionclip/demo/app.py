@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,9 +33,12 @@ from PIL import Image
 from torch import Tensor
 
 from ..api import RegionCLIP
-from ..assets import dataset_category_ids, demo_image_paths, vocabulary as builtin_vocabulary
+from ..assets import demo_image_paths
+from ..formats import BadBoxesError, detections_to_coco
 from ..structures import Detections
 from ..utils import write_json_atomic
+from ..visualize import draw_detections
+from ..vocab import Vocabulary, resolve_names
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +79,9 @@ def resolve_vocabulary(choice: str, text: str) -> tuple[list[str], list[int], st
     occurrence (a repeated name would only split its score between two identical classes).
     """
     if choice == VOCAB_COCO:
-        return builtin_vocabulary("coco65"), dataset_category_ids("coco65"), "COCO-65"
+        return (*resolve_names("coco65"), "COCO-65")
     if choice == VOCAB_LVIS:
-        return builtin_vocabulary("lvis1203"), dataset_category_ids("lvis1203"), "LVIS-1203"
+        return (*resolve_names("lvis1203"), "LVIS-1203")
     if choice != VOCAB_CUSTOM:
         raise DemoInputError(f"unknown vocabulary choice {choice!r}; pick one of {', '.join(VOCAB_CHOICES)}")
     names = list(OrderedDict.fromkeys(n.strip() for n in re.split(r"[,\n]", text or "") if n.strip()))
@@ -215,7 +218,7 @@ class DemoBackend:
     def __init__(self, model: RegionCLIP, embed_fn: Optional[EmbedFn] = None, *, cache_size: int = 8,
                  output_dir: Optional[Path] = None, cache_dir: Optional[Path] = None) -> None:
         if embed_fn is None:
-            if model.weights_path is None and not hasattr(model.detector, "encode_class_names"):
+            if model.weights_path is None:
                 raise ValueError("the model was not loaded from a checkpoint, so it has no text encoder to embed "
                                  "vocabularies with: pass embed_fn (names -> [K, D] tensor)")
 
@@ -225,7 +228,7 @@ class DemoBackend:
         self.model = model
         self.embed_fn = embed_fn
         self.cache_size = max(1, cache_size)
-        self._cache: OrderedDict[tuple[str, ...], Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, ...], Vocabulary] = OrderedDict()
         # one lock for embedding + detection: torch on CPU already uses every core, so running requests one at a
         # time loses nothing, and it guarantees no request ever observes another's vocabulary or settings
         self._lock = threading.Lock()
@@ -239,8 +242,8 @@ class DemoBackend:
     def has_rpn(self) -> bool:
         return self.model.detector.rpn is not None
 
-    def embeddings(self, names: Sequence[str]) -> Tensor:
-        """[K, D] embeddings of ``names``, from the in-memory cache when this vocabulary was seen before.
+    def vocabulary(self, names: Sequence[str], category_ids: Sequence[int]) -> Vocabulary:
+        """The validated vocabulary of ``names``, from the in-memory cache when it was seen before.
 
         Call with the lock held (as :meth:`run` does)."""
         key = tuple(names)
@@ -252,10 +255,12 @@ class DemoBackend:
             shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
             raise RuntimeError(f"embed_fn returned {shape} for {len(names)} names; expected a [K, D] tensor")
         self.embed_calls += 1
-        self._cache[key] = emb
+        vocab = Vocabulary.create(emb, names, category_ids, embed_dim=self.model.detector.embed_dim,
+                                  source="demo vocabulary")
+        self._cache[key] = vocab
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return emb
+        return vocab
 
     def run(self, image: Image.Image, vocab_choice: str, vocab_text: str, region_source: str,
             boxes: Optional[list[list[float]]], score_thresh: float, max_boxes: int) -> DemoResult:
@@ -276,15 +281,16 @@ class DemoBackend:
             raise DemoInputError(f"unknown region source {region_source!r}")
         if min(image.size) < 8:
             raise DemoInputError(f"The image is {image.width}x{image.height} pixels; it needs at least 8 per side.")
-        pp = replace(self.model.detector.postprocess_cfg, score_thresh=float(score_thresh),
-                     detections_per_image=max(1, int(max_boxes)))
         t0 = time.perf_counter()
         with self._lock:
             misses = self.embed_calls
-            emb = self.embeddings(names)
+            vocab = self.vocabulary(names, cat_ids)
             cached = self.embed_calls == misses
-            det = self.model.detect([image], user_boxes, class_embeddings=emb.to(self.model.detector.device),
-                                    class_names=names, postprocess=pp)[0]
+            try:
+                det = self.model.detect([image], user_boxes, vocabulary=vocab, score_thresh=float(score_thresh),
+                                        detections_per_image=max(1, int(max_boxes)))[0]
+            except BadBoxesError as e:
+                raise DemoInputError(str(e)) from None
         dt = time.perf_counter() - t0
         annotated = draw(image, det)
         rows = [[name, round(float(s), 4), *[round(float(v), 1) for v in box]]
@@ -300,7 +306,7 @@ class DemoBackend:
     def _write_json(self, det: Detections, names: list[str], cat_ids: list[int], image: Image.Image,
                     region_source: str) -> Path:
         """COCO-style results (as ``regionclip detect``) plus the class name and XYXY box of each detection."""
-        anns = det.to_coco_json(1, cat_ids)
+        anns = detections_to_coco(det, 1, cat_ids)
         for a, name, box in zip(anns, det.names, det.boxes.tolist()):
             a["category_name"] = name
             a["bbox_xyxy"] = box
@@ -314,17 +320,6 @@ class DemoBackend:
 
 def draw(image: Image.Image, det: Detections) -> Image.Image:
     """The annotated image (boxes already thresholded by post-processing, so everything is drawn)."""
-    try:
-        from ..visualize import draw_detections
-    except ImportError:  # visualize.py not present in this tree: minimal PIL drawing
-        from PIL import ImageDraw
-
-        out = image.convert("RGB").copy()
-        d = ImageDraw.Draw(out)
-        for name, s, (x1, y1, x2, y2) in zip(det.names, det.scores.tolist(), det.boxes.tolist()):
-            d.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=3)
-            d.text((x1 + 3, y1 + 3), f"{name} {s:.2f}", fill=(255, 0, 0))
-        return out
     return draw_detections(image, det, conf_threshold=float("-inf"))
 
 

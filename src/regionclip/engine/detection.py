@@ -156,18 +156,3 @@ class DetectionTask(nn.Module):
                                                      mask_logits.shape[-1]))
             losses["loss_mask"] = roi.mask_loss_weight * mask_loss(mask_logits, torch.cat(targets).to(dev))
         return losses
-
-
-def make_detection_predictor(detector: RegionCLIPDetector, class_embeddings: Tensor, class_names: Sequence[str],
-                             regions: str = "rpn") -> Callable[[list[Any]], list[Any]]:
-    """``predict(records) -> list[Detections]`` for :func:`regionclip.evaluation.evaluate_dataset`: RPN proposals
-    (``regions="rpn"``) or the records' GT boxes (``"gt"``)."""
-    def predict(records: list[Any]) -> list[Any]:
-        boxes = None
-        if regions == "gt":
-            boxes = [torch.from_numpy(r.region_boxes()[0]) for r in records]
-            if any(len(b) == 0 for b in boxes):
-                raise ValueError("GT-box evaluation needs at least one non-crowd box per image")
-        return detector.detect([r.file_name for r in records], boxes, class_embeddings=class_embeddings,
-                               class_names=list(class_names))
-    return predict

@@ -43,13 +43,13 @@ from torch import Tensor
 
 from ..checkpoint.io import save_file_atomic
 from ..config import PostprocessConfig
-from ..data.loader import InferenceItem, LoadedItem, batch_by_size, make_loader
-from ..modeling.detector import PreparedImage, RegionCLIPDetector
+from ..data.loader import InferenceItem
 from ..modeling.recognizer import foreground_probs
-from ..utils import autocast_context  # noqa: F401  (re-exported)
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
-from ..structures import Proposals
+from ..pipeline import ItemError, Pipeline, RunOptions
+from ..structures import PreparedImage, Proposals
 from ..utils import write_json_atomic
+from ..vocab import Vocabulary
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -99,87 +99,59 @@ class ExtractConfig:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
 
 
-@contextlib.contextmanager
-def _chunk_size(detector: RegionCLIPDetector, chunk: Optional[int]) -> Iterator[None]:
-    old = detector.region_chunk_size
-    if chunk:
-        detector.region_chunk_size = chunk
-    try:
-        yield
-    finally:
-        detector.region_chunk_size = old
-
-
-def top_proposals(proposals: Sequence[Proposals], topk: Optional[int]) -> list[Proposals]:
-    """First ``topk`` proposals per image (the RPN returns them by descending objectness)."""
-    if topk is None:
-        return list(proposals)
-    return [Proposals(p.boxes[:topk], None if p.objectness_logits is None else p.objectness_logits[:topk])
-            for p in proposals]
+def run_options_for(cfg: ExtractConfig, postprocess: Optional[PostprocessConfig] = None) -> RunOptions:
+    """The pipeline settings of an extraction run. Proposals are never skipped: extraction encodes every region
+    it is asked for (work skipping is a detection-only optimisation)."""
+    return RunOptions(postprocess=postprocess or PostprocessConfig(), dtype=cfg.dtype, chunk_size=cfg.chunk_size or 256,
+                      batch_size=cfg.batch_size, max_proposals=cfg.topk, skip_unreachable=False, keep_probs=True,
+                      keep_features=True, num_workers=cfg.num_workers, pad_mixed_sizes=cfg.pad_mixed_sizes)
 
 
 @torch.no_grad()
-def extract_batch(detector: RegionCLIPDetector, prepared: Sequence[PreparedImage], cfg: ExtractConfig, *,
-                  boxes: Optional[Sequence[Tensor]] = None, class_embeddings: Optional[Tensor] = None,
-                  class_names: Optional[Sequence[str]] = None, postprocess: Optional[PostprocessConfig] = None,
-                  ) -> list[dict[str, Tensor]]:
-    """Region records of a batch of prepared images (one backbone pass over the batch, chunked RoI head).
+def extract_batch(pipeline: Pipeline, prepared: Sequence[PreparedImage], cfg: ExtractConfig, *,
+                  regions: Optional[Sequence[Proposals]] = None, vocabulary: Optional[Vocabulary] = None,
+                  postprocess: Optional[PostprocessConfig] = None) -> list[dict[str, Tensor]]:
+    """Region records of a batch of prepared images (one backbone pass over the batch, chunked region head).
 
     Args:
-        prepared: images from :meth:`RegionCLIPDetector.prepare` / the loader.
-        boxes: ``regions="boxes"``: per image [R_i, 4] XYXY original pixels.
-        class_embeddings: [K, D] (required for ``"detections"``, optional for ``"boxes"``).
+        prepared: images from :meth:`Pipeline.prepare` / :meth:`Pipeline.iter_batches`.
+        regions: ``regions="boxes"``: per image the user boxes in the resized frame (:meth:`Pipeline.user_regions`).
+        vocabulary: required for ``"detections"``, optional for ``"boxes"``.
     Returns:
         per image a dict of CPU tensors (float32; see the module docstring for the keys of each mode).
     """
-    images = [p.image for p in prepared]
-    amp = autocast_context(detector.device, cfg.dtype)
-    with _chunk_size(detector, cfg.chunk_size):
-        if cfg.regions == "boxes":
-            if boxes is None or len(boxes) != len(prepared):
-                raise ValueError("regions='boxes' needs one [R, 4] box tensor per image")
-            regions = [detector.regions_from_user_boxes(b.reshape(-1, 4), p) for b, p in zip(boxes, prepared)]
-            with amp:
-                emb = detector.encode_regions(detector.compute_res4(images), [r.boxes for r in regions]).float()
-            out, start = [], 0
-            for b in boxes:
-                rec = {"boxes": b.reshape(-1, 4).float().cpu(), "feats": emb[start:start + len(b)].cpu()}
-                if class_embeddings is not None:
-                    rec.update(_classify(detector, emb[start:start + len(b)], class_embeddings))
-                out.append(rec)
-                start += len(b)
-            return out
-        proposals = top_proposals(detector.propose(images), cfg.topk)  # float32: boxes must stay exact
-        if cfg.regions == "rpn":
-            with amp:
-                emb = detector.encode_regions(detector.compute_res4(images), [p.boxes for p in proposals]).float()
-            out, start = [], 0
-            for p, props in zip(prepared, proposals):
-                n = len(props.boxes)
-                b = clip_boxes(scale_boxes(props.boxes.float(), 1 / p.scale_xy[0], 1 / p.scale_xy[1]),
-                               *p.original_hw)
-                keep = nonempty(b)  # filter boxes and feats together (the original forgot the feats, spec §6)
-                rec = {"boxes": b[keep].cpu(), "feats": emb[start:start + n][keep].cpu()}
-                if props.objectness_logits is not None:
-                    rec["objectness"] = props.objectness_logits[keep].float().cpu()
-                out.append(rec)
-                start += n
-            return out
-        if class_embeddings is None:
+    options = run_options_for(cfg, postprocess)
+    if cfg.regions == "detections":
+        if vocabulary is None:
             raise ValueError("regions='detections' needs a vocabulary (class embeddings)")
-        with amp:
-            res4 = detector.compute_res4(images)
-            dets = detector.detect_prepared(prepared, proposals, class_embeddings=class_embeddings,
-                                            class_names=class_names, postprocess=postprocess, keep_probs=True,
-                                            keep_features=True, res4=res4)
+        dets = pipeline.detect_prepared(prepared, vocabulary, options)
         return [{"boxes": d.boxes.float().cpu(), "feats": d.features.float().cpu(), "classes": d.labels.cpu(),
-                 "probs": d.probs.float().cpu(), "scores": d.scores.float().cpu()} for d in dets]
-
-
-def _classify(detector: RegionCLIPDetector, emb: Tensor, class_embeddings: Tensor) -> dict[str, Tensor]:
-    probs = detector.classify(emb, class_embeddings).float()
-    classes = foreground_probs(detector, probs).argmax(dim=1) if len(probs) else torch.zeros(0, dtype=torch.long)
-    return {"probs": probs.cpu(), "classes": classes.cpu()}
+                 "probs": d.probs.float().cpu(), "scores": d.scores.float().cpu()}
+                for d in dets if d.features is not None and d.probs is not None]
+    if cfg.regions == "boxes":
+        if regions is None or len(regions) != len(prepared):
+            raise ValueError("regions='boxes' needs one [R, 4] box tensor per image")
+    else:
+        regions = pipeline.proposals(prepared, options)  # float32: boxes must stay exact
+    emb = pipeline.encode(pipeline.features(prepared, options), [r.boxes for r in regions], options)
+    out, start = [], 0
+    for p, r in zip(prepared, regions):
+        n = len(r.boxes)
+        e = emb[start:start + n]
+        start += n
+        # back to the original frame; empty boxes are dropped with their features (the original forgot the feats)
+        b = clip_boxes(scale_boxes(r.boxes.float(), 1 / p.scale_xy[0], 1 / p.scale_xy[1]), *p.original_hw)
+        keep = nonempty(b) if cfg.regions == "rpn" else torch.ones(n, dtype=torch.bool, device=b.device)
+        rec = {"boxes": b[keep].cpu(), "feats": e[keep].cpu()}
+        if r.objectness_logits is not None:
+            rec["objectness"] = r.objectness_logits[keep].float().cpu()
+        if vocabulary is not None and cfg.regions == "boxes":
+            probs = pipeline.classify(e, vocabulary).float()
+            fg = foreground_probs(pipeline.model.has_background, probs)
+            rec["probs"] = probs.cpu()
+            rec["classes"] = (fg.argmax(dim=1) if len(probs) else torch.zeros(0, dtype=torch.long)).cpu()
+        out.append(rec)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- the store
@@ -388,28 +360,31 @@ class ExtractSummary:
         return (self.num_images - self.num_done_before - self.num_errors) / max(self.seconds, 1e-9)
 
 
-def extract_regions(detector: RegionCLIPDetector, items: Sequence[InferenceItem], output_dir: PathLike,
-                    cfg: ExtractConfig = ExtractConfig(), *, class_embeddings: Optional[Tensor] = None,
-                    class_names: Optional[Sequence[str]] = None, postprocess: Optional[PostprocessConfig] = None,
-                    model_id: str = "", progress: bool = True) -> ExtractSummary:
+def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_dir: PathLike,
+                    cfg: ExtractConfig = ExtractConfig(), *, vocabulary: Optional[Vocabulary] = None,
+                    postprocess: Optional[PostprocessConfig] = None, model_id: str = "", progress: bool = True,
+                    boxes_source: str = "") -> ExtractSummary:
     """Extract region records for ``items`` into ``output_dir`` (resuming a previous run there).
 
     Args:
+        pipeline: the model's :class:`~regionclip.pipeline.Pipeline` (decoding, batching, per-image errors).
         items: the images (with ``boxes`` for ``regions="boxes"``), see :mod:`regionclip.data.loader`.
-        class_embeddings / class_names: the vocabulary ([K, D]) for ``"detections"`` (required) / ``"boxes"``.
+        vocabulary: the classes for ``"detections"`` (required) / ``"boxes"`` (optional).
         model_id: identifies the weights in the run fingerprint (e.g. checkpoint path + content fingerprint).
     """
     from tqdm import tqdm
 
     if cfg.regions == "boxes" and any(it.boxes is None for it in items):
         raise ValueError("regions='boxes' needs boxes for every image: a COCO json or a --boxes CSV/JSON file")
-    emb = None if class_embeddings is None else class_embeddings.float().to(detector.device)
-    meta = {"format": FORMAT, "model": model_id, "embed_dim": detector.embed_dim,
-            "input": asdict(detector.input_cfg), "extract": {k: v for k, v in asdict(cfg).items() if k in (
+    if cfg.regions == "detections" and vocabulary is None:
+        raise ValueError("regions='detections' needs a vocabulary (class embeddings)")
+    emb = None if vocabulary is None else vocabulary.class_embeddings
+    meta = {"format": FORMAT, "model": model_id, "embed_dim": pipeline.model.embed_dim,
+            "input": asdict(pipeline.input_cfg), "extract": {k: v for k, v in asdict(cfg).items() if k in (
                 "regions", "topk", "dtype", "save_dtype", "pad_mixed_sizes")},
             "vocabulary_sha256": None if emb is None else hashlib.sha256(emb.cpu().numpy().tobytes()).hexdigest(),
-            "postprocess": asdict(postprocess or detector.postprocess_cfg) if cfg.regions == "detections" else None}
-    extra = {"class_names": list(class_names) if class_names is not None else None}
+            "postprocess": asdict(postprocess or PostprocessConfig()) if cfg.regions == "detections" else None}
+    extra = {"class_names": list(vocabulary.names) if vocabulary is not None else None}
     t0 = time.perf_counter()
     with RegionStore(output_dir, meta, shard_mb=cfg.shard_mb, shard_images=cfg.shard_images,
                      save_dtype=cfg.save_dtype, extra_index=extra) as store:
@@ -419,63 +394,29 @@ def extract_regions(detector: RegionCLIPDetector, items: Sequence[InferenceItem]
             _warn_name_collisions(items)
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", disable=not progress,
                    desc=f"extract {cfg.regions}", dynamic_ncols=True)
-        loaded: Iterator[LoadedItem] = iter(make_loader(todo, detector.input_cfg, num_workers=cfg.num_workers))
-        good = _skip_errors(loaded, todo, store, bar)
         t_run = time.perf_counter()
-        for batch in batch_by_size(good, cfg.batch_size, lambda x: x.prepared.resized_hw,
-                                   pad_mixed_sizes=cfg.pad_mixed_sizes):
-            if cfg.regions == "boxes":
-                batch = _drop_invalid_boxes(batch, todo, store, bar)
-                if not batch:
-                    continue
-            batch_items = [todo[b.index] for b in batch]
-            prepared = [b.prepared for b in batch]
-            boxes = [torch.as_tensor(it.boxes, dtype=torch.float32).reshape(-1, 4) for it in batch_items] \
-                if cfg.regions == "boxes" else None
-            records = extract_batch(detector, prepared, cfg, boxes=boxes, class_embeddings=emb,
-                                    class_names=class_names, postprocess=postprocess)
-            for it, p, rec in zip(batch_items, prepared, records):
+        for batch in pipeline.iter_batches(todo, run_options_for(cfg, postprocess), boxes_source=boxes_source):
+            if isinstance(batch, ItemError):
+                logger.warning("skipping %s: %s", batch.item.file_name, batch.error)
+                store.add_error({"key": batch.item.key, "file_name": batch.item.file_name}, batch.error)
+                bar.update(1)
+                continue
+            records = extract_batch(pipeline, batch.prepared, cfg, regions=batch.regions, vocabulary=vocabulary,
+                                    postprocess=postprocess)
+            for it, p, rec in zip(batch.items, batch.prepared, records):
                 if it.category_ids is not None and cfg.regions == "boxes":
                     rec["category_ids"] = torch.as_tensor(it.category_ids, dtype=torch.int64)
+                if cfg.regions == "boxes":  # the boxes as given (original frame, float32)
+                    rec["boxes"] = torch.as_tensor(it.boxes, dtype=torch.float32).reshape(-1, 4)
                 if cfg.write_original:
                     _write_original(Path(output_dir) / "original", it, rec)
                 store.add(_info(it, p), rec)
-            bar.update(len(batch))
+            bar.update(len(batch.items))
             done_now = len(store.done) + len(store._pending) - done_before
             bar.set_postfix_str(f"{done_now / max(time.perf_counter() - t_run, 1e-9):.2f} img/s (model)")
         bar.close()
     return ExtractSummary(len(items), done_before, len(store.errors), sum(s["num_regions"] for s in store.shards),
                           time.perf_counter() - t0, Path(output_dir))
-
-
-def _skip_errors(loaded: Iterator[LoadedItem], todo: Sequence[InferenceItem], store: RegionStore,
-                 bar: Any) -> Iterator[LoadedItem]:
-    for x in loaded:
-        if x.error is not None:
-            logger.warning("skipping %s: %s", todo[x.index].file_name, x.error)
-            store.add_error({"key": todo[x.index].key, "file_name": todo[x.index].file_name}, x.error)
-            bar.update(1)
-            continue
-        yield x
-
-
-def _drop_invalid_boxes(batch: list[LoadedItem], todo: Sequence[InferenceItem], store: RegionStore,
-                        bar: Any) -> list[LoadedItem]:
-    """Images whose user boxes are invalid (empty, outside the image, NaN) are recorded as errors, not run."""
-    from ..ops.boxes import validate_boxes
-
-    keep = []
-    for b in batch:
-        it = todo[b.index]
-        try:
-            validate_boxes(torch.as_tensor(it.boxes, dtype=torch.float32).reshape(-1, 4), *b.prepared.original_hw,
-                           name=f"boxes of {it.file_name}")
-            keep.append(b)
-        except ValueError as e:
-            logger.warning("skipping %s: %s", it.file_name, e)
-            store.add_error(_info(it, b.prepared), str(e))
-            bar.update(1)
-    return keep
 
 
 def _info(it: InferenceItem, p: PreparedImage) -> dict[str, Any]:

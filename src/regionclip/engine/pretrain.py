@@ -111,7 +111,7 @@ def load_pretrain_config(path: Optional[str | Path] = None, overrides: Sequence[
 
 # ---------------------------------------------------------------------------------------------- building
 def _towers_from_file(path: str, allow_jit: bool) -> tuple[nn.Module, Optional[nn.Module]]:
-    from ..checkpoint.openai_clip import load_clip_towers
+    from ..factory.clip_towers import load_clip_towers
     from ..pretrained import resolve_weights
 
     towers = load_clip_towers(resolve_weights(path), allow_jit=allow_jit)
@@ -130,7 +130,8 @@ def _detector(backbone: nn.Module, rpn: Optional[nn.Module]) -> Any:
 
 def _build_rpn(m: PretrainModelSection) -> nn.Module:
     from ..checkpoint.io import load_into, load_state_dict
-    from ..modeling.rpn import build_offline_rpn, infer_rpn_config, rpn_state_dict_from_checkpoint
+    from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+    from ..modeling.rpn import build_offline_rpn
     from ..pretrained import resolve_weights
 
     overrides = dict(m.rpn_overrides)

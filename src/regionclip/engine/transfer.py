@@ -15,11 +15,14 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ..config import DetectorConfig, InputConfig, PostprocessConfig, from_dict, read_yaml_mapping
+from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, DetectorConfig, InputConfig, PostprocessConfig, from_dict, read_yaml_mapping
 from ..data.datasets import DetectionDataset, load_annotations, load_lvis_json, load_registered
 from ..data.train_data import (GroupedBatchSampler, TrainingDataset, TrainingSampler, filter_empty_records,
                                load_segmentations, repeat_factors)
-from .detection import DetectionTask, RoIConfig, make_detection_predictor
+from ..evaluation.inference import dataset_predictor
+from ..pipeline import Pipeline, RunOptions
+from ..vocab import Vocabulary
+from .detection import DetectionTask, RoIConfig
 from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir
@@ -169,21 +172,18 @@ def build_detector_for_training(cfg: ModelSection) -> tuple[nn.Module, dict[str,
     extra: dict[str, Tensor] = {}
     if cfg.weights is not None:
         rpn = resolve_weights(cfg.rpn_weights) if cfg.rpn_weights else None
-        det, loaded = load_detector(resolve_weights(cfg.weights), rpn, postprocess=cfg.postprocess,
-                                    rpn_overrides=dict(cfg.rpn_overrides))
-        if tuple(cfg.input.pixel_mean) != tuple(det.input_cfg.pixel_mean):
+        det, loaded = load_detector(resolve_weights(cfg.weights), rpn, rpn_overrides=dict(cfg.rpn_overrides))
+        if (tuple(cfg.input.pixel_mean), tuple(cfg.input.pixel_std)) != (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD):
             raise ValueError("model.input.pixel_mean/std must stay CLIP's for a CLIP backbone")
-        det.input_cfg = cfg.input
         if cfg.export_text_encoder:
             extra = {"lang_encoder." + k: v for k, v in loaded.split.text_encoder.items()}
     else:
         if cfg.arch is None:
             raise ValueError("model: give weights (a RegionCLIP checkpoint) or arch (random initialisation)")
-        det = build_detector(replace(cfg.arch, input=cfg.input, postprocess=cfg.postprocess,
-                                     box_regression=cfg.box_regression, mask_head=cfg.mask_head))
+        det = build_detector(replace(cfg.arch, input=cfg.input, box_regression=cfg.box_regression, mask_head=cfg.mask_head))
         if cfg.rpn_weights:
             from ..checkpoint.io import load_into, load_state_dict
-            from ..modeling.rpn import rpn_state_dict_from_checkpoint
+            from ..checkpoint.rpn import rpn_state_dict_from_checkpoint
 
             if det.rpn is None:
                 raise ValueError("model.rpn_weights given but model.arch.rpn is null")
@@ -279,7 +279,10 @@ def make_evaluate(built: BuiltRun, cfg: TransferConfig) -> Optional[Callable[[in
 
     det = built.task.detector
     regions = cfg.data.eval_regions if det.rpn is not None else "gt"
-    predict = make_detection_predictor(det, built.test_embeddings, built.test_dataset.class_names, regions)
+    vocab = Vocabulary.create(built.test_embeddings, built.test_dataset.class_names, built.test_dataset.category_ids,
+                              embed_dim=det.embed_dim, source="test-class embeddings")
+    predict = dataset_predictor(Pipeline(det, cfg.model.input), vocab, RunOptions(postprocess=cfg.model.postprocess),
+                                regions)
 
     def evaluate(iteration: int) -> Optional[dict[str, Any]]:
         out = Path(cfg.train.output_dir) / f"eval_{iteration:07d}"

@@ -15,11 +15,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from regionclip.data.datasets import DetectionDataset, ImageRecord
-from regionclip.structures import Detections
+import torch
 
+from ..data.datasets import DetectionDataset, ImageRecord
+from ..formats import ResultsWriter
+from ..formats.coco import check_labels
+from ..pipeline import Pipeline, RunOptions
+from ..structures import Detections, Proposals
+from ..vocab import Vocabulary
 from .report import write_metrics_json
-from .results import ResultsError, require, write_json_atomic
+from .results import ResultsError
 
 PathLike = Union[str, os.PathLike]
 Predictor = Callable[[list[ImageRecord]], list[Detections]]
@@ -33,55 +38,49 @@ def results_file_name(dataset: DetectionDataset) -> str:
     return "lvis_instances_results.json" if dataset.kind == "lvis" else "coco_instances_results.json"
 
 
-def detections_to_results(det: Detections, record: ImageRecord, category_ids: Sequence[int]) -> list[dict]:
-    """COCO-format dicts for one image, highest score first, with RLE ``segmentation`` when masks exist."""
-    num = len(category_ids)
-    if len(det) and int(det.labels.max()) >= num or len(det) and int(det.labels.min()) < 0:
-        raise ResultsError(f"image {record.image_id}: predictor returned label {int(det.labels.max())} but the "
-                           f"dataset has {num} classes; build the predictor's vocabulary from dataset.class_names")
-    out = det.to_coco_json(record.image_id, category_ids)
-    if det.masks is not None and len(det):
-        mask_util = require("pycocotools.mask")
-        import numpy as np
+def dataset_predictor(pipeline: Pipeline, vocabulary: Vocabulary, options: RunOptions, regions: str = "rpn"
+                      ) -> Predictor:
+    """``predict(records) -> list[Detections]`` through the one pipeline: RPN proposals (``regions="rpn"``) or the
+    records' GT boxes (``"gt"``), used by ``regionclip evaluate`` and by evaluation during training.
 
-        for r, m in zip(out, det.masks.detach().cpu().numpy().astype(np.uint8)):
-            rle = mask_util.encode(np.asfortranarray(m))
-            rle["counts"] = rle["counts"].decode("ascii")
-            r["segmentation"] = rle
-    order = sorted(range(len(out)), key=lambda i: -out[i]["score"])
-    return [out[i] for i in order]
+    GT mode builds each record's regions in the resized frame exactly as the original's test mapper does
+    (:meth:`ImageRecord.region_boxes_resized`: crowd removed, whole-number json boxes truncated after scaling,
+    clipped, empty removed); an image left without regions gets no detections (the original has nothing to
+    classify), not an error.
+    """
+    if regions not in ("rpn", "gt"):
+        raise ValueError(f"regions must be 'rpn' or 'gt', got {regions!r}")
 
+    def empty(rec: ImageRecord) -> Detections:
+        return Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                          (rec.height, rec.width), list(vocabulary.names), image_id=rec.image_id)
 
-def _read_jsonl(path: Path, meta: Mapping[str, Any]) -> dict[Any, list[dict]]:
-    """Finished images of an earlier run. A partial last line (killed mid-write) is cut off; a different ``meta``
-    is an error because mixing settings would silently corrupt the metrics."""
-    done: dict[Any, list[dict]] = {}
-    good_end = 0
-    with open(path, "rb") as f:
-        raw = f.read()
-    lines = raw.split(b"\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            good_end += len(line) + (1 if i < len(lines) - 1 else 0)
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1 and any(ln.strip() for ln in lines[i + 1:]):
-                raise ResultsError(f"{path} line {i + 1} is corrupt (not only the last line); delete the file to "
-                                   "start the run over")
-            logger.warning("%s: dropping a partial last line left by an interrupted run", path)
-            with open(path, "r+b") as f:
-                f.truncate(good_end)
-            break
-        if i == 0:
-            if entry.get("meta") != json.loads(json.dumps(dict(meta))):
-                raise ResultsError(f"{path} was written by a run with other settings ({entry.get('meta')} vs "
-                                   f"{dict(meta)}); use another --output-dir or pass --no-resume to start over")
-        else:
-            done[entry["image_id"]] = entry["instances"]
-        good_end += len(line) + 1
-    return done
+    def predict(records: list[ImageRecord]) -> list[Detections]:
+        out: list[Optional[Detections]] = [None] * len(records)
+        prepared, props, idx = [], [], []
+        for i, rec in enumerate(records):
+            p = pipeline.prepare(rec.file_name, max_pixels=options.max_pixels)
+            if p.original_hw != (rec.height, rec.width):
+                raise ValueError(f"{rec.file_name} is {p.original_hw[1]}x{p.original_hw[0]} but its annotation says "
+                                 f"{rec.width}x{rec.height}; the boxes would be misplaced")
+            if regions == "gt":
+                boxes, _ = rec.region_boxes_resized(p.resized_hw)
+                if len(boxes) == 0:
+                    out[i] = empty(rec)
+                    continue
+                props.append(Proposals(torch.from_numpy(boxes).float(), None))
+            prepared.append(p)
+            idx.append(i)
+        for s in range(0, len(prepared), options.batch_size):
+            chunk = slice(s, s + options.batch_size)
+            dets = pipeline.detect_prepared(prepared[chunk], vocabulary, options,
+                                            regions=props[chunk] if regions == "gt" else None)
+            for i, det in zip(idx[chunk], dets):
+                det.image_id = records[i].image_id
+                out[i] = det
+        return [d for d in out if d is not None]
+
+    return predict
 
 
 def run_inference(dataset: DetectionDataset, predict: Predictor, output_dir: PathLike, *, batch_size: int = 1,
@@ -89,46 +88,41 @@ def run_inference(dataset: DetectionDataset, predict: Predictor, output_dir: Pat
                   ) -> list[dict]:
     """Predict every image of ``dataset`` and return all detections in results-JSON format (dataset order).
 
+    Finished images stream into ``predictions.jsonl`` through the one results writer
+    (:class:`regionclip.formats.ResultsWriter`), so a killed run resumes where it stopped.
+
     Args:
         dataset: the images (and, for category ids, the class table).
         predict: ``predict(records) -> list[Detections]``, one per record, labels index ``dataset.class_names``.
-        output_dir: where ``predictions.jsonl`` accumulates.
+        output_dir: where ``predictions.jsonl`` and the results JSON go.
         batch_size: records per ``predict`` call.
         resume: skip images already in ``predictions.jsonl``; ``False`` starts the file over.
         progress: show a tqdm bar with ETA.
-        meta: settings fingerprint stored in / checked against the jsonl (dataset name and size are added).
+        meta: settings fingerprint stored in / checked against the journal (dataset name and size are added).
     """
     from tqdm import tqdm
 
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / PREDICTIONS_JSONL
-    meta = {"dataset": dataset.name, "num_images": len(dataset), "num_classes": len(dataset.class_names),
-            **(meta or {})}
-    done = _read_jsonl(path, meta) if resume and path.exists() else {}
-    if not done or not path.exists():
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"meta": meta}) + "\n")
-    todo = [r for r in dataset if r.image_id not in done]
-    if done:
-        logger.info("resuming: %d of %d images already done", len(dataset) - len(todo), len(dataset))
-    bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), unit="img", disable=not progress,
-               desc=f"evaluate {dataset.name}", dynamic_ncols=True)
-    with open(path, "a", encoding="utf-8") as f:
+    settings = {"dataset": dataset.name, "num_images": len(dataset), **(meta or {})}
+    keys = [str(r.image_id) for r in dataset]
+    with ResultsWriter(output_dir, dataset.class_names, dataset.category_ids, settings=settings, resume=resume,
+                       results_name=results_file_name(dataset), images_name=None, fsync=False) as writer:
+        todo = [r for r in dataset if str(r.image_id) not in writer.done]
+        if len(todo) < len(dataset):
+            logger.info("resuming: %d of %d images already done", len(dataset) - len(todo), len(dataset))
+        bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), unit="img", disable=not progress,
+                   desc=f"evaluate {dataset.name}", dynamic_ncols=True)
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             dets = predict(batch)
             if len(dets) != len(batch):
                 raise ResultsError(f"predictor returned {len(dets)} results for {len(batch)} images")
             for rec, det in zip(batch, dets):
-                inst = detections_to_results(det, rec, dataset.category_ids)
-                f.write(json.dumps({"image_id": rec.image_id, "instances": inst}) + "\n")
-                done[rec.image_id] = inst
-            f.flush()
-            os.fsync(f.fileno())
+                check_labels(det, len(dataset.category_ids), f"image {rec.image_id}")
+                writer.add(str(rec.image_id), det, image_id=rec.image_id, file_name=rec.file_name)
+            writer.sync()
             bar.update(len(batch))
-    bar.close()
-    return [r for rec in dataset for r in done.get(rec.image_id, [])]
+        bar.close()
+        return writer.finalize(order=keys)
 
 
 def evaluate_results(dataset: DetectionDataset, results: Union[PathLike, list[dict]], *,
@@ -158,7 +152,6 @@ def evaluate_dataset(dataset: DetectionDataset, predict: Predictor, output_dir: 
     """
     results = run_inference(dataset, predict, output_dir, batch_size=batch_size, resume=resume,
                             progress=progress, meta=meta)
-    write_json_atomic(results, Path(output_dir) / results_file_name(dataset))
     if not dataset.has_annotations:
         return None
     # A model that detects nothing is a legitimate (bad) result: score it 0 rather than fail.

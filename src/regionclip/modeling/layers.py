@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrozenBatchNorm2d", "SelfAttention"]
+__all__ = ["FrozenBatchNorm2d", "SelfAttention", "fold_frozen_bn"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -39,6 +39,11 @@ class FrozenBatchNorm2d(nn.Module):
         shift = self.bias - self.running_mean * scale
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
+    def scale_shift(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map this layer applies: ``y = x * scale + shift`` ([C] each, in ``dtype``)."""
+        scale = self.weight.to(dtype) * (self.running_var.to(dtype) + self.eps).rsqrt()
+        return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # `state_dict` is nn.Module.load_state_dict's private copy, so popping is safe
         state_dict.pop(prefix + "num_batches_tracked", None)
@@ -46,6 +51,28 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+@torch.no_grad()
+def fold_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
+    """A new conv computing ``bn(conv(x))`` in one op: ``W' = W * scale[:, None, None, None]``,
+    ``b' = b * scale + shift`` (``b = 0`` for a bias-free conv).
+
+    Exact in real arithmetic because a frozen BN is a fixed per-output-channel affine map and a convolution is
+    linear in its weights; in float32 only the rounding order changes (relative differences ~1e-6 per layer).
+    The folded values are computed in float64 and rounded once. The returned conv's parameters are frozen
+    (``requires_grad=False``): folding is for inference only; gradients w.r.t. ``W'`` are not those of ``W``.
+    """
+    scale, shift = bn.scale_shift(torch.float64)
+    w = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    b = shift if conv.bias is None else conv.bias.double() * scale + shift
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                      padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(w.to(conv.weight.dtype))
+    fused.bias.copy_(b.to(conv.weight.dtype))
+    fused.requires_grad_(False)
+    return fused
 
 
 class SelfAttention(nn.Module):

@@ -1,44 +1,56 @@
-"""The region-recognizer interface shared by the CLIP-ResNet detector and the transformer region detectors.
+"""The region-recognizer interface: what :mod:`regionclip.pipeline` needs from a model.
 
-Everything above the model (``RegionCLIP`` in :mod:`regionclip.api`, the predictor, region extraction, evaluation,
-the demo) talks to a detector only through these members, so a ViT / Swin / DaViT / FocalNet region encoder
-(:class:`regionclip.modeling.transformer.region_head.TransformerRegionDetector`) can stand in for
-:class:`regionclip.modeling.detector.RegionCLIPDetector`.
+Two models implement it, side by side (composition, no inheritance): the CLIP-ResNet
+:class:`regionclip.modeling.detector.RegionCLIPDetector` and the ViT / Swin / DaViT / FocalNet
+:class:`regionclip.modeling.transformer.region_head.TransformerRegionDetector`. Everything above the model (the
+API, the predictor, region extraction, evaluation, the demo) goes through the pipeline, which only uses these
+members.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+
+from ..structures import Proposals
 
 
 @runtime_checkable
 class RegionRecognizer(Protocol):
-    """A detector that embeds image regions and classifies them against text embeddings.
+    """A model that embeds image regions and classifies them against text embeddings.
 
     ``has_background``: True when :meth:`classify` returns a background column last ([R, K+1], RegionCLIP's
-    ResNet classifier with its constant-0 background logit); False for [R, K] (the zero-shot branch's
-    transformer path, spec §11.2). Use :func:`foreground_probs` rather than slicing ``[:, :-1]``.
+    ResNet classifier with its constant-0 background logit); False for [R, K] (the zero-shot branch's transformer
+    path). Use :func:`foreground_probs` rather than slicing ``[:, :-1]``.
     """
 
     has_background: bool
+    rpn: Optional[nn.Module]
+    bbox_pred: Optional[nn.Module]
+    mask_head: Optional[nn.Module]
 
     @property
-    def embed_dim(self) -> int:
-        """D, the width of region and class embeddings."""
+    def embed_dim(self) -> int: ...
 
-    def compute_features(self, images: Sequence[Tensor]) -> Tensor:
-        """uint8 resized images [3, h_i, w_i] -> the padded batch's feature map [B, C, H', W']."""
+    @property
+    def device(self) -> torch.device: ...
 
-    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], **kwargs: Any) -> Tensor:
-        """features from :meth:`compute_features`, per-image [R_i, 4] XYXY boxes (resized pixels) -> [sum R_i, D]
-        raw region embeddings in input order."""
+    def compute_features(self, images: Sequence[Tensor]) -> Tensor: ...
 
-    def classify(self, region_emb: Tensor, class_embeddings: Optional[Tensor] = None) -> Tensor:
-        """[R, D] region embeddings, [K, D] class embeddings (any norm; default the set vocabulary) -> softmax
-        probabilities [R, K+1] (``has_background``) or [R, K]."""
+    def propose(self, images: Sequence[Tensor]) -> list[Proposals]: ...
+
+    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
+                       return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]: ...
+
+    def classify(self, region_emb: Tensor, class_embeddings: Tensor) -> Tensor: ...
+
+    def predict_boxes(self, region_emb: Tensor, proposal_boxes: Tensor) -> Tensor: ...
+
+    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256
+                      ) -> list[Tensor]: ...
 
 
-def foreground_probs(detector: Any, probs: Tensor) -> Tensor:
-    """[R, K] class probabilities of ``detector.classify``'s output, whichever classifier produced it."""
-    return probs[:, :-1] if getattr(detector, "has_background", True) else probs
+def foreground_probs(has_background: bool, probs: Tensor) -> Tensor:
+    """[R, K] class probabilities of a ``classify`` output, whichever classifier produced it."""
+    return probs[:, :-1] if has_background else probs

@@ -4,12 +4,21 @@ State-dict keys equal the released checkpoints' ``lang_encoder.*`` keys without 
 OpenAI CLIP's top-level text keys: ``token_embedding.weight``, ``positional_embedding``,
 ``transformer.resblocks.N.{attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.*, ln_1.*, mlp.c_fc.*,
 mlp.c_proj.*, ln_2.*}``, ``ln_final.*``, ``text_projection``.
+
+Fast path for many short prompts (:class:`PrefixedTokens`): prompts built from templates share their leading
+tokens (``[SOT] a photo of a``). Under the causal mask the hidden states - hence every layer's keys and values -
+at those positions do not depend on what follows, so they are computed once per template
+(:meth:`CLIPTextTransformer.encode_prefixes`) and each prompt runs only its own tail, from the first token that
+differs up to the pooled (EOT) token. The tails are packed without padding for the per-token layers (projections,
+MLP, LayerNorm: almost all the FLOPs); only the tiny attention step uses a padded layout with a mask. Results
+equal :meth:`CLIPTextTransformer.encode_text` on the full prompts up to float rounding.
 """
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +72,104 @@ class Transformer(nn.Module):
         return self.resblocks(x)
 
 
+@dataclass(frozen=True)
+class PrefixStates:
+    """Per-layer attention keys/values of P token prefixes, right-padded to Lp (from
+    :meth:`CLIPTextTransformer.encode_prefixes`).
+
+    Attributes:
+        keys, values: one Tensor[P, heads, Lp, width / heads] per layer.
+        lengths: LongTensor[P], the real length of each prefix (<= Lp).
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    lengths: Tensor
+
+
+@dataclass(frozen=True)
+class PrefixedTokens:
+    """A batch of B prompts given as (shared prefix, own tail), for :meth:`CLIPTextTransformer.encode_text`.
+
+    Prompt b = the first ``prefix_lengths[b]`` tokens of prefix ``prefix_index[b]`` of ``prefix``, followed by
+    ``tokens[b]`` (right-padded with anything smaller than the pooled id). The pooled position (the largest
+    token id of the whole prompt) must lie in the tail: callers cut the shared part before it.
+
+    Attributes:
+        tokens: LongTensor[B, S], the tails.
+        prefix: the prefixes' per-layer keys/values.
+        prefix_index: LongTensor[B], which prefix each prompt continues.
+        prefix_lengths: LongTensor[B], how many of that prefix's tokens the prompt shares (0 = none).
+    """
+
+    tokens: Tensor
+    prefix: PrefixStates
+    prefix_index: Tensor
+    prefix_lengths: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """``tokens.shape``: [B, S] (so code that counts prompts by ``tokens.shape[0]`` works unchanged)."""
+        return self.tokens.shape
+
+
+def _attend(block: "ResidualAttentionBlock", x: Tensor, lay: "_PackedLayout", past: Optional[tuple[Tensor, Tensor]],
+            last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One block's attention on packed tails.
+
+    Args:
+        x: Tensor[N, W], the N packed tail tokens (rows one after another, no padding).
+        past: prefix keys/values gathered per row, each [B, H, Lp, hd] (or None).
+        last_only: compute the attention output only at each row's last token (enough for the final layer).
+
+    Returns:
+        (attention output [N, W] or [B, W] with ``last_only``, own keys [B, H, S, hd], own values).
+    """
+    attn = block.attn
+    heads, width = attn.heads, x.shape[-1]
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [N, 3W]
+    # scatter into the padded [B, S] layout for attention only (all other ops stay packed)
+    padded = qkv.new_zeros(lay.rows * lay.span, 3 * width).index_copy_(0, lay.flat, qkv)
+    q, k, v = padded.view(lay.rows, lay.span, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    mask = lay.mask
+    if last_only:
+        rows = torch.arange(lay.rows, device=x.device)
+        q = q[rows, :, lay.lengths - 1].unsqueeze(2)  # [B, H, 1, hd]
+        mask = mask[rows, :, lay.lengths - 1].unsqueeze(2)  # [B, 1, 1, Lp + S]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, S or 1, hd]
+    out = out.transpose(1, 2).reshape(-1, width)
+    if not last_only:
+        out = out.index_select(0, lay.flat)
+    return attn.out_proj(out), k, v
+
+
+@dataclass(frozen=True)
+class _PackedLayout:
+    """Index bookkeeping for B variable-length rows packed into N tokens (row-major)."""
+
+    rows: int
+    span: int  # S, the longest row
+    lengths: Tensor  # [B]
+    flat: Tensor  # [N] position of each packed token in the padded [B * S] layout
+    last: Tensor  # [B] packed index of each row's last token
+    positions: Tensor  # [N] absolute position (prefix length + index in the tail)
+    mask: Tensor  # bool [B, 1, S, Lp + S]: True = may attend (prefix part, then causal own part)
+
+    @staticmethod
+    def build(lengths: Tensor, prefix_lengths: Tensor, prefix_span: int) -> "_PackedLayout":
+        device = lengths.device
+        rows, span = lengths.numel(), int(lengths.max())
+        row_of = torch.repeat_interleave(torch.arange(rows, device=device), lengths)
+        ends = lengths.cumsum(0)
+        within = torch.arange(row_of.numel(), device=device) - (ends - lengths)[row_of]
+        own = torch.ones(span, span, dtype=torch.bool, device=device).tril()
+        pre = torch.arange(prefix_span, device=device)[None] < prefix_lengths[:, None]  # [B, Lp]
+        mask = torch.cat([pre[:, None, :].expand(rows, span, prefix_span), own.expand(rows, span, span)], -1)
+        return _PackedLayout(rows, span, lengths, row_of * span + within, ends - 1,
+                             prefix_lengths[row_of] + within, mask[:, None])
+
+
 class CLIPTextTransformer(nn.Module):
     """CLIP text tower: token + positional embedding, causal transformer, ``ln_final``, EOT pooling, projection.
 
@@ -95,19 +202,24 @@ class CLIPTextTransformer(nn.Module):
     def width(self) -> int:
         return self.transformer.width
 
-    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+    def encode_text(self, tokens: Union[Tensor, PrefixedTokens], normalize: bool = False) -> Tensor:
         """Text features from token ids.
 
         Args:
             tokens: LongTensor[B, L] as produced by :class:`regionclip.text.tokenizer.ClipTokenizer`, L <=
                 context_length. L may be shorter than 77: with a causal mask, positions after the pooled one
                 cannot change it, so trailing padding can be dropped (results agree to float rounding).
+                Or a :class:`PrefixedTokens` batch (template prompts sharing prefixes; same result up to float
+                rounding, several times less work, see the module docstring).
             normalize: L2-normalise the output. RegionCLIP's concept embeddings are *not* normalised.
 
         Returns:
             Tensor[B, embed_dim], the hidden state at the position of the largest token id (the EOT when it
             was not truncated away) after ``ln_final``, times ``text_projection``.
         """
+        if isinstance(tokens, PrefixedTokens):
+            out = self._encode_prefixed(tokens)
+            return F.normalize(out, dim=-1) if normalize else out
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
         length = tokens.shape[1]
@@ -125,6 +237,61 @@ class CLIPTextTransformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.encode_text(tokens)
+
+    def encode_prefixes(self, tokens: Tensor, lengths: Tensor) -> PrefixStates:
+        """Every layer's keys/values over P token prefixes (for :class:`PrefixedTokens`).
+
+        Args:
+            tokens: LongTensor[P, Lp], right-padded prefixes (e.g. ``[SOT] a photo of a`` per template).
+            lengths: LongTensor[P], real lengths, each >= 1.
+        """
+        lengths = lengths.to(tokens.device)
+        if tokens.dim() != 2 or lengths.shape != tokens.shape[:1] or int(lengths.min()) < 1:
+            raise ValueError(f"prefixes must be [P, Lp] with P lengths >= 1, got {tuple(tokens.shape)} and "
+                             f"{lengths.tolist()}")
+        lay = _PackedLayout.build(lengths, torch.zeros_like(lengths), 0)
+        x = self._embed(tokens.reshape(-1)[_row_major(tokens, lengths)], lay.positions)
+        keys, values = [], []
+        blocks = list(self.transformer.resblocks)
+        for i, block in enumerate(blocks):
+            a, k, v = _attend(block, x, lay, None, last_only=False)
+            keys.append(k.contiguous())
+            values.append(v.contiguous())
+            if i + 1 < len(blocks):  # the last block's output is never used, only its keys/values
+                x = x + a
+                x = x + block.mlp(block.ln_2(x))
+        return PrefixStates(tuple(keys), tuple(values), lengths)
+
+    def _encode_prefixed(self, batch: PrefixedTokens) -> Tensor:
+        """:meth:`encode_text` for a :class:`PrefixedTokens` batch -> Tensor[B, embed_dim]."""
+        tokens = batch.tokens
+        lengths = tokens.argmax(dim=-1) + 1  # the tail ends at the pooled token; later padding is irrelevant
+        plen = batch.prefix_lengths.to(tokens.device)
+        if int((plen + lengths).max()) > self.context_length:
+            raise ValueError(f"prefix + tail exceed the context length {self.context_length}")
+        pre = batch.prefix
+        lay = _PackedLayout.build(lengths, plen, pre.keys[0].shape[2])
+        idx = batch.prefix_index.to(tokens.device)
+        x = self._embed(tokens.reshape(-1)[_row_major(tokens, lengths)], lay.positions)
+        blocks = list(self.transformer.resblocks)
+        for i, block in enumerate(blocks):
+            last = i + 1 == len(blocks)  # the final block only matters at the pooled (last) token of each row
+            a, _, _ = _attend(block, x, lay, (pre.keys[i].index_select(0, idx), pre.values[i].index_select(0, idx)),
+                              last_only=last)
+            x = (x.index_select(0, lay.last) if last else x) + a
+            x = x + block.mlp(block.ln_2(x))
+        return self.ln_final(x) @ self.text_projection
+
+    def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """Packed token ids [N] at absolute ``positions`` [N] -> Tensor[N, W] in the model's dtype."""
+        dtype = self.text_projection.dtype
+        return self.token_embedding(ids).to(dtype) + self.positional_embedding[positions].to(dtype)
+
+
+def _row_major(tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Indices into ``tokens.reshape(-1)`` of the first ``lengths[b]`` tokens of each row b, row after row."""
+    keep = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+    return keep.reshape(-1).nonzero().squeeze(1)
 
 
 def build_text_encoder(cfg: ClipTextConfig) -> CLIPTextTransformer:

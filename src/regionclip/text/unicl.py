@@ -1,4 +1,6 @@
-"""The zero-shot branch's UniCL-style text encoder and its class-embedding procedure (spec §11.3).
+"""The zero-shot branch's class-embedding procedure and HF-style tokenization (docs/DESIGN.md#zero-shot-branch).
+
+The text encoder module itself is :class:`regionclip.modeling.unicl_text.UniCLTextEncoder`.
 
 Module layout (our keys = the branch's ``roi_heads.box_predictor.lang_encoder.*`` minus that prefix):
 ``lang_encoder.{token_embedding.weight, positional_embedding, resblocks.N.{attn.in_proj_weight, attn.in_proj_bias,
@@ -21,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modeling.text_encoder import QuickGELU
+from ..modeling.text_encoder import CLIPTextTransformer
+from ..modeling.unicl_text import UniCLTextEncoder
 from .tokenizer import CONTEXT_LENGTH, ClipTokenizer, default_tokenizer
 
 # The branch's get_prompt_templates() returns only the first two of the 81 templates.
 ZEROSHOT_BRANCH_TEMPLATES = ("{}.", "a photo of a {}.")
-TF_LAYERNORM_EPS = 1e-12  # UniCL's "TF-style" LayerNorm: epsilon inside the square root = nn.LayerNorm's formula
 
 
 def branch_class_name(name: str) -> str:
@@ -51,83 +53,6 @@ def tokenize_like_hf(texts: Sequence[str], tokenizer: Optional[ClipTokenizer] = 
     return ids, mask
 
 
-class _Block(nn.Module):
-    """UniCL ``ResidualAttentionBlock``: pre-LN (eps 1e-12), ``nn.MultiheadAttention`` layout, QuickGELU MLP."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"text width {width} is not divisible by {heads} heads")
-        self.heads = heads
-        self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_1 = nn.LayerNorm(width, eps=TF_LAYERNORM_EPS)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width))]))
-        self.ln_2 = nn.LayerNorm(width, eps=TF_LAYERNORM_EPS)
-
-    def forward(self, x: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
-        """x: [B, L, W]; mask: bool [B, L], True = attend (padding masked as keys); causal: lower-triangular."""
-        b, n, w = x.shape
-        y = self.ln_1(x)
-        q, k, v = F.linear(y, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
-        if causal:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            keep = mask[:, None, None, :] if mask is not None else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        x = x + self.attn.out_proj(out.transpose(1, 2).reshape(b, n, w))
-        return x + self.mlp(self.ln_2(x))
-
-
-class _LangTransformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, context_length: int, vocab_size: int) -> None:
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.resblocks = nn.ModuleList([_Block(width, heads) for _ in range(layers)])
-        self.ln_final = nn.LayerNorm(width, eps=TF_LAYERNORM_EPS)
-
-
-class UniCLTextEncoder(nn.Module):
-    """The branch's text tower: transformer, ``ln_final``, EOT pooling, ``lang_proj``, L2 normalisation.
-
-    Args:
-        width: 512. layers: 12. heads: 8. embed_dim: ``lang_proj`` output, 512.
-        autoregressive: ``MODEL.TEXT.AUTOGRESSIVE`` - causal mask (True, the default and the Swin configs) or
-            bidirectional attention with a key-padding mask (False, the ViT / DaViT / FocalNet configs).
-    """
-
-    def __init__(self, width: int = 512, layers: int = 12, heads: int = 8, embed_dim: int = 512, *,
-                 context_length: int = CONTEXT_LENGTH, vocab_size: int = 49408, autoregressive: bool = True) -> None:
-        super().__init__()
-        self.autoregressive = autoregressive
-        self.context_length = context_length
-        self.lang_encoder = _LangTransformer(width, layers, heads, context_length, vocab_size)
-        self.lang_proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.lang_proj.shape[1])
-
-    def encode_text(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """[B, L] ids (+ [B, L] 0/1 mask) -> [B, D] embeddings divided by (norm + 1e-7), pooled at argmax(ids).
-
-        The positional embedding is added for all L = 77 positions as the branch does (it pads to 77).
-        """
-        enc = self.lang_encoder
-        if input_ids.shape[1] != enc.positional_embedding.shape[0]:
-            raise ValueError(f"UniCL text encoder needs sequences padded to {enc.positional_embedding.shape[0]} "
-                             f"tokens, got {input_ids.shape[1]}")
-        x = enc.token_embedding(input_ids) + enc.positional_embedding
-        mask = attention_mask.bool() if attention_mask is not None else None
-        for block in enc.resblocks:
-            x = block(x, mask, self.autoregressive)
-        x = enc.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)] @ self.lang_proj
-        return x / (x.norm(dim=-1, keepdim=True) + 1e-7)
-
-
 @torch.no_grad()
 def branch_class_embeddings(names: Sequence[str], encode: Callable[[list[str]], Tensor], *,
                             templates: Sequence[str] = ZEROSHOT_BRANCH_TEMPLATES) -> Tensor:
@@ -145,3 +70,32 @@ def branch_class_embeddings(names: Sequence[str], encode: Callable[[list[str]], 
         emb = encode([t.format(branch_class_name(name)) for t in templates]).float().mean(dim=0)
         rows.append(emb / emb.norm())
     return torch.stack(rows) if rows else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def zeroshot_class_embeddings(text_encoder: Optional[nn.Module], names: Sequence[str], *,
+                              device: Optional[torch.device] = None,
+                              templates: Sequence[str] = ZEROSHOT_BRANCH_TEMPLATES) -> Tensor:
+    """[K, D] class embeddings with a transformer checkpoint's own text tower, the branch's way: each name in
+    every template, prompt embeddings L2-normalised, averaged, re-normalised.
+
+    Args:
+        text_encoder: a :class:`UniCLTextEncoder` (branch checkpoints) or a CLIP text transformer (OpenAI /
+            open_clip ViT files); None when the file carried no text tower.
+    Raises:
+        ValueError: no text encoder (give a concept-embedding file instead).
+    """
+    if text_encoder is None:
+        raise ValueError("this checkpoint has no text encoder, so class names cannot be embedded: pass "
+                         "precomputed class embeddings (--concept-emb file.pth, [K, D] rows) instead")
+    enc = text_encoder
+    dev = device if device is not None else next(enc.parameters()).device
+
+    def encode(prompts: list[str]) -> Tensor:
+        if isinstance(enc, UniCLTextEncoder):
+            ids, mask = tokenize_like_hf(prompts)
+            return enc.encode_text(ids.to(dev), mask.to(dev))
+        assert isinstance(enc, CLIPTextTransformer)
+        return enc.encode_text(default_tokenizer()(prompts, enc.context_length).to(dev), normalize=True)
+
+    return branch_class_embeddings(list(names), encode, templates=templates).to(dev)

@@ -1,6 +1,6 @@
-"""Offline detectron2 RPN (localization branch): R50-FPN, R50-FPN-LSJ and R50-C4. Spec §2.2, §3.5-3.6.
+"""Offline detectron2 RPN (localization branch): R50-FPN, R50-FPN-LSJ and R50-C4 (docs/DESIGN.md#offline-rpn).
 
-Typical use::
+Typical use (the key conversion and the architecture read off the shapes live in :mod:`regionclip.checkpoint.rpn`)::
 
     sd, ignored = rpn_state_dict_from_checkpoint(torch.load(path, weights_only=True))
     rpn = build_offline_rpn(infer_rpn_config(sd, nms_thresh=0.9))
@@ -9,13 +9,12 @@ Typical use::
 """
 from .anchors import generate_cell_anchors, grid_anchors
 from .fpn import FPN
-from .loading import infer_rpn_config, rpn_state_dict_from_checkpoint
 from .model import C4Backbone, OfflineRPN, build_offline_rpn
 from .resnet import FrozenBatchNorm2d, ResNet
 from .rpn import RPN, StandardRPNHead, find_top_rpn_proposals
 
 __all__ = [
-    "OfflineRPN", "build_offline_rpn", "infer_rpn_config", "rpn_state_dict_from_checkpoint",
+    "OfflineRPN", "build_offline_rpn",
     "RPN", "StandardRPNHead", "find_top_rpn_proposals", "FPN", "ResNet", "C4Backbone", "FrozenBatchNorm2d",
     "generate_cell_anchors", "grid_anchors",
 ]

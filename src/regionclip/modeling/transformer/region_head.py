@@ -4,36 +4,27 @@ RoIAlignV2 on the stride-16 (ViT) / stride-32 (Swin, DaViT, FocalNet) map -> 14x
 -> the trunk's norm when the map is not normalised yet -> ``image_projection`` [C, D] -> cosine with the
 L2-normalised text embeddings x ``exp(logit_scale)`` -> softmax over the K classes. **No background column.**
 
-:class:`TransformerRegionDetector` reuses everything of :class:`~regionclip.modeling.detector.RegionCLIPDetector`
-above the region embedding (preprocessing, the optional offline RPN, user boxes, post-processing, rescaling), so
-every entry point that accepts a ``RegionCLIPDetector`` accepts it (see
-:class:`regionclip.modeling.recognizer.RegionRecognizer`).
+:class:`TransformerRegionDetector` implements the same
+:class:`regionclip.modeling.recognizer.RegionRecognizer` interface as the CLIP-ResNet detector, so the one
+pipeline (:mod:`regionclip.pipeline`) drives both.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from ...config import InputConfig, PostprocessConfig
-from ..detector import RegionCLIPDetector
+from ...config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+from ...structures import Proposals
+from ..detector import boxes_to_rois, normalize_and_pad
 from .timm_trunks import TimmTrunk
 from .vit import VisionTransformerTrunk
 
 Trunk = Union[VisionTransformerTrunk, TimmTrunk]
-
-
-def boxes_to_rois(boxes: Sequence[Tensor], like: Tensor) -> Tensor:
-    """Per-image [R_i, 4] XYXY boxes -> [sum R_i, 5] RoIs (batch index first) on ``like``'s device/dtype."""
-    if not len(boxes):
-        return like.new_zeros(0, 5)
-    return torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=like.device, dtype=like.dtype),
-                                 b.to(like.device, like.dtype).reshape(-1, 4)], dim=1)
-                      for i, b in enumerate(boxes)], dim=0)
 
 
 def pool_regions(feature_map: Tensor, rois: Tensor, stride: int, output_size: int = 14,
@@ -88,91 +79,85 @@ class TransformerRegionEncoder(nn.Module):
         return pooled @ self.image_projection.to(pooled.dtype)
 
 
-class TransformerRegionDetector(RegionCLIPDetector):
+class TransformerRegionDetector(nn.Module):
     """Zero-shot region recognition/detection with a transformer image tower (no background column).
 
+    Implements :class:`regionclip.modeling.recognizer.RegionRecognizer` next to the CLIP-ResNet detector (no
+    inheritance; the pipeline drives both the same way).
+
     Args:
-        encoder: :class:`TransformerRegionEncoder`.
+        encoder: :class:`TransformerRegionEncoder` (keys ``backbone.*``).
         rpn: optional offline RPN (proposal mode); without it, regions are user / GT boxes.
-        text_encoder: optional text tower used by :meth:`encode_class_names` (a
-            :class:`regionclip.text.unicl.UniCLTextEncoder` for branch checkpoints, a
-            :class:`regionclip.modeling.text_encoder.CLIPTextTransformer` for OpenAI / open_clip ViTs).
+        text_encoder: the checkpoint's text tower, kept with the model it belongs to (a
+            :class:`regionclip.modeling.unicl_text.UniCLTextEncoder` for branch checkpoints, a
+            :class:`regionclip.modeling.text_encoder.CLIPTextTransformer` for OpenAI / open_clip ViTs); the
+            class-embedding procedure is :func:`regionclip.text.unicl.zeroshot_class_embeddings`.
         logit_scale: initial log of the classifier's scale (the learned scalar is loaded from the checkpoint;
             ``log(1/0.07)`` is CLIP's initial value, 100 = exp(4.605) its trained clamp).
-        templates: prompt templates for :meth:`encode_class_names` (default the branch's two).
-    Other arguments as :class:`RegionCLIPDetector`.
     """
 
     has_background = False
+    bbox_pred = None  # the zero-shot branch has no box regression and no mask head
+    mask_head = None
 
     def __init__(self, encoder: TransformerRegionEncoder, rpn: Optional[nn.Module] = None, *,
-                 text_encoder: Optional[nn.Module] = None, input_cfg: InputConfig = InputConfig(),
-                 postprocess_cfg: PostprocessConfig = PostprocessConfig(), pooler_resolution: int = 14,
-                 sampling_ratio: int = 0, region_chunk_size: int = 256, logit_scale: float = math.log(1 / 0.07),
-                 templates: Optional[Sequence[str]] = None) -> None:
-        super().__init__(encoder, rpn, input_cfg=input_cfg, postprocess_cfg=postprocess_cfg,  # type: ignore[arg-type]
-                         pooler_resolution=pooler_resolution, sampling_ratio=sampling_ratio,
-                         region_chunk_size=region_chunk_size)
+                 text_encoder: Optional[nn.Module] = None, pooler_resolution: int = 14, sampling_ratio: int = 0,
+                 logit_scale: float = math.log(1 / 0.07),
+                 pixel_mean: Sequence[float] = CLIP_PIXEL_MEAN, pixel_std: Sequence[float] = CLIP_PIXEL_STD) -> None:
+        super().__init__()
+        self.backbone = encoder
+        self.rpn = rpn
+        self.pooler_resolution = pooler_resolution
+        self.sampling_ratio = sampling_ratio
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
         self.text_encoder = text_encoder
-        from ...text.unicl import ZEROSHOT_BRANCH_TEMPLATES
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
 
-        self.templates = list(templates) if templates is not None else list(ZEROSHOT_BRANCH_TEMPLATES)
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.output_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
 
     # ------------------------------------------------------------------ RegionRecognizer
-    def compute_res4(self, images: Sequence[Tensor]) -> Tensor:
-        """uint8 resized images -> the trunk's map [B, C, H', W'] of the padded batch (name kept from the
-        ResNet detector, whose callers use it; :meth:`compute_features` is the interface name)."""
-        return self.backbone.forward_dense(self.normalize_batch(images))
+    def compute_features(self, images: Sequence[Tensor]) -> Tensor:
+        """uint8 resized images -> the trunk's map [B, C, H', W'] of the padded batch."""
+        return self.backbone.forward_dense(normalize_and_pad(images, self.pixel_mean, self.pixel_std))
 
-    def encode_regions(self, res4: Tensor, boxes: Sequence[Tensor], *, return_res5: bool = False,
-                       chunk_size: Optional[int] = None) -> Any:
+    def propose(self, images: Sequence[Tensor]) -> list[Proposals]:
+        if self.rpn is None:
+            raise RuntimeError("this model has no region proposal network: pass boxes (GT/user-box mode), or load "
+                               "RPN weights (e.g. --rpn-weights rpn_lvis_866.pth)")
+        return self.rpn([x.to(self.device).float() for x in images])
+
+    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
+                       return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Region embeddings [sum R_i, D] (raw, unnormalised, input order) for per-image [R_i, 4] XYXY boxes in
-        resized-image pixels. ``return_res5`` (mask head of the ResNet path) gives ``(emb, None)``."""
-        rois = boxes_to_rois(boxes, res4)
-        chunk = chunk_size or self.region_chunk_size or max(1, rois.shape[0])
-        embs = [self.backbone.project(pool_regions(res4, rois[s:s + chunk], self.backbone.stride,
+        resized-image pixels; no res5 maps on this path (second element None)."""
+        rois = boxes_to_rois(boxes, features)
+        chunk = max(1, int(chunk_size))
+        embs = [self.backbone.project(pool_regions(features, rois[s:s + chunk], self.backbone.stride,
                                                    self.pooler_resolution, self.sampling_ratio))
                 for s in range(0, rois.shape[0], chunk)]
-        emb = torch.cat(embs) if embs else res4.new_zeros(0, self.embed_dim)
-        return (emb, None) if return_res5 else emb
+        emb = torch.cat(embs) if embs else features.new_zeros(0, self.embed_dim)
+        return emb, None
 
-    def classify(self, region_emb: Tensor, class_embeddings: Optional[Tensor] = None) -> Tensor:
+    def classify(self, region_emb: Tensor, class_embeddings: Tensor) -> Tensor:
         """[R, D] region embeddings -> [R, K] softmax of ``exp(logit_scale) * cos`` (no background)."""
-        emb = self.class_embeddings if class_embeddings is None else class_embeddings.to(region_emb.device)
-        if emb.numel() == 0:
-            raise ValueError("no vocabulary set: pass class embeddings or call set_vocabulary() "
-                             "(CLI: --vocab 'cat,dog' or --concept-emb file.pth)")
+        emb = class_embeddings.to(region_emb.device)
         if emb.shape[-1] != region_emb.shape[-1]:
             raise ValueError(f"region embeddings are {region_emb.shape[-1]}-d but class embeddings are "
                              f"{emb.shape[-1]}-d: compute the class embeddings with this checkpoint's text encoder")
-        x = F.normalize(region_emb.float(), dim=-1)
-        w = F.normalize(emb.float(), dim=-1)
-        return F.softmax(self.logit_scale.float().exp() * (x @ w.t()), dim=-1)
+        with torch.autocast(device_type=region_emb.device.type, enabled=False):
+            x = F.normalize(region_emb.float(), dim=-1)
+            w = F.normalize(emb.float(), dim=-1)
+            return F.softmax(self.logit_scale.float().exp() * (x @ w.t()), dim=-1)
 
-    # ------------------------------------------------------------------ vocabulary from names
-    @torch.no_grad()
-    def encode_class_names(self, names: Sequence[str], templates: Optional[Sequence[str]] = None) -> Tensor:
-        """[K, D] class embeddings with this model's text encoder, the branch's way (spec §11.3): each name in
-        every template, prompt embeddings L2-normalised, averaged, re-normalised.
+    def predict_boxes(self, region_emb: Tensor, proposal_boxes: Tensor) -> Tensor:
+        return proposal_boxes
 
-        Raises:
-            ValueError: the checkpoint carried no text encoder (give a concept-embedding file instead).
-        """
-        from ...text.unicl import UniCLTextEncoder, branch_class_embeddings, tokenize_like_hf
-
-        enc = self.text_encoder
-        if enc is None:
-            raise ValueError("this checkpoint has no text encoder, so class names cannot be embedded: pass "
-                             "precomputed class embeddings (--concept-emb file.pth, [K, D] rows) instead")
-        device = self.device
-
-        def encode(prompts: list[str]) -> Tensor:
-            if isinstance(enc, UniCLTextEncoder):
-                ids, mask = tokenize_like_hf(prompts)
-                return enc.encode_text(ids.to(device), mask.to(device))
-            from ...text.tokenizer import default_tokenizer
-
-            return enc.encode_text(default_tokenizer()(prompts, enc.context_length).to(device), normalize=True)
-
-        return branch_class_embeddings(list(names), encode, templates=templates or self.templates).to(device)
+    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256) -> list[Tensor]:
+        raise RuntimeError("transformer region detectors have no mask head")

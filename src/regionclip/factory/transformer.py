@@ -1,7 +1,8 @@
 """Build transformer region detectors from weight files (architectures read off tensor shapes).
 
-Entry point: :func:`load_transformer_detector`, which :func:`regionclip.factory.load_detector` calls when
-:func:`regionclip.checkpoint.zeroshot_branch.transformer_layout` recognises the file.
+Part of the one builder (:mod:`regionclip.factory`): :func:`load_transformer_detector` is what
+:func:`regionclip.factory.load_detector` calls when :func:`regionclip.checkpoint.zeroshot_branch.transformer_layout`
+recognises the file.
 """
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ...checkpoint.io import CheckpointError, LoadReport, load_into, load_state_dict
-from ...checkpoint.zeroshot_branch import (BranchSplit, split_branch_state_dict, split_openai_vit_state_dict,
-                                           timm_vit_to_ours, transformer_layout)
-from ...config import InputConfig, PostprocessConfig
-from .region_head import TransformerRegionDetector, TransformerRegionEncoder
-from .timm_trunks import BRANCH_CONFIGS, TimmTrunk, convert_microsoft_layout, infer_timm_config
-from .vit import VisionTransformerTrunk, interpolate_grid_embedding
+from ..checkpoint.io import CheckpointError, LoadReport, load_into, load_state_dict
+from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from ..checkpoint.zeroshot_branch import (BranchSplit, ours_to_timm_vit, split_branch_state_dict,
+                                          split_openai_vit_state_dict, timm_vit_to_ours, transformer_layout)
+from ..modeling.rpn import build_offline_rpn
+from ..modeling.text_encoder import build_text_encoder, text_config_from_state_dict
+from ..modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder
+from ..modeling.transformer.timm_trunks import BRANCH_CONFIGS, TimmTrunk, convert_microsoft_layout, infer_timm_config
+from ..modeling.transformer.vit import VisionTransformerTrunk, interpolate_grid_embedding
+from ..modeling.unicl_text import UniCLTextEncoder
 
 PathLike = Union[str, os.PathLike]
 BRANCH_VIT_IMG_SIZE = 224  # MODEL.VIT.IMG_SIZE of the branch's ViT configs: the model's own positional grid
@@ -49,9 +53,8 @@ def build_vit_trunk(sd: Mapping[str, Tensor], *, layout: str, act: Optional[str]
 
 
 def build_unicl_text_encoder(sd: Mapping[str, Tensor], autoregressive: bool) -> nn.Module:
-    """A :class:`regionclip.text.unicl.UniCLTextEncoder` shaped like ``sd`` (keys ``lang_encoder.*``, ``lang_proj``)."""
-    from ...text.unicl import UniCLTextEncoder
-
+    """A :class:`regionclip.modeling.unicl_text.UniCLTextEncoder` shaped like ``sd`` (keys ``lang_encoder.*``,
+    ``lang_proj``)."""
     vocab, width = sd["lang_encoder.token_embedding.weight"].shape
     layers = len({int(m.group(1)) for k in sd if (m := re.match(r"lang_encoder\.resblocks\.(\d+)\.", k))})
     return UniCLTextEncoder(int(width), layers, int(width) // 64, int(sd["lang_proj"].shape[1]),
@@ -91,12 +94,10 @@ def _branch_trunk(split: BranchSplit, act: Optional[str]) -> tuple[nn.Module, di
 
 
 def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rpn_weights: Optional[PathLike] = None,
-                              *, postprocess: Optional[PostprocessConfig] = None,
-                              rpn_overrides: Optional[dict[str, Any]] = None, use_rpn: bool = True,
+                              *, rpn_overrides: Optional[dict[str, Any]] = None, use_rpn: bool = True,
                               strict: bool = True, device: Union[str, torch.device] = "cpu",
-                              region_chunk_size: int = 256, act: Optional[str] = None,
-                              autoregressive: Optional[bool] = None,
-                              input_cfg: InputConfig = InputConfig()) -> tuple[TransformerRegionDetector, LoadReport]:
+                              act: Optional[str] = None, autoregressive: Optional[bool] = None
+                              ) -> tuple[TransformerRegionDetector, LoadReport]:
     """Build and load a transformer region detector from an OpenAI / open_clip CLIP ViT file or a zero-shot-branch
     checkpoint (ViT / Swin / DaViT / FocalNet), plus an optional detectron2 RPN file.
 
@@ -116,8 +117,6 @@ def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rp
         trunk: nn.Module = build_vit_trunk(trunk_sd, layout="openai", act=act)
         det_sd.update({"backbone.trunk." + k: v for k, v in trunk_sd.items()})
         if text_sd:
-            from ..text_encoder import build_text_encoder, text_config_from_state_dict
-
             text_encoder = build_text_encoder(text_config_from_state_dict(text_sd))
             det_sd.update({"text_encoder." + k: v for k, v in text_sd.items()})
     elif layout == "branch":
@@ -140,9 +139,7 @@ def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rp
                               f"{unexpected[:5]}; pass strict=False (--non-strict) to load anyway")
     rpn, rpn_sd, rpn_src = _rpn(det_sd, rpn_weights, use_rpn, rpn_overrides)
     encoder = TransformerRegionEncoder(trunk, int(det_sd["backbone.image_projection"].shape[1]))  # type: ignore[arg-type]
-    det = TransformerRegionDetector(encoder, rpn, text_encoder=text_encoder, input_cfg=input_cfg,
-                                    postprocess_cfg=postprocess or PostprocessConfig(),
-                                    region_chunk_size=region_chunk_size)
+    det = TransformerRegionDetector(encoder, rpn, text_encoder=text_encoder)
     det_sd = {k: v for k, v in det_sd.items() if not k.startswith("rpn.")}
     det_sd.update({"rpn." + k: v for k, v in rpn_sd.items()})
     # a file without a text tower (or logit scale) still classifies with given class embeddings
@@ -161,8 +158,6 @@ def _rpn(det_sd: Mapping[str, Tensor], rpn_weights: Optional[PathLike], use_rpn:
     """The offline RPN (a separate file overrides ``offline_*`` keys of the checkpoint, as the original)."""
     if not use_rpn:
         return None, {}, ""
-    from ..rpn import build_offline_rpn, infer_rpn_config, rpn_state_dict_from_checkpoint
-
     if rpn_weights is not None:
         rpn_sd, _ = rpn_state_dict_from_checkpoint(load_state_dict(rpn_weights))
         if not rpn_sd:
@@ -193,8 +188,6 @@ def export_branch_state_dict(det: TransformerRegionDetector, spelling: str = "mo
     """Our detector's weights in the zero-shot branch's layout (timm-layout trunk, ``image_projection``, UniCL text
     keys), spelled as one of :data:`BRANCH_SPELLINGS` (``"model"`` = the branch model's own state-dict names).
     Loading the result with :func:`load_transformer_detector` gives back the same detector."""
-    from ...checkpoint.zeroshot_branch import ours_to_timm_vit
-
     names = BRANCH_SPELLINGS[spelling]
     sd = det.state_dict()
     trunk = {k[len("backbone.trunk."):]: v for k, v in sd.items() if k.startswith("backbone.trunk.")}
