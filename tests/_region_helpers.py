@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -11,20 +11,26 @@ from PIL import Image
 from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, PostprocessConfig, RPNConfig
 from regionclip.factory import build_detector
 from regionclip.modeling.detector import RegionCLIPDetector
+from regionclip.pipeline import Pipeline, RunOptions
+from regionclip.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from regionclip.api import RegionCLIP
 
 TINY_CLIP = ClipResNetConfig(layers=(1, 1, 1, 1), width=8, embed_dim=16, heads=4, image_resolution=64)  # pooler 4
 TINY_RPN = RPNConfig.fpn(resnet_layers=(1, 1, 1, 1), stem_out_channels=8, width_per_group=4, res2_out_channels=16,
                          fpn_out_channels=16, post_nms_topk=50, nms_thresh=0.9)
 
 
-def tiny_detector(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_size: int = 128,
-                  chunk: int = 256, postprocess: Optional[PostprocessConfig] = None) -> RegionCLIPDetector:
+# what the tiny tests post-process with unless they say otherwise: keep everything, sigmoid objectness
+TINY_POST = PostprocessConfig(score_thresh=0.0, rpn_score="sigmoid")
+
+
+def tiny_detector(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_size: int = 128) -> RegionCLIPDetector:
     """Random-init tiny detector (float32, eval). BN statistics are randomised so FrozenBN is not an identity."""
     torch.manual_seed(seed)
     cfg = DetectorConfig(clip=TINY_CLIP, rpn=TINY_RPN if rpn else None,
-                         input=InputConfig(min_size=min_size, max_size=max_size),
-                         postprocess=postprocess or PostprocessConfig(score_thresh=0.0, rpn_score="sigmoid"),
-                         region_chunk_size=chunk)
+                         input=InputConfig(min_size=min_size, max_size=max_size))
     det = build_detector(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -34,6 +40,22 @@ def tiny_detector(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_s
             elif name.endswith(("running_mean", "bias")) and "rpn" not in name:
                 buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
     return det.eval()
+
+
+def tiny_pipeline(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_size: int = 128) -> Pipeline:
+    """:func:`tiny_detector` inside the one inference pipeline (decode, resize, regions, encode, post-process)."""
+    return Pipeline(tiny_detector(seed, rpn=rpn, min_size=min_size, max_size=max_size),
+                    InputConfig(min_size=min_size, max_size=max_size))
+
+
+def tiny_options(chunk: int = 256, postprocess: Optional[PostprocessConfig] = None, **kw) -> RunOptions:
+    return RunOptions(postprocess=postprocess or TINY_POST, chunk_size=chunk, **kw)
+
+
+def tiny_vocab(k: int = 5, seed: int = 3, dim: int = 16) -> Vocabulary:
+    """K random class embeddings named c0..c{K-1}."""
+    emb = torch.randn(k, dim, generator=torch.Generator().manual_seed(seed))
+    return Vocabulary.create(emb, [f"c{i}" for i in range(k)], embed_dim=dim)
 
 
 def random_boxes(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -58,3 +80,23 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0, pref
         Image.fromarray(arr).save(p)
         paths.append(p)
     return paths
+
+
+def tiny_model(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_size: int = 128,
+               postprocess: Optional[PostprocessConfig] = None) -> "RegionCLIP":
+    """:func:`tiny_detector` behind the :class:`~regionclip.api.RegionCLIP` front door (what the predictor and the
+    demo take), with :data:`TINY_POST` as its resolved post-processing. It has no weights file, so it cannot embed
+    class names: give it class embeddings (``set_vocabulary(names, tensor)``)."""
+    from regionclip.api import RegionCLIP
+    from regionclip.checkpoint.io import LoadReport
+    from regionclip.checkpoint.regionclip import SplitCheckpoint
+    from regionclip.factory import LoadedCheckpoint
+    from regionclip.presets import Settings
+
+    det = tiny_detector(seed, rpn=rpn, min_size=min_size, max_size=max_size)
+    input_cfg = InputConfig(min_size=min_size, max_size=max_size)
+    cfg = DetectorConfig(clip=TINY_CLIP, rpn=TINY_RPN if rpn else None, input=input_cfg)
+    settings = Settings(kind="pretrained", preset=None, regions="rpn" if rpn else "gt", vocabulary="lvis1203",
+                        postprocess=postprocess or TINY_POST, rpn=())
+    return RegionCLIP(det, LoadedCheckpoint(LoadReport("<tiny>"), SplitCheckpoint(), cfg), settings,
+                      input_cfg=input_cfg)

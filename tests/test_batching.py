@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _region_helpers import random_boxes, tiny_detector, write_images
+from _region_helpers import TINY_POST, random_boxes, tiny_pipeline, tiny_vocab, write_images
 from regionclip.data.loader import batch_by_size, items_from_inputs, make_loader
-from regionclip.engine.extract import ExtractConfig, autocast_context, extract_batch
+from regionclip.engine.extract import ExtractConfig, extract_batch
+from regionclip.utils import autocast_context
 
 # float32 "equal": oneDNN's conv blocking depends on the batch size, so a batch can differ from single images by a
 # few ulp (measured ≤ 1e-7 here); no padding is involved because only equal sizes are batched
@@ -41,38 +42,44 @@ def test_batch_by_size_bounds_pending_items() -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_loader_decodes_like_detector_prepare(tmp_path, workers: int) -> None:
-    det = tiny_detector()
+def test_loader_decodes_like_pipeline_prepare(tmp_path, workers: int) -> None:
+    pipe = tiny_pipeline()
     write_images(tmp_path, [(90, 140), (120, 80), (64, 64)])
     (tmp_path / "broken.png").write_bytes(b"not an image")
     items = items_from_inputs([tmp_path])
-    got = list(make_loader(items, det.input_cfg, num_workers=workers))
+    got = list(make_loader(items, pipe.input_cfg, num_workers=workers))
     assert [g.index for g in got] == list(range(4))
     assert got[0].error and "broken.png" in got[0].error  # sorted first; reported, not raised
     for g in got[1:]:
-        ref = det.prepare(items[g.index].file_name)
+        ref = pipe.prepare(items[g.index].file_name)
         assert torch.equal(g.prepared.image, ref.image)
         assert g.prepared.original_hw == ref.original_hw and g.prepared.resized_hw == ref.resized_hw
 
 
 @pytest.fixture(scope="module")
 def same_size(tmp_path_factory):
-    det = tiny_detector(seed=2, rpn=True)
+    pipe = tiny_pipeline(seed=2, rpn=True)
     paths = write_images(tmp_path_factory.mktemp("same"), [(90, 140)] * 3, seed=4)
-    prepared = [det.prepare(p) for p in paths]
+    prepared = [pipe.prepare(p) for p in paths]
     boxes = [random_boxes(17 + 5 * i, 90, 140, seed=i) for i in range(3)]
-    return det, prepared, boxes
+    return pipe, prepared, boxes
+
+
+def _user_regions(pipe, prepared, boxes):
+    """Original-frame user boxes -> the resized-frame regions extract_batch takes (as Pipeline.iter_batches)."""
+    return [pipe.user_regions(b, p) for b, p in zip(boxes, prepared)]
 
 
 @pytest.mark.parametrize("regions", ["boxes", "rpn", "detections"])
 def test_batched_equals_one_at_a_time(same_size, regions: str) -> None:
-    det, prepared, boxes = same_size
-    vocab = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    pipe, prepared, boxes = same_size
     cfg = ExtractConfig(regions=regions, topk=30, chunk_size=8)
-    kw = dict(class_embeddings=vocab)
-    batched = extract_batch(det, prepared, cfg, boxes=boxes if regions == "boxes" else None, **kw)
-    single = [extract_batch(det, [p], ExtractConfig(regions=regions, topk=30, chunk_size=10**6),
-                            boxes=[b] if regions == "boxes" else None, **kw)[0] for p, b in zip(prepared, boxes)]
+    kw = dict(vocabulary=tiny_vocab(5, seed=3), postprocess=TINY_POST)
+    batched = extract_batch(pipe, prepared, cfg,
+                            regions=_user_regions(pipe, prepared, boxes) if regions == "boxes" else None, **kw)
+    single = [extract_batch(pipe, [p], ExtractConfig(regions=regions, topk=30, chunk_size=10**6),
+                            regions=_user_regions(pipe, [p], [b]) if regions == "boxes" else None, **kw)[0]
+              for p, b in zip(prepared, boxes)]
     for a, b in zip(batched, single):
         assert a.keys() == b.keys() and len(a["feats"]) > 0
         for k in a:
@@ -84,9 +91,10 @@ def test_batched_equals_one_at_a_time(same_size, regions: str) -> None:
 
 
 def test_bfloat16_autocast_on_cpu_is_close_and_float16_needs_gpu(same_size) -> None:
-    det, prepared, boxes = same_size
-    ref = extract_batch(det, prepared[:1], ExtractConfig(regions="boxes"), boxes=boxes[:1])[0]["feats"]
-    low = extract_batch(det, prepared[:1], ExtractConfig(regions="boxes", dtype="bfloat16"), boxes=boxes[:1])[0]
+    pipe, prepared, boxes = same_size
+    regions = _user_regions(pipe, prepared[:1], boxes[:1])
+    ref = extract_batch(pipe, prepared[:1], ExtractConfig(regions="boxes"), regions=regions)[0]["feats"]
+    low = extract_batch(pipe, prepared[:1], ExtractConfig(regions="boxes", dtype="bfloat16"), regions=regions)[0]
     assert low["feats"].dtype == torch.float32  # stored in float32 whatever the compute dtype
     cos = F.cosine_similarity(ref, low["feats"], dim=1)
     print(f"tiny model bf16 vs fp32 region-embedding cosine: min {cos.min():.4f}")
@@ -97,23 +105,23 @@ def test_bfloat16_autocast_on_cpu_is_close_and_float16_needs_gpu(same_size) -> N
 
 
 def test_bfloat16_compute_dtype_keeps_classifier_float32(demo_images):
-    """detect with compute_dtype bfloat16: outputs float32, close to float32 compute; classifier runs in float32."""
-    import torch
-
+    """detect with RunOptions(dtype="bfloat16"): outputs float32, close to float32 compute; classifier in float32."""
     from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig
     from regionclip.factory import build_detector
+    from regionclip.pipeline import Pipeline, RunOptions
+    from regionclip.vocab import Vocabulary
 
     torch.manual_seed(0)
+    input_cfg = InputConfig(min_size=64, max_size=128)
     det = build_detector(DetectorConfig(clip=ClipResNetConfig(layers=(1, 1, 1, 1), width=8, embed_dim=16, heads=2,
-                                                              image_resolution=64),
-                                        input=InputConfig(min_size=64, max_size=128))).eval()
-    det.set_vocabulary(torch.randn(3, 16), ["a", "b", "c"])
+                                                              image_resolution=64), input=input_cfg)).eval()
+    pipe = Pipeline(det, input_cfg)
+    vocab = Vocabulary.create(torch.randn(3, 16), ["a", "b", "c"], embed_dim=16)
     boxes = [[[0, 0, 900, 700], [800, 100, 1900, 1000]]]
-    ref = det.detect([demo_images[0]], boxes, keep_probs=True)[0]
-    det.compute_dtype = "bfloat16"
-    out = det.detect([demo_images[0]], boxes, keep_probs=True)[0]
+    ref = pipe.detect([demo_images[0]], vocab, RunOptions(keep_probs=True), boxes=boxes)[0]
+    out = pipe.detect([demo_images[0]], vocab, RunOptions(keep_probs=True, dtype="bfloat16"), boxes=boxes)[0]
     assert out.probs.dtype == torch.float32 and out.scores.dtype == torch.float32
     torch.testing.assert_close(out.probs, ref.probs, atol=0.05, rtol=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        probs = det.classify(torch.randn(4, 16))
+        probs = det.classify(torch.randn(4, 16), vocab.class_embeddings)
     assert probs.dtype == torch.float32

@@ -139,6 +139,8 @@ def test_errors_are_retried_and_duplicates_never_doubled(tmp_path: Path) -> None
     w.add_error("b", "cannot read b.jpg", file_name="b.jpg")
     with pytest.raises(ResultsError, match="already recorded"):
         w.add("a", make_det(2, seed=1), image_id=1)
+    with pytest.raises(ResultsError, match="label 3 but the vocabulary has 3 classes"):
+        w.add("c", Detections(torch.zeros(1, 4), torch.ones(1), torch.tensor([3]), (9, 9)), image_id=3)
     with pytest.raises(ResultsError, match="both have image_id 1"):
         w.add("c", make_det(2, seed=1), image_id=1)
     w.close()

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from _region_helpers import random_boxes, tiny_detector, write_images
-from regionclip.data.loader import attach_boxes, items_from_inputs
-from regionclip.engine.extract import ExtractConfig, extract_regions, load_regions
+from _region_helpers import random_boxes, write_images
+from regionclip.engine.extract import RegionStore, load_regions
 from regionclip.search import FaissOptions, RegionIndex
 from regionclip.search.html import contact_sheet
 
@@ -23,20 +22,29 @@ BACKENDS = ["exact", pytest.param("faiss", marks=pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None, reason="faiss-cpu not installed (pip install 'regionclip[search]')"))]
 
 
-def make_store(root: Path, n_images: int = len(SIZES), seed: int = 7) -> tuple[Path, object]:
-    """Extract user-box regions of the first ``n_images`` images into ``root/feats`` (2 images per shard);
-    re-running with more images resumes into new shards, as extract-regions does."""
+META = {"format": "regionclip-regions/1", "model": "tiny-random#0123456789abcdef", "embed_dim": 16,
+        "extract": {"regions": "boxes"}}
+
+
+def make_store(root: Path, n_images: int = len(SIZES), seed: int = 7) -> Path:
+    """A feature store of the first ``n_images`` images in ``root/feats``, written with extract-regions' own
+    writer (2 images per shard; random features, real PNG images for the crops). Re-running with more images
+    resumes into new shards, as extract-regions does."""
     paths = write_images(root / "imgs", SIZES, seed=seed)
-    boxes = {p.name: random_boxes(3 + i, h, w, seed=i).numpy() for i, (p, (h, w)) in enumerate(zip(paths, SIZES))}
-    items = attach_boxes(items_from_inputs([root / "imgs"]), boxes)[:n_images]
-    det = tiny_detector(seed=3)
-    extract_regions(det, items, root / "feats", ExtractConfig(regions="boxes", num_workers=0, shard_images=2),
-                    model_id="tiny-random", progress=False)
-    return root / "feats", det
+    with RegionStore(root / "feats", META, shard_images=2) as st:
+        for i, (p, (h, w)) in enumerate(zip(paths[:n_images], SIZES)):
+            if p.name in st.done:
+                continue
+            g = torch.Generator().manual_seed(seed * 1000 + i)  # per image: a resumed run adds the same data
+            boxes = random_boxes(3 + i, h, w, seed=i)
+            st.add({"key": p.name, "file_name": str(p), "width": w, "height": h},
+                   {"boxes": boxes, "feats": torch.randn(len(boxes), 16, generator=g) * 5,
+                    "objectness": torch.randn(len(boxes), generator=g)})
+    return root / "feats"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> tuple[Path, object]:
+def store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("search"))
 
 
@@ -59,7 +67,7 @@ def _cli(argv: list[str]) -> int:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_own_embedding_returns_that_region_first(tmp_path, store, backend) -> None:
-    feats, _ = store
+    feats = store
     idx = RegionIndex.build(feats, tmp_path / "idx", backend=backend)
     regions = _regions(feats)
     assert idx.num_regions == len(regions) and idx.embed_dim == 16
@@ -74,7 +82,7 @@ def test_own_embedding_returns_that_region_first(tmp_path, store, backend) -> No
 
 def test_faiss_ivf_with_all_lists_probed_equals_exact(tmp_path, store) -> None:
     pytest.importorskip("faiss")
-    feats, _ = store
+    feats = store
     exact = RegionIndex.build(feats, tmp_path / "exact", backend="exact", dtype="float32")
     ivf = RegionIndex.build(feats, tmp_path / "ivf", backend="faiss",
                             faiss_options=FaissOptions(ivf_min_rows=1, nlist=2, nprobe=2, train_points_per_list=8))
@@ -86,7 +94,7 @@ def test_faiss_ivf_with_all_lists_probed_equals_exact(tmp_path, store) -> None:
 
 
 def test_incremental_add_indexes_only_new_shards(tmp_path) -> None:
-    feats, _ = make_store(tmp_path, n_images=3)  # shards 0 (2 images) and 1 (1 image)
+    feats = make_store(tmp_path, n_images=3)  # shards 0 (2 images) and 1 (1 image)
     idx = RegionIndex.build(feats, tmp_path / "idx", backend="exact")
     first = tmp_path / "idx" / "segments" / "seg-00000"
     stamp = (first / "vectors.npy").stat().st_mtime_ns
@@ -109,7 +117,7 @@ def test_incremental_add_indexes_only_new_shards(tmp_path) -> None:
 def test_interrupted_build_leaves_previous_index_and_is_cleaned_up(tmp_path, monkeypatch) -> None:
     import regionclip.search.index as index_mod
 
-    feats, _ = make_store(tmp_path, n_images=3)
+    feats = make_store(tmp_path, n_images=3)
     RegionIndex.build(feats, tmp_path / "idx", backend="exact")
     before = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     make_store(tmp_path, n_images=5)
@@ -136,13 +144,13 @@ def test_interrupted_build_leaves_previous_index_and_is_cleaned_up(tmp_path, mon
 
 
 def test_width_mismatch_and_stale_or_foreign_store_are_refused(tmp_path, store) -> None:
-    feats, _ = store
+    feats = store
     idx = RegionIndex.build(feats, tmp_path / "idx", backend="exact")
     with pytest.raises(ValueError, match=r"width 24 but the regions .* are 16-d"):
         idx.search(torch.randn(24))
     with pytest.raises(ValueError, match="zero"):
         idx.search(torch.zeros(16))
-    with pytest.raises(ValueError, match="faiss.*--rebuild"):
+    with pytest.raises(ValueError, match="back-end 'exact'.*--rebuild"):
         RegionIndex.build(feats, tmp_path / "idx", backend="faiss")
     torch.save(torch.randn(24), tmp_path / "q24.pt")
     with pytest.raises(ValueError, match="width 24"):
@@ -164,21 +172,28 @@ def test_width_mismatch_and_stale_or_foreign_store_are_refused(tmp_path, store) 
     with pytest.raises(ValueError, match="other settings or another checkpoint"):
         RegionIndex.build(mixed, tmp_path / "idx2", backend="exact")
     (mixed / "shards" / "shard-00099.safetensors").unlink()
-    header["meta"]["model"] = "tiny-random"
+    header["meta"]["model"] = META["model"]
     save_file(tensors, str(mixed / "shards" / "shard-00000.safetensors"), metadata={"regionclip": json.dumps(header)})
     with pytest.raises(ValueError, match="changed since it was indexed.*--rebuild"):
         RegionIndex.build(mixed, tmp_path / "idx2", backend="exact")
     assert RegionIndex.build(mixed, tmp_path / "idx2", backend="exact", rebuild=True).num_regions == idx.num_regions
 
 
-def test_image_region_query_finds_that_region(tmp_path, store) -> None:
+def test_image_region_query_finds_that_region(tmp_path) -> None:
+    """End to end with a real (tiny random) detector: extract-regions, index, query with an image box."""
+    from _region_helpers import tiny_detector
+    from regionclip.data.loader import attach_boxes, items_from_inputs
+    from regionclip.engine.extract import ExtractConfig, extract_regions
     from regionclip.search.query import embed_image_region
 
-    feats, det = store
-    idx = RegionIndex.build(feats, tmp_path / "idx", backend="exact")
-    key, i, feat, box = _regions(feats)[4]
-    img = feats.parent / "imgs" / key
-    q = embed_image_region(det, str(img), box.tolist())
+    paths = write_images(tmp_path / "imgs", SIZES[:3], seed=3)
+    boxes = {p.name: random_boxes(4, h, w, seed=i).numpy() for i, (p, (h, w)) in enumerate(zip(paths, SIZES))}
+    det = tiny_detector(seed=3)
+    extract_regions(det, attach_boxes(items_from_inputs([tmp_path / "imgs"]), boxes), tmp_path / "feats",
+                    ExtractConfig(regions="boxes", num_workers=0), model_id="tiny", progress=False)
+    idx = RegionIndex.build(tmp_path / "feats", tmp_path / "idx", backend="exact")
+    key, i, feat, box = _regions(tmp_path / "feats")[5]
+    q = embed_image_region(det, str(tmp_path / "imgs" / key), box.tolist())
     torch.testing.assert_close(q, torch.nn.functional.normalize(feat, dim=0), rtol=1e-4, atol=1e-5)
     hit = idx.search(q, 1)[0]
     assert (hit.key, hit.box) == (key, pytest.approx(tuple(box.tolist())))
@@ -187,7 +202,7 @@ def test_image_region_query_finds_that_region(tmp_path, store) -> None:
 def test_cli_index_and_search_table_json_html_text_query(tmp_path, store, monkeypatch, capsys) -> None:
     import regionclip.search.query as query_mod
 
-    feats, _ = store
+    feats = store
     assert _cli(["index", str(feats), "-o", str(tmp_path / "idx"), "--backend", "exact", "--quiet"]) == 0
     assert re.search(r"\d+ regions added", capsys.readouterr().out)
     key, i, feat, box = _regions(feats)[6]
@@ -214,7 +229,7 @@ def test_cli_index_and_search_table_json_html_text_query(tmp_path, store, monkey
 
 
 def test_contact_sheet_marks_missing_images(tmp_path, store) -> None:
-    feats, _ = store
+    feats = store
     idx = RegionIndex.build(feats, tmp_path / "idx", backend="exact")
     hits = idx.search(torch.randn(16), 3)
     moved = [h.__class__(**{**h.to_dict(), "path": None, "file_name": "gone/" + h.key}) for h in hits]
@@ -228,7 +243,7 @@ def test_contact_sheet_marks_missing_images(tmp_path, store) -> None:
 def test_demo_tab_search_gallery(tmp_path, store) -> None:
     from regionclip.search.demo_tab import build_search_tab, search_gallery
 
-    feats, _ = store
+    feats = store
     idx = RegionIndex.build(feats, tmp_path / "idx", backend="exact")
     key, i, feat, box = _regions(feats)[2]
     items, status = search_gallery(idx, lambda names: feat[None].repeat(len(names), 1), "x", 5)

@@ -24,7 +24,7 @@ from torch import Tensor
 from .checkpoint.io import read_weight_file
 from .checkpoint.regionclip import class_embedding_file
 from .config import InputConfig
-from .data.images import ImageInput
+from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import InferenceItem
 from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_detector, read_checkpoint
 from .modeling.recognizer import RegionRecognizer
@@ -178,7 +178,7 @@ class RegionCLIP:
     # ------------------------------------------------------------------ inference
     def run_options(self, *, batch_size: int = 1, dtype: str = "float32", chunk_size: int = 256,
                     max_proposals: Optional[int] = None, skip_unreachable: bool = True, keep_probs: bool = False,
-                    keep_features: bool = False, num_workers: int = 0, max_pixels: Optional[int] = None,
+                    keep_features: bool = False, num_workers: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                     pad_mixed_sizes: bool = False, **postprocess_overrides: Any) -> RunOptions:
         """:class:`RunOptions` from this model's resolved settings plus per-call overrides."""
         post = replace(self.settings.postprocess, **postprocess_overrides)

@@ -78,7 +78,7 @@ def _dataclass_in(tp: Any) -> Optional[type]:
 
 @dataclass(frozen=True)
 class ClipResNetConfig:
-    """CLIP ModifiedResNet (recognition branch). Spec §1.1."""
+    """CLIP ModifiedResNet (recognition branch). docs/DESIGN.md#architecture.1."""
 
     layers: Tuple[int, int, int, int] = (3, 4, 6, 3)
     width: int = 64
@@ -115,7 +115,7 @@ class ClipResNetConfig:
 
 @dataclass(frozen=True)
 class ClipTextConfig:
-    """CLIP text transformer (``lang_encoder``). Spec §1.5."""
+    """CLIP text transformer (``lang_encoder``). docs/DESIGN.md#architecture.5."""
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -135,7 +135,7 @@ class ClipTextConfig:
 
 @dataclass(frozen=True)
 class RPNConfig:
-    """Offline detectron2 RPN (localization branch). Spec §2.2, §3.5-3.6."""
+    """Offline detectron2 RPN (localization branch). docs/DESIGN.md#offline-rpn."""
 
     arch: str = "fpn"  # "fpn" (R50-FPN, p2..p6) or "c4" (R50-C4, res4)
     lsj: bool = False  # rpn_lvis_866_lsj: SyncBN-as-frozen-norm, FPN convs without bias, 2-conv head
@@ -168,7 +168,7 @@ class RPNConfig:
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Per-image post-processing of region scores. Spec §4.6-4.7."""
+    """Per-image post-processing of region scores. docs/DESIGN.md#architecture.6-4.7."""
 
     score_thresh: float = 0.001
     nms_thresh: float = 0.5
@@ -188,7 +188,7 @@ class PostprocessConfig:
 
 @dataclass(frozen=True)
 class InputConfig:
-    """Test-time preprocessing. Spec §2.1."""
+    """Test-time preprocessing. docs/DESIGN.md#architecture.1."""
 
     min_size: int = 800
     max_size: int = 1333

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .config import InputConfig, PostprocessConfig
-from .data.images import ImageInput
+from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import InferenceItem, batch_by_size, make_loader, prepare_image
 from .modeling.heads import paste_masks
 from .modeling.recognizer import RegionRecognizer
@@ -56,7 +56,7 @@ class RunOptions:
     num_workers: decoding processes for :meth:`Pipeline.run` (0 = in this process).
     pad_mixed_sizes: batch images of different sizes with zero padding (as the original's batched evaluation;
         changes features near the padded border), default: only equal sizes share a batch.
-    max_pixels: refuse images with more decoded pixels than this (None = the decoder's default limit).
+    max_pixels: refuse images with more decoded pixels than this (None: no limit); docs/DESIGN.md#image-inputs.
     """
 
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
@@ -69,7 +69,7 @@ class RunOptions:
     keep_features: bool = False
     num_workers: int = 0
     pad_mixed_sizes: bool = False
-    max_pixels: Optional[int] = None
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.dtype not in COMPUTE_DTYPES:
@@ -134,7 +134,7 @@ class Pipeline:
         return self.model.device
 
     # ------------------------------------------------------------------ 1. decode + resize
-    def prepare(self, image: ImageInput, *, max_pixels: Optional[int] = None) -> PreparedImage:
+    def prepare(self, image: ImageInput, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> PreparedImage:
         """Decode (paths, PIL, arrays, uint8 tensors) + resize (docs/DESIGN.md#preprocessing)."""
         return prepare_image(image, self.input_cfg, max_pixels=max_pixels)
 

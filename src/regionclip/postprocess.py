@@ -49,7 +49,7 @@ def postprocess_detections(boxes: Tensor, scores: Tensor, resized_hw: tuple[int,
     Args:
         boxes: [R, 4] predicted boxes (one class-agnostic box per region), resized-image pixels.
         scores: [R, K+1] scores (background last), after optional RPN multiplication; [R, K] when
-            ``has_background`` is False (the zero-shot branch's transformer classifier, spec §11.2).
+            ``has_background`` is False (the zero-shot branch's transformer classifier, docs/DESIGN.md#zero-shot-branch).
         resized_hw: (H, W) of the resized image, for clipping.
         probs: [R, K+1] probabilities before RPN multiplication (used for ``report_unmultiplied_scores``).
         has_background: whether the last score column is background (dropped before selection).

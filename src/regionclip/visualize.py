@@ -1,4 +1,4 @@
-"""Drawing detections with PIL: the original's ``tools/visualize_json_results.py`` selection rules (spec §7), plus
+"""Drawing detections with PIL: the original's ``tools/visualize_json_results.py`` selection rules (docs/DESIGN.md#visualisation), plus
 readable labels, per-class colours, side-by-side comparison of several results files and a grid of images.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ Color = tuple[int, int, int]
 
 def select_predictions(preds: Sequence[dict], *, conf_threshold: float = 0.5, show_unique_boxes: bool = False,
                        max_boxes: int = 30, small_region_px: float = 0.0) -> list[dict]:
-    """The predictions of one image that the original draws (spec §7), in input order.
+    """The predictions of one image that the original draws (docs/DESIGN.md#visualisation), in input order.
 
     Without ``show_unique_boxes``: every prediction with score > ``conf_threshold`` (``max_boxes`` and
     ``small_region_px`` are ignored, as in the original). With it: take the first ``max_boxes`` predictions *in
@@ -73,23 +73,26 @@ def bounded_size(size: tuple[int, int], max_side: Optional[int]) -> tuple[int, i
 
 def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
                colors: Sequence[Color], *, line_width: Optional[int] = None, font_size: Optional[int] = None,
-               max_side: Optional[int] = MAX_SIDE) -> Image.Image:
+               max_side: Optional[int] = MAX_SIDE, source_size: Optional[tuple[int, int]] = None) -> Image.Image:
     """A copy of ``image`` with XYXY ``boxes`` outlined in ``colors`` and a filled label tag above each box
     (inside it when there is no room above). Sizes default to values readable at the image's resolution.
 
-    ``boxes`` are in ``image`` pixels. An image whose longer side exceeds ``max_side`` is drawn on a downscaled
-    copy (boxes scaled to it), so the output is at most ``max_side`` px on its longer side; ``None`` keeps the
-    full resolution."""
+    ``boxes`` are in pixels of ``image``, or of an image of PIL size ``source_size`` (w, h) when ``image`` is a
+    reduced decode of it (e.g. :func:`regionclip.data.images.decode_image` with a target size). An image whose
+    longer side exceeds ``max_side`` is drawn on a downscaled copy (boxes scaled to it), so the output is at most
+    ``max_side`` px on its longer side; ``None`` keeps the full resolution."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     w, h = rgb.size
     nw, nh = bounded_size((w, h), max_side)
     if (nw, nh) != (w, h):
         # bilinear with PIL's antialiasing; the reducing_gap pre-reduction keeps huge images fast
         out = rgb.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        sx, sy = nw / w, nh / h
-        boxes = [[float(b[0]) * sx, float(b[1]) * sy, float(b[2]) * sx, float(b[3]) * sy] for b in boxes]
     else:
         out = rgb.copy() if rgb is image else rgb
+    src_w, src_h = source_size or (w, h)
+    if (src_w, src_h) != (nw, nh):
+        sx, sy = nw / src_w, nh / src_h
+        boxes = [[float(b[0]) * sx, float(b[1]) * sy, float(b[2]) * sx, float(b[3]) * sy] for b in boxes]
     draw = ImageDraw.Draw(out)
     short = min(out.size)
     lw = line_width or max(2, round(short / 300))
@@ -111,22 +114,25 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Seq
 
 
 def draw_results(image: Image.Image, preds: Sequence[dict], names: Mapping[int, str], *,
-                 max_side: Optional[int] = MAX_SIDE) -> Image.Image:
+                 max_side: Optional[int] = MAX_SIDE, source_size: Optional[tuple[int, int]] = None) -> Image.Image:
     """Draw results-JSON predictions (``bbox`` XYWH, ``category_id``, ``score``) with ``names[category_id]``;
-    output bounded to ``max_side`` px (see :func:`draw_boxes`)."""
+    output bounded to ``max_side`` px, boxes relative to ``source_size`` (see :func:`draw_boxes`)."""
     boxes = [[p["bbox"][0], p["bbox"][1], p["bbox"][0] + p["bbox"][2], p["bbox"][1] + p["bbox"][3]] for p in preds]
     labels = [f"{names.get(p['category_id'], p['category_id'])} {p['score']:.2f}" for p in preds]
-    return draw_boxes(image, boxes, labels, [class_color(int(p["category_id"])) for p in preds], max_side=max_side)
+    return draw_boxes(image, boxes, labels, [class_color(int(p["category_id"])) for p in preds], max_side=max_side,
+                      source_size=source_size)
 
 
 def draw_detections(image: Image.Image, det: Detections, *, conf_threshold: float = 0.0,
-                    max_side: Optional[int] = MAX_SIDE) -> Image.Image:
-    """Draw a :class:`Detections` (boxes in original pixels of ``image``); output bounded to ``max_side`` px."""
+                    max_side: Optional[int] = MAX_SIDE, source_size: Optional[tuple[int, int]] = None
+                    ) -> Image.Image:
+    """Draw a :class:`Detections` (boxes in original pixels of ``image``, or of ``source_size`` (w, h) when
+    ``image`` is a reduced decode); output bounded to ``max_side`` px."""
     keep = [i for i, s in enumerate(det.scores.tolist()) if s > conf_threshold]
     names = det.names
     labels = [f"{names[i]} {float(det.scores[i]):.2f}" for i in keep]
     return draw_boxes(image, [det.boxes[i].tolist() for i in keep], labels,
-                      [class_color(int(det.labels[i])) for i in keep], max_side=max_side)
+                      [class_color(int(det.labels[i])) for i in keep], max_side=max_side, source_size=source_size)
 
 
 def tile(images: Sequence[Image.Image], columns: int, *, titles: Optional[Sequence[str]] = None,

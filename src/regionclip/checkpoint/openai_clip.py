@@ -1,6 +1,6 @@
 """OpenAI CLIP (and RegionCLIP) weight files -> our image tower (ModifiedResNet) and text tower.
 
-Handled inputs (spec §3.2-3.4):
+Handled inputs (docs/DESIGN.md#checkpoints):
 
 * OpenAI CLIP state dicts (``visual.*`` + top-level text keys ``token_embedding.weight``, ``transformer.*``,
   ...), e.g. ``torch.jit.load("RN50.pt").state_dict()`` saved with ``torch.save``, or open_clip's
@@ -21,7 +21,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 from torch import Tensor

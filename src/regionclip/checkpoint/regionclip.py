@@ -1,4 +1,4 @@
-"""Released RegionCLIP checkpoints -> our modules, through explicit rename tables (spec §3).
+"""Released RegionCLIP checkpoints -> our modules, through explicit rename tables (docs/DESIGN.md#checkpoints).
 
 The d2 checkpoint (``{'model': state_dict}``) carries several key namespaces; each one has exactly one fate
 here, listed in :data:`REGIONCLIP_RENAMES` (loaded into a module) or :data:`REGIONCLIP_SET_ASIDE` (kept for
@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 from torch import Tensor
 
 from ..config import ClipResNetConfig
-from .io import CheckpointError, LoadReport
+from .io import CheckpointError
 
 # checkpoint prefix -> our detector's module prefix
 REGIONCLIP_RENAMES: tuple[tuple[str, str], ...] = (
@@ -107,12 +107,6 @@ def describe_checkpoint(sd: Mapping[str, Tensor]) -> str:
     if len(sd) == 0:
         return "an empty state dict"
     return f"an unknown checkpoint (first keys: {list(sd)[:3]})"
-
-
-def check_report(report: LoadReport, strict: bool) -> LoadReport:
-    if strict and not report.ok:
-        raise CheckpointError("checkpoint does not fit the model:\n" + report.summary(max_items=12))
-    return report
 
 
 def class_embedding_file(tensor: object, path: str = "<tensor>") -> Tensor:

@@ -1,4 +1,4 @@
-"""Checkpoint helpers for the offline RPN: key filtering and architecture detection from shapes. Spec §3.5.
+"""Checkpoint helpers for the offline RPN: key filtering and architecture detection from shapes. docs/DESIGN.md#architecture.5.
 
 Users never pass architecture flags: :func:`infer_rpn_config` reads FPN vs C4, the LSJ variant and all
 widths off the state dict.

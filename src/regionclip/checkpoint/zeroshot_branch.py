@@ -2,7 +2,7 @@
 
 Three steps, each a pure ``dict -> dict`` function:
 
-1. :func:`remap_branch_keys` - the branch's key remapping, applied at every load (spec §11.3), rule by rule in
+1. :func:`remap_branch_keys` - the branch's key remapping, applied at every load (docs/DESIGN.md#zero-shot-branch), rule by rule in
    :data:`BRANCH_KEY_RULES`' order, with the original's semantics (``str.replace`` of *every* occurrence; some
    rules match a prefix, some any substring, some the exact key).
 2. :func:`split_branch_state_dict` - branch model names -> our :class:`TransformerRegionDetector` names

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..api import RegionCLIP
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..pipeline import RunOptions
 from ..presets import PRESETS, LoadOptions
 from ..pretrained import WeightsNotFound, resolve_weights
@@ -56,8 +57,8 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: int = 2) -> None:
                    "unchanged)")
     r.add_argument("--max-proposals", type=int, help="keep only the k best RPN proposals per image")
     r.add_argument("--num-workers", type=int, default=workers, help="decoding worker processes (0: in the main one)")
-    r.add_argument("--max-pixels", type=int, help="skip images with more decoded pixels than this (default: the "
-                   "decoder's limit)")
+    r.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"skip images with more decoded pixels than this (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
     r.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
 
 
@@ -87,7 +88,7 @@ def check_cheap_args(args: argparse.Namespace) -> None:
             resolve_weights(args.concept_emb, download=False)
         except WeightsNotFound:
             raise FileNotFoundError(f"--concept-emb {args.concept_emb}: no such file") from None
-    for name in ("batch_size", "chunk_size", "max_proposals", "max_pixels"):
+    for name in ("batch_size", "chunk_size", "max_proposals"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -124,7 +125,7 @@ def run_options(model: RegionCLIP, args: argparse.Namespace, **extra: Any) -> Ru
     dtype = resolve_dtype(args.dtype, args.device)
     return model.run_options(batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
                              max_proposals=args.max_proposals, num_workers=args.num_workers,
-                             max_pixels=args.max_pixels, **extra)
+                             max_pixels=args.max_pixels or None, **extra)
 
 
 def log(msg: str) -> None:

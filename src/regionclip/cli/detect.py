@@ -13,11 +13,11 @@ from pathlib import Path
 from PIL import Image
 
 from ..assets import demo_image_paths
-from ..data.images import load_image
+from ..data.images import decode_image, image_size
 from ..data.loader import InferenceItem, items_from_inputs
 from ..formats import FORMATS, ResultsWriter, export_journal, match_boxes, read_boxes_file
 from ..utils import atomic_path
-from ..visualize import draw_results, select_predictions
+from ..visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
 from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, run_options, vocabulary_from_args
 
 
@@ -105,6 +105,9 @@ def _visualize(it: InferenceItem, instances: list[dict], names: dict[int, str], 
     boxes; written atomically next to the results."""
     preds = select_predictions(instances, conf_threshold=args.vis_conf_threshold, show_unique_boxes=True,
                                max_boxes=args.vis_max_boxes, small_region_px=args.vis_small_region_px)
-    img = Image.fromarray(load_image(it.file_name).permute(1, 2, 0).numpy())
+    h, w = image_size(it.file_name)
+    bw, bh = bounded_size((w, h), MAX_SIDE)  # a 100 MP input gives a bounded JPEG, decoded reduced
+    decoded = decode_image(it.file_name, target_size=(bh, bw), max_pixels=args.max_pixels or None)
+    img = Image.fromarray(decoded.image.permute(1, 2, 0).numpy())
     with atomic_path(out_dir / f"{Path(it.file_name).stem}_vis.jpg") as tmp:
-        draw_results(img, preds, names).save(tmp, format="JPEG", quality=92)
+        draw_results(img, preds, names, source_size=(w, h)).save(tmp, format="JPEG", quality=92)

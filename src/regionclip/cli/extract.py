@@ -2,7 +2,7 @@
 
 Examples::
 
-    regionclip extract-regions photos/ --regions rpn --topk 100 -o feats/          # spec §6 mode A
+    regionclip extract-regions photos/ --regions rpn --topk 100 -o feats/          # docs/DESIGN.md#region-features mode A
     regionclip extract-regions photos/ --regions detections --vocab lvis1203 -o dets/   # mode B
     regionclip extract-regions --coco-json instances_val2017.json --image-root val2017/ --regions boxes -o gt/
     regionclip extract-regions photos/ --regions boxes --boxes boxes.csv --vocab "cat,dog" -o boxes/

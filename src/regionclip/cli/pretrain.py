@@ -1,4 +1,4 @@
-"""``regionclip pretrain``: region-text pretraining on image-caption data (spec §9), from a recipe.
+"""``regionclip pretrain``: region-text pretraining on image-caption data (docs/DESIGN.md#pretraining), from a recipe.
 
 Single process:   regionclip pretrain --config configs/pretrain_rn50.yaml
 Several GPUs:     torchrun --nproc-per-node 8 -m regionclip.cli.main pretrain --config configs/pretrain_rn50.yaml

@@ -42,7 +42,7 @@ def _parse_vocab(vocab: str) -> list[str]:
 
     if vocab.lower().replace("-", "").replace("_", "") in BUILTIN_VOCABULARIES:
         if vocab.lower().startswith("lvis"):
-            # labels as the original shows them: detectron2 thing_classes = synonyms[0] (spec §7)
+            # labels as the original shows them: detectron2 thing_classes = synonyms[0] (docs/DESIGN.md#visualisation)
             from regionclip.assets import lvis_categories
 
             cats = lvis_categories()

@@ -1,4 +1,4 @@
-"""Image-caption pairs for region-text pretraining (spec §2.3, §9.2).
+"""Image-caption pairs for region-text pretraining (docs/DESIGN.md#pretraining-input).
 
 Three storage formats, one interface (:class:`CaptionSource`: ``len``, ``key(i)``, ``image_bytes(i)``,
 ``text(i)``):

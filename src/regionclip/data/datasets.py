@@ -1,13 +1,13 @@
-"""Dataset readers: COCO / OV-COCO json, LVIS v1 json and plain image folders (spec §4.2, §10).
+"""Dataset readers: COCO / OV-COCO json, LVIS v1 json and plain image folders (docs/DESIGN.md#regions).
 
 Everything here is a pure function from files to a :class:`DetectionDataset`; there is no global registry. The
-only table is :data:`REGISTERED_DATASETS`, which maps the original's detectron2 dataset names (spec §10.1) to
+only table is :data:`REGISTERED_DATASETS`, which maps the original's detectron2 dataset names (docs/DESIGN.md#datasets) to
 ``(image folder, annotation file, kind)`` relative to a data root, so evaluation presets can say
 ``coco_2017_ovd_all_test`` and mean exactly what the original meant.
 
 Conventions: boxes are XYXY float32 in original image pixels; ``labels`` are contiguous class indices into
 ``DetectionDataset.class_names``; ``DetectionDataset.category_ids[label]`` is the dataset's own category id (what
-results files must contain, spec §4.9).
+results files must contain, docs/DESIGN.md#results-files).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 PathLike = Union[str, os.PathLike]
 DatasetKind = Literal["coco", "lvis", "folder"]
 
-# The original keeps at most this many GT boxes per LVIS image (``max_gt_per_img``, spec §4.2).
+# The original keeps at most this many GT boxes per LVIS image (``max_gt_per_img``, docs/DESIGN.md#regions).
 LVIS_MAX_BOXES_PER_IMAGE = 500
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -67,7 +67,7 @@ class ImageRecord:
 
     def region_boxes(self) -> tuple[np.ndarray, np.ndarray]:
         """GT-mode regions: ``(boxes [M, 4] XYXY float32, labels [M])`` without crowd boxes, clipped to the image,
-        boxes of zero width or height removed (the original's test mapper, spec §4.2)."""
+        boxes of zero width or height removed (the original's test mapper, docs/DESIGN.md#regions)."""
         keep = ~self.iscrowd
         boxes = self.boxes[keep].copy()
         labels = self.labels[keep]
@@ -77,7 +77,7 @@ class ImageRecord:
         return boxes[nonempty], labels[nonempty]
 
     def region_boxes_resized(self, resized_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """GT-mode regions exactly as the original's test mapper produces them in the *resized* frame (spec §4.2).
+        """GT-mode regions exactly as the original's test mapper produces them in the *resized* frame (docs/DESIGN.md#regions).
 
         Crowd removed, boxes scaled to ``resized_hw``, clipped, empty ones removed. A bbox written with integers in
         the json stays an integer array in detectron2's ``transform_instance_annotations``, so its scaled
@@ -101,7 +101,7 @@ class DetectionDataset:
     """A list of :class:`ImageRecord` plus the dataset-level class tables.
 
     ``class_names``: the text for each contiguous class (COCO ``name``; LVIS prompt name ``name`` with ``_`` ->
-    space and parentheses removed, spec §10.3). ``display_names``: the label shown by visualisation (detectron2
+    space and parentheses removed, docs/DESIGN.md#datasets). ``display_names``: the label shown by visualisation (detectron2
     ``thing_classes``: LVIS ``synonyms[0]``). ``category_ids[i]``: dataset category id of contiguous class ``i``.
     ``frequencies``: LVIS ``r``/``c``/``f`` per contiguous class (empty otherwise).
     """
@@ -149,7 +149,8 @@ def _read_json(path: PathLike, what: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON ({e}); the file is probably truncated - download it again")
+        raise DatasetError(f"{path} is not valid JSON ({e}); the file is probably truncated - download it again"
+                           ) from None
     if not isinstance(data, dict) or "images" not in data or "categories" not in data:
         raise DatasetError(f"{path} is not a COCO/LVIS-format {what}: it needs top-level 'images' and 'categories'")
     return data
@@ -193,7 +194,7 @@ def load_coco_json(json_file: PathLike, image_root: PathLike, *, name: Optional[
     """Read a COCO-format detection json (incl. the OVR-CNN ``ovd_ins_{train,val}2017_{all,b,t}.json`` files).
 
     Contiguous class indices follow the category ids sorted ascending, as the original's loader does (hence the
-    ``index_65/48/17`` orders of spec §10.2, whatever id space the file uses). Every image of the json is kept,
+    ``index_65/48/17`` orders of docs/DESIGN.md#datasets, whatever id space the file uses). Every image of the json is kept,
     also those without annotations (the OVD jsons only list annotated images anyway).
     """
     path = Path(json_file)
@@ -213,7 +214,7 @@ def load_coco_json(json_file: PathLike, image_root: PathLike, *, name: Optional[
 def load_lvis_json(json_file: PathLike, image_root: PathLike, *, name: Optional[str] = None,
                    remove_rare: bool = False, max_boxes_per_image: int = LVIS_MAX_BOXES_PER_IMAGE,
                    ) -> DetectionDataset:
-    """Read an LVIS v1 json the way every ``lvis_v1_*`` loader of the original does (spec §4.2, §10.1).
+    """Read an LVIS v1 json the way every ``lvis_v1_*`` loader of the original does (docs/DESIGN.md#regions).
 
     - the image path is ``image_root / <split folder>/<file>`` taken from ``coco_url`` (``image_root`` is the COCO
       folder holding ``train2017/`` and ``val2017/``), or ``image_root / file_name`` when there is no ``coco_url``;
@@ -289,7 +290,7 @@ def load_image_folder(folder: PathLike, vocabulary: Sequence[str], *, name: Opti
                             category_ids=ids, image_root=folder)
 
 
-# name -> (image folder, annotation file, kind, remove_rare), relative to the data root (spec §10.1).
+# name -> (image folder, annotation file, kind, remove_rare), relative to the data root (docs/DESIGN.md#datasets).
 REGISTERED_DATASETS: dict[str, tuple[str, str, DatasetKind, bool]] = {
     **{f"coco_2017_ovd_{s}_{sp}": (f"coco/{img}2017", f"coco/annotations/ovd_ins_{img}2017_{s}.json", "coco", False)
        for s in ("all", "b", "t") for sp, img in (("train", "train"), ("test", "val"))},

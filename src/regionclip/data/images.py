@@ -1,8 +1,8 @@
-"""Image decoding and the test-time resize of the original (spec §2.1).
+"""Image decoding and the test-time resize of the original (docs/DESIGN.md#preprocessing).
 
 Decoding rules (every Pillow mode, arrays, tensors) are in :func:`load_image`; reduced JPEG decoding of huge
 images is in :func:`decode_image` / :func:`load_resized`; the per-image pixel limit is ``max_pixels``
-(:data:`DEFAULT_MAX_PIXELS`). Design notes: docs/DESIGN.md, section "Image inputs".
+(:data:`DEFAULT_MAX_PIXELS`). Design notes: docs/DESIGN.md#image-inputs.
 """
 from __future__ import annotations
 
@@ -124,15 +124,15 @@ def _scale_to_uint8(arr: np.ndarray, *, declared_16bit: bool = False) -> np.ndar
     if arr.dtype.kind == "f":
         a = np.nan_to_num(arr.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
         a = np.clip(a, 0.0, None)
-        m = float(a.max()) if a.size else 0.0
-        if m <= 1.0:
+        fm = float(a.max()) if a.size else 0.0
+        if fm <= 1.0:
             a = a * 255.0
-        elif m <= 255.0:
+        elif fm <= 255.0:
             pass
-        elif m <= 65535.0:
+        elif fm <= 65535.0:
             return (np.floor(a).astype(np.uint16) >> 8).astype(np.uint8)
         else:
-            a = a.astype(np.float64) * (255.0 / m)
+            a = a.astype(np.float64) * (255.0 / fm)
         return np.clip(np.floor(a + 0.5), 0, 255).astype(np.uint8)
     raise ImageReadError(f"unsupported pixel type {arr.dtype}; use uint8 (0..255), uint16 or float arrays")
 
@@ -150,6 +150,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im)
         gray = _scale_to_uint8(arr, declared_16bit=im.mode.startswith("I;16"))
         return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), mode="RGB")
+    if im.mode == "P" and isinstance(im.info.get("transparency"), bytes):
+        # per-index alpha: convert("RGB") gives the same palette colours but warns; through RGBA it does not
+        return im.convert("RGBA").convert("RGB")
     try:
         return im.convert("RGB")
     except ValueError:
@@ -241,8 +244,8 @@ def decode_image(image: ImageInput, *, target_size: Optional[tuple[int, int]] = 
         target_size: (h, w) the caller will resize the (upright) image to. A JPEG *file* at least twice that size
             on both axes is decoded with ``Image.draft`` at 1/2, 1/4 or 1/8 scale — the smallest decode still
             >= ``target_size`` (:func:`draft_scale_for`). Decoding is then several times faster and smaller, and
-            the resized result differs slightly from full decoding + resize (measured in docs/DESIGN.md, "Image
-            inputs"). Other images, and every image less than twice the target, decode exactly as without it.
+            the resized result differs slightly from full decoding + resize (measured in
+            docs/DESIGN.md#image-inputs). Other images, and every image less than twice the target, decode exactly as without it.
         max_pixels: limit on decoded width * height (after the reduction), ``None`` for no limit.
     Returns:
         :class:`DecodedImage` (uint8 [3, h, w] plus the full-resolution (H, W)).

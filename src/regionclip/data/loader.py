@@ -4,15 +4,13 @@
 * :func:`items_from_inputs` / :func:`items_from_coco` build the work list from folders, files, list files or a
   COCO/LVIS json; :func:`read_boxes_file` reads user boxes (COCO json, ``{file: [[x1,y1,x2,y2], ...]}`` JSON, or a
   ``file_name,x1,y1,x2,y2`` CSV).
-* :func:`make_loader` decodes and resizes (spec §2.1, PIL) in worker processes, so the main process only runs the
+* :func:`make_loader` decodes and resizes (docs/DESIGN.md#preprocessing, PIL) in worker processes, so the main process only runs the
   network; :func:`batch_by_size` groups images of *equal* resized size, so no padding is needed and a batch gives
-  exactly what the one-image-at-a-time path gives (spec §2.1 padding changes border features of the smaller
+  exactly what the one-image-at-a-time path gives (docs/DESIGN.md#preprocessing padding changes border features of the smaller
   images; allow it explicitly with ``pad_mixed_sizes=True``).
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import InputConfig
 from ..structures import PreparedImage
-from .images import IMAGE_EXTENSIONS, ImageInput, load_image, resize_image
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageInput, load_resized
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
@@ -78,7 +76,7 @@ def items_from_inputs(inputs: Sequence[PathLike]) -> list[InferenceItem]:
 
 def items_from_coco(json_file: PathLike, image_root: PathLike, *, with_boxes: bool = True) -> list[InferenceItem]:
     """Every image of a COCO / LVIS json (key = image id). ``with_boxes``: the GT-mode regions of the original
-    (crowd removed, clipped to the image, empty removed; LVIS ≤ 500 per image, spec §4.2) as user boxes."""
+    (crowd removed, clipped to the image, empty removed; LVIS ≤ 500 per image, docs/DESIGN.md#regions) as user boxes."""
     from .datasets import load_annotations
 
     ds = load_annotations(json_file, image_root)
@@ -96,86 +94,22 @@ def items_from_coco(json_file: PathLike, image_root: PathLike, *, with_boxes: bo
     return items
 
 
-def read_boxes_file(path: PathLike) -> dict[str, np.ndarray]:
-    """User boxes per image, keyed by the file name as written in the file.
-
-    Accepts a COCO json (``bbox`` XYWH, crowd annotations skipped), a JSON ``{file_name: [[x1, y1, x2, y2], ...]}``
-    or a CSV with rows ``file_name,x1,y1,x2,y2`` (XYXY original pixels; a header row is allowed).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"boxes file not found: {path}")
-    out: dict[str, list[list[float]]] = {}
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.reader(f)):
-                if not row or (i == 0 and not _is_number(row[-1])):
-                    continue
-                if len(row) != 5:
-                    raise ValueError(f"{path} line {i + 1}: expected file_name,x1,y1,x2,y2, got {row}")
-                out.setdefault(row[0].strip(), []).append([float(v) for v in row[1:]])
-    else:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if isinstance(data, dict) and "images" in data and "annotations" in data:
-            id2name = {im["id"]: im["file_name"] for im in data["images"]}
-            for name in id2name.values():
-                out.setdefault(name, [])
-            for a in data["annotations"]:
-                if not a.get("iscrowd", 0):
-                    x, y, w, h = a["bbox"]
-                    out[id2name[a["image_id"]]].append([x, y, x + w, y + h])
-        elif isinstance(data, dict):
-            out = {str(k): v for k, v in data.items()}
-        else:
-            raise ValueError(f"{path}: expected a COCO json or {{file_name: [[x1, y1, x2, y2], ...]}}")
-    return {k: _box_array(v) for k, v in out.items()}
-
-
-def _box_array(boxes: Any) -> np.ndarray:
-    """[R, 4] array; whole-number boxes stay int64 so they are scaled like the original's mapper (truncated after
-    scaling, see RegionCLIPDetector.regions_from_user_boxes), anything else is float32."""
-    a = np.asarray(boxes)
-    a = a.astype(np.int64) if a.size and np.issubdtype(a.dtype, np.integer) else a.astype(np.float32)
-    return a.reshape(-1, 4)
-
-
-def attach_boxes(items: Sequence[InferenceItem], boxes: dict[str, np.ndarray], source: str = "boxes file"
-                 ) -> list[InferenceItem]:
-    """Give each item its boxes, matched by key, then by file path, then by base name (when unambiguous)."""
-    by_base: dict[str, list[str]] = {}
-    for k in boxes:
-        by_base.setdefault(Path(k).name, []).append(k)
-    out = []
-    for it in items:
-        k = next((c for c in (it.key, it.file_name) if c in boxes), None)
-        if k is None:
-            cands = by_base.get(Path(it.file_name).name, [])
-            if len(cands) > 1:
-                raise ValueError(f"{source}: several entries named {Path(it.file_name).name} ({cands[:3]}); "
-                                 "write the paths relative to the image folder so they are unique")
-            k = cands[0] if cands else None
-        if k is None:
-            raise ValueError(f"{source} has no boxes for image {it.file_name}; add an entry (an empty list for "
-                             "an image without boxes)")
-        out.append(InferenceItem(it.key, it.file_name, it.image_id, boxes[k], it.category_ids))
-    return out
-
-
-def prepare_image(image: ImageInput, input_cfg: InputConfig, *, max_pixels: Optional[int] = None) -> PreparedImage:
+def prepare_image(image: ImageInput, input_cfg: InputConfig, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+                  ) -> PreparedImage:
     """Decode + the original's test-time resize (shortest edge ``min_size``, longest <= ``max_size``, PIL
-    bilinear with antialiasing) -> :class:`PreparedImage` (docs/DESIGN.md#preprocessing)."""
-    img = load_image(image, **({"max_pixels": max_pixels} if max_pixels is not None else {}))
-    resized = resize_image(img, input_cfg.min_size, input_cfg.max_size)
-    return PreparedImage(resized, (int(img.shape[1]), int(img.shape[2])), (int(resized.shape[1]), int(resized.shape[2])))
+    bilinear with antialiasing) -> :class:`PreparedImage` (docs/DESIGN.md#preprocessing). Very large JPEGs are
+    decoded reduced (docs/DESIGN.md#image-inputs); the original size is always the file's, never the reduced one.
+    ``max_pixels=None``: no pixel limit."""
+    resized, (h, w) = load_resized(image, input_cfg.min_size, input_cfg.max_size, max_pixels=max_pixels)
+    return PreparedImage(resized, (int(h), int(w)), (int(resized.shape[1]), int(resized.shape[2])))
 
 
 class PreparedImageDataset(Dataset):
     """Decode + resize ``items[i]`` (runs inside DataLoader workers). A file that cannot be read is returned as
     an error instead of raising, so one bad image does not end a long run."""
 
-    def __init__(self, items: Sequence[InferenceItem], input_cfg: InputConfig, max_pixels: Optional[int] = None
-                 ) -> None:
+    def __init__(self, items: Sequence[InferenceItem], input_cfg: InputConfig,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
         self.items = list(items)
         self.input_cfg = input_cfg
         self.max_pixels = max_pixels
@@ -200,7 +134,7 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(items: Sequence[InferenceItem], input_cfg: InputConfig, *, num_workers: int = 2,
-                prefetch_factor: int = 4, max_pixels: Optional[int] = None) -> DataLoader:
+                prefetch_factor: int = 4, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> DataLoader:
     """A DataLoader yielding one :class:`LoadedItem` per image, in ``items`` order, decoded by ``num_workers``
     processes (0 = in the main process)."""
     kw: dict[str, Any] = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init,
@@ -215,7 +149,7 @@ def batch_by_size(stream: Iterable[T], batch_size: int, size_of: Callable[[T], H
 
     A group is emitted when full; when more than ``max_pending`` (default ``4 * batch_size``) elements wait,
     the oldest group is emitted partly filled, so memory stays bounded with many different sizes. With
-    ``pad_mixed_sizes`` the stream is simply cut into consecutive batches (sizes then get padded, spec §2.1).
+    ``pad_mixed_sizes`` the stream is simply cut into consecutive batches (sizes then get padded, docs/DESIGN.md#preprocessing).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -255,11 +189,3 @@ def _check_unique(items: Sequence[InferenceItem]) -> None:
             raise ValueError(f"two inputs map to the same output key {it.key!r} ({seen[it.key]} and {it.file_name}); "
                              "pass each image once, or the folders separately in different runs")
         seen[it.key] = it.file_name
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False

@@ -1,4 +1,4 @@
-"""Training data: augmentation, the dataset of training samples, and the deterministic samplers (spec §8.1).
+"""Training data: augmentation, the dataset of training samples, and the deterministic samplers (docs/DESIGN.md#transfer-learning).
 
 Determinism is what makes ``--resume`` exact: the order of images is a pure function of ``(seed, rank, world
 size)`` (one seeded permutation per epoch, optionally with repeat-factor sampling), and every sample carries its

@@ -1,4 +1,4 @@
-"""The open-vocabulary detection training task (spec §8): a RegionCLIP detector + base-class text embeddings.
+"""The open-vocabulary detection training task (docs/DESIGN.md#transfer-learning): a RegionCLIP detector + base-class text embeddings.
 
 ``DetectionTask(batch, generator=g)`` returns ``{"loss_cls", "loss_box_reg"[, "loss_mask"]}``. Frozen: stem,
 res2, every BN (FrozenBN), the classifier (text-embedding buffers, zero background logit) and the offline RPN,
@@ -8,7 +8,7 @@ which always stays in eval mode with its test-time top-k. Trainable: res3, res4,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -1,10 +1,10 @@
-"""Region feature extraction over many images, batched, into a resumable sharded store (spec §6, extended).
+"""Region feature extraction over many images, batched, into a resumable sharded store (docs/DESIGN.md#region-features, extended).
 
 Region sources (``regions=``):
 
-* ``"rpn"``: the top-k offline-RPN proposals (spec §6 mode A): ``boxes`` [R, 4], ``feats`` [R, D],
+* ``"rpn"``: the top-k offline-RPN proposals (docs/DESIGN.md#region-features mode A): ``boxes`` [R, 4], ``feats`` [R, D],
   ``objectness`` [R] raw RPN logits, in objectness order.
-* ``"detections"``: proposals classified and post-processed as the detector does (spec §6 mode B): ``boxes``
+* ``"detections"``: proposals classified and post-processed as the detector does (docs/DESIGN.md#region-features mode B): ``boxes``
   [M, 4], ``classes`` [M], ``probs`` [M, K+1] (before RPN multiplication, background last), ``scores`` [M], and
   ``feats`` [M, D] of each detection's source proposal (rows repeat when one proposal gives several classes).
 * ``"boxes"``: user boxes (GT mode): ``boxes`` [R, 4] as given, ``feats`` [R, D], plus ``probs``/``classes``
@@ -18,7 +18,7 @@ Store layout (``output_dir``)::
                                      run fingerprint and the per-image row ranges -> a shard is one atomic file
     index.json                       {meta, fields, shards, images: [{key, file_name, shard, start, count, ...}],
                                      errors}; rebuilt from the shards, rewritten atomically after every shard
-    original/<name>.pth              with write_original: the original tool's per-image dicts (spec §6 naming)
+    original/<name>.pth              with write_original: the original tool's per-image dicts (docs/DESIGN.md#region-features naming)
 
 Resuming: a shard is written to a temp file and renamed, so it either exists complete or not at all. A re-run
 reads the finished image keys from the shards, deletes temp leftovers, and processes only the rest; an image is
@@ -27,7 +27,6 @@ concurrent runs on one folder.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -301,7 +300,8 @@ def _lock_dir(path: Path) -> Any:
         pass
     except OSError:
         f.close()
-        raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir")
+        raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir"
+                           ) from None
     _LOCKED.add(key)
     return _DirLock(f, key)
 
@@ -341,7 +341,7 @@ def load_regions(output_dir: PathLike, key: Optional[str] = None) -> Union[dict[
 
 
 def original_name(file_name: str) -> str:
-    """The original tool's output name: base name up to the first '.' (``a.b.jpg`` -> ``a.pth``, spec §6)."""
+    """The original tool's output name: base name up to the first '.' (``a.b.jpg`` -> ``a.pth``, docs/DESIGN.md#region-features)."""
     return Path(file_name).name.split(".")[0] + ".pth"
 
 
@@ -426,7 +426,7 @@ def _info(it: InferenceItem, p: PreparedImage) -> dict[str, Any]:
 
 
 def _write_original(folder: Path, it: InferenceItem, rec: dict[str, Tensor]) -> None:
-    keys = ("boxes", "feats", "classes", "probs")  # exactly the original's dict (spec §6 modes A and B)
+    keys = ("boxes", "feats", "classes", "probs")  # exactly the original's dict (docs/DESIGN.md#region-features modes A and B)
     save_file_atomic({k: rec[k] for k in keys if k in rec}, folder / original_name(it.file_name))
 
 

@@ -1,11 +1,11 @@
-"""Region-text pretraining recipes (spec §9): typed config, building the model from OpenAI CLIP + RPN weights,
+"""Region-text pretraining recipes (docs/DESIGN.md#pretraining): typed config, building the model from OpenAI CLIP + RPN weights,
 running the generic training engine (:class:`regionclip.engine.train.Trainer`).
 
 A recipe is a YAML file with the sections of :class:`PretrainConfig`; values not given keep the *pretraining*
 defaults below (the original's ``configs/pretrain/RegionCLIP_RN50.yaml``), unknown keys are errors, and
 ``--set a.b=c`` overrides any field.
 
-Schedule of the original (spec §9.4): SGD momentum 0.9, weight decay 1e-4, base lr 0.002 for 96 images
+Schedule of the original (docs/DESIGN.md#pretraining): SGD momentum 0.9, weight decay 1e-4, base lr 0.002 for 96 images
 (32 GPUs x 3), linear warmup over 1000 iterations from 0.001, lr x0.1 at 300k and 525k, 600k iterations;
 gradient clipping per parameter tensor at norm 5 (``clip_grad_per_parameter``, not the engine's global clip).
 """

@@ -1,4 +1,4 @@
-"""RoI matching and foreground/background sampling of detectron2's ``ROIHeads`` (spec §8.2), as pure functions.
+"""RoI matching and foreground/background sampling of detectron2's ``ROIHeads`` (docs/DESIGN.md#transfer-learning), as pure functions.
 
 Proposals (offline RPN, test-mode top-k) get the GT boxes appended, are matched to GT at IoU 0.5 without
 low-quality matches, and ``batch_size_per_image`` of them are sampled with at most ``positive_fraction``

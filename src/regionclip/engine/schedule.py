@@ -1,9 +1,9 @@
-"""Optimiser and learning-rate schedule of detectron2's solver (spec §8.1): SGD + linear warmup + step decay."""
+"""Optimiser and learning-rate schedule of detectron2's solver (docs/DESIGN.md#transfer-learning): SGD + linear warmup + step decay."""
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,7 +73,3 @@ def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepping once per optimiser step; its ``last_epoch`` is the iteration."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
-
-
-def trainable_parameter_count(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params if p.requires_grad)

@@ -1,4 +1,4 @@
-"""Open-vocabulary transfer learning recipes: typed config, building everything, running the engine (spec §8).
+"""Open-vocabulary transfer learning recipes: typed config, building everything, running the engine (docs/DESIGN.md#transfer-learning).
 
 A recipe is a YAML file with the sections of :class:`TransferConfig` (``model``, ``data``, ``roi``, ``solver``,
 ``train``); unknown keys are errors, and ``--set a.b=c`` overrides any field (values parsed as YAML).
@@ -53,7 +53,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DatasetSection:
-    """A registered dataset name (spec §10.1) or an annotation json + image folder."""
+    """A registered dataset name (docs/DESIGN.md#datasets) or an annotation json + image folder."""
 
     name: Optional[str] = None
     json: Optional[str] = None

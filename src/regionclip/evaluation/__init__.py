@@ -6,8 +6,8 @@ from .coco import evaluate_coco, ovd_split_category_ids, split_ap50
 from .inference import Predictor, evaluate_dataset, evaluate_results, run_inference
 from .lvis import evaluate_lvis
 from .report import format_metrics, markdown_table, write_metrics_json
-from .results import ResultsError, load_results, validate_results, write_json_atomic
+from .results import ResultsError, load_results, validate_results
 
 __all__ = ["evaluate_coco", "evaluate_lvis", "ovd_split_category_ids", "split_ap50", "Predictor",
            "evaluate_dataset", "evaluate_results", "run_inference", "format_metrics", "markdown_table",
-           "write_metrics_json", "ResultsError", "load_results", "validate_results", "write_json_atomic"]
+           "write_metrics_json", "ResultsError", "load_results", "validate_results"]

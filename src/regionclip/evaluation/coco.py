@@ -1,4 +1,4 @@
-"""COCO bbox evaluation with pycocotools, plus the open-vocabulary split AP50 (spec §10.4).
+"""COCO bbox evaluation with pycocotools, plus the open-vocabulary split AP50 (docs/DESIGN.md#metrics).
 
 Metrics follow detectron2's ``COCOEvaluator``: ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` and
 ``AP-<class>`` in percent; ``AP50_split_target`` / ``AP50_split_base`` / ``AP50_split_all`` as fractions in [0, 1]
@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .results import ResultsError, load_results, require, validate_results
+from ..utils import require
+from .results import ResultsError, load_results, validate_results
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def ovd_split_category_ids(categories: Sequence[dict]) -> Optional[dict[str, lis
 
 def split_ap50(precision: np.ndarray, cat_ids: Sequence[int], subset: Sequence[int], *, iou_thrs: np.ndarray,
                max_dets: Sequence[int], area_index: int = 0, max_det: int = 100) -> float:
-    """Mean of ``precision[IoU=0.5, :, subset, area, maxDets=max_det]`` over valid (> -1) entries (spec §10.4).
+    """Mean of ``precision[IoU=0.5, :, subset, area, maxDets=max_det]`` over valid (> -1) entries (docs/DESIGN.md#metrics).
 
     ``precision`` is pycocotools' [T, R, K, A, M] array; ``cat_ids`` its K axis (``params.catIds``). Returns NaN
     when no listed category has ground truth.
@@ -64,7 +65,7 @@ def split_ap50(precision: np.ndarray, cat_ids: Sequence[int], subset: Sequence[i
 
 
 def _load_gt(gt: Union[PathLike, dict]) -> Any:
-    coco_mod = require("pycocotools.coco")
+    coco_mod = require("pycocotools.coco", "eval", "COCO evaluation")
     if isinstance(gt, dict):
         coco = coco_mod.COCO()
         coco.dataset = copy.deepcopy(gt)
@@ -95,7 +96,7 @@ def evaluate_coco(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
         image_ids: evaluate only these images (the ones a run processed, as detectron2 does); default all.
         verbose: print pycocotools' summary.
     """
-    cocoeval_mod = require("pycocotools.cocoeval")
+    cocoeval_mod = require("pycocotools.cocoeval", "eval", "COCO evaluation")
     coco_gt = _load_gt(gt)
     source = str(results) if not isinstance(results, list) else "results"
     dets = load_results(results) if not isinstance(results, list) else results

@@ -1,4 +1,4 @@
-"""Run a predictor over a dataset, resumably, and evaluate the results (spec §4.9).
+"""Run a predictor over a dataset, resumably, and evaluate the results (docs/DESIGN.md#results-files).
 
 The predictor is any callable ``predict(records: list[ImageRecord]) -> list[Detections]`` whose labels index
 ``dataset.class_names``; this keeps the loop testable without the detector (tests pass a fake built from GT).
@@ -9,11 +9,10 @@ Long runs are resumable: each finished image is appended as one JSON line to ``p
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -34,7 +33,7 @@ PREDICTIONS_JSONL = "predictions.jsonl"
 
 
 def results_file_name(dataset: DetectionDataset) -> str:
-    """The original's file name for the dataset's kind (spec §4.9)."""
+    """The original's file name for the dataset's kind (docs/DESIGN.md#results-files)."""
     return "lvis_instances_results.json" if dataset.kind == "lvis" else "coco_instances_results.json"
 
 

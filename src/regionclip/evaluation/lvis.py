@@ -1,4 +1,4 @@
-"""LVIS evaluation with the official ``lvis`` package (spec §10.4): AP, AP50, AP75, APs/m/l, APr/APc/APf in
+"""LVIS evaluation with the official ``lvis`` package (docs/DESIGN.md#metrics): AP, AP50, AP75, APs/m/l, APr/APc/APf in
 percent, 300 detections per image, bbox and (when the results carry masks) segm."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from .results import ResultsError, load_results, require, validate_results
+from ..utils import require
+from .results import ResultsError, load_results, validate_results
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _load_gt(gt: Union[PathLike, dict]):
 
 def _index(data: dict):
     # lvis.LVIS only takes a path; building it from the loaded dict lets us validate the file first.
-    lvis_mod = require("lvis")
+    lvis_mod = require("lvis", "eval", "LVIS evaluation")
     obj = lvis_mod.LVIS.__new__(lvis_mod.LVIS)
     obj.logger = logging.getLogger("lvis")
     obj.dataset = data
@@ -98,7 +99,7 @@ def evaluate_lvis(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
     results list as 0 AP instead of raising :class:`ResultsError`. ``image_ids`` restricts the evaluation to the
     images a run processed (default: all images of the ground truth).
     """
-    lvis_mod = require("lvis")
+    lvis_mod = require("lvis", "eval", "LVIS evaluation")
     lvis_gt = _load_gt(gt)
     source = str(results) if not isinstance(results, list) else "results"
     dets = load_results(results) if not isinstance(results, list) else results

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from .results import write_json_atomic
+from ..utils import write_json_atomic
 
 PathLike = Union[str, os.PathLike]
 

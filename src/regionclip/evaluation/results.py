@@ -1,31 +1,16 @@
-"""Results files (spec §4.9): reading with validation, atomic JSON writing, optional-dependency import."""
+"""Results files (docs/DESIGN.md#results-files): reading with validation before pycocotools / lvis see them."""
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Union
 
-from ..utils import write_json_atomic  # noqa: F401  (re-exported: one atomic JSON writer for the package)
+from ..formats.coco import ResultsError  # one error type for results, whoever raises it
 
 PathLike = Union[str, os.PathLike]
-
-
-class ResultsError(ValueError):
-    """A results list / results JSON that does not match the ground truth it is evaluated against."""
-
-
-def require(module: str, extra: str = "eval") -> ModuleType:
-    """Import an optional dependency or fail with the command that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        pip_name = {"pycocotools.coco": "pycocotools", "pycocotools.cocoeval": "pycocotools"}.get(module, module)
-        raise ImportError(f"{module} is needed for evaluation but is not installed: "
-                          f"pip install {pip_name}  (or pip install 'regionclip[{extra}]')") from e
+__all__ = ["ResultsError", "load_results", "validate_results"]
 
 
 def load_results(path: PathLike) -> list[dict]:
@@ -80,16 +65,3 @@ def validate_results(results: Iterable[dict], image_ids: Iterable[Any], category
                            f"truth, e.g. {sorted(bad_cats, key=str)[:5]}; check the contiguous->category id "
                            "mapping (COCO: the json's ids; LVIS: contiguous index + 1)")
     return results
-
-
-def per_image_top_k(results: list[dict], k: Optional[int]) -> list[dict]:
-    """Keep the ``k`` highest-scoring detections of each image (order of the input otherwise kept)."""
-    if k is None:
-        return results
-    by_image: dict[Any, list[int]] = {}
-    for i, r in enumerate(results):
-        by_image.setdefault(r["image_id"], []).append(i)
-    keep: set[int] = set()
-    for idx in by_image.values():
-        keep.update(sorted(idx, key=lambda i: -results[i]["score"])[:k])
-    return [r for i, r in enumerate(results) if i in keep]

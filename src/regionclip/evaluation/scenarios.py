@@ -1,4 +1,4 @@
-"""Evaluation scenarios: the original's evaluation commands by name (spec §4.1, §8.5, §10.5).
+"""Evaluation scenarios: the original's evaluation commands by name (docs/DESIGN.md#settings).
 
 A scenario = a model preset (:mod:`regionclip.presets`: weights, RPN, post-processing, region source) + the
 dataset the original evaluated it on + what the paper / model zoo reports. docs/EVALUATION.md lists the

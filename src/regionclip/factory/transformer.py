@@ -172,7 +172,7 @@ def _rpn(det_sd: Mapping[str, Tensor], rpn_weights: Optional[PathLike], use_rpn:
     return build_offline_rpn(infer_rpn_config(rpn_sd, **(overrides or {}))), rpn_sd, src
 
 
-# How the branch's files spell the non-trunk weights (spec §11.3 lists one rule group per family's checkpoints)
+# How the branch's files spell the non-trunk weights (docs/DESIGN.md#zero-shot-branch lists one rule group per family's checkpoints)
 BRANCH_SPELLINGS: dict[str, dict[str, str]] = {
     "swin": {"trunk": "image_encoder.", "text": "text_encoder.", "proj": "text_projection", "scale": "logit_scale"},
     "focalnet": {"trunk": "backbone.", "text": "lang_encoder.lang_encoder.", "proj": "lang_encoder.lang_proj",

@@ -9,7 +9,7 @@ Boxes files (XYXY in original pixels unless said otherwise):
 
 Dtype rule (why: the original's dataset mapper scales boxes inside a numpy array, so a box written with whole
 numbers - an *integer* array - is truncated after scaling, a float box is not; see
-``RegionCLIPDetector.regions_from_user_boxes``): an image's boxes are int64 when every coordinate of every box is
+``ops.boxes.scale_boxes_like_d2``): an image's boxes are int64 when every coordinate of every box is
 written as an integer (``10``, not ``10.0``), else float32.
 
 Matching rule (:func:`match_boxes`), per image, first hit wins:

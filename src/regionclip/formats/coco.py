@@ -2,7 +2,7 @@
 
 The one place where a :class:`~regionclip.structures.Detections` becomes the original's
 ``coco_instances_results.json`` / ``lvis_instances_results.json`` entries, and back (for re-exporting a finished
-journal in another format). See docs/DESIGN.md, section "Results files".
+journal in another format).
 """
 from __future__ import annotations
 

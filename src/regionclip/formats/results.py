@@ -33,7 +33,7 @@ import numpy as np
 
 from ..structures import Detections
 from ..utils import atomic_path, write_json_atomic
-from .coco import ResultsError, categories, coco_to_detections, detections_to_coco
+from .coco import ResultsError, categories, check_labels, coco_to_detections, detections_to_coco
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -197,9 +197,11 @@ def merge_journals(paths: Sequence[PathLike], *, expected_meta: Optional[Mapping
         j = read_journal(p, expected_meta=expected_meta)
         if merged is None:
             merged = Journal(meta=j.meta)
+        elif j.meta and not merged.meta:  # the earlier journals were cut before their meta line: no entries
+            merged.meta, first = j.meta, Path(p)
         elif j.meta and j.meta != merged.meta:
             raise _meta_mismatch(Path(p), j.meta, merged.meta, other=f"in {first}")
-        for k, e in j.entries.items():
+        for e in j.entries.values():
             merged.record(e.to_json())
         for k, err in j.errors.items():
             merged.record({"key": k, "error": err})
@@ -318,6 +320,7 @@ class ResultsWriter:
         if iid is None:
             raise ValueError(f"image {key!r}: no image_id (pass image_id=... or set Detections.image_id)")
         iid = _json_id(iid)
+        check_labels(det, len(self.class_names), f"image {key!r}")
         if json.dumps(iid) in self._image_ids:
             raise ResultsError(f"images {self._image_ids[json.dumps(iid)]!r} and {key!r} both have image_id {iid}")
         instances = detections_to_coco(det, iid, self.category_ids)

@@ -1,4 +1,4 @@
-"""Fast R-CNN losses of RegionCLIP's open-vocabulary transfer learning (spec §8.3-8.4, §1.7).
+"""Fast R-CNN losses of RegionCLIP's open-vocabulary transfer learning (docs/DESIGN.md#transfer-learning).
 
 All functions are pure: they take logits / deltas / labels and return a scalar tensor. Labels follow the
 classifier layout of :func:`regionclip.modeling.heads.text_classifier_logits`: ``0..K-1`` are the (base) classes

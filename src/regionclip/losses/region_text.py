@@ -1,4 +1,4 @@
-"""Region-text pretraining losses (spec §9.3), as pure functions of embeddings, plus the pieces they need:
+"""Region-text pretraining losses (docs/DESIGN.md#pretraining), as pure functions of embeddings, plus the pieces they need:
 an all-gather that keeps the gradient, the teacher's pseudo labels and per-parameter gradient clipping.
 
 Shapes: region / image embeddings are raw (unnormalised) [N, D] attnpool outputs; concept pools are raw [C, D]
@@ -111,7 +111,7 @@ class PseudoLabels:
 @torch.no_grad()
 def teacher_pseudo_labels(teacher_region_emb: Tensor, teacher_concept_emb: Tensor, temperature: float = 0.01,
                           threshold: float = 0.1) -> PseudoLabels:
-    """Soft and hard concept labels from the frozen teacher (spec §9.3 step 4).
+    """Soft and hard concept labels from the frozen teacher (docs/DESIGN.md#pretraining step 4).
 
     ``q = softmax(norm(f_t) norm(C)^T / temperature)``; regions whose max probability exceeds ``threshold``
     (``CONCEPT_THRES`` 0.1) are kept. If none does, the original keeps regions with max > 0 — i.e. all of them

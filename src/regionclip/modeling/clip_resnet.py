@@ -165,7 +165,10 @@ class ModifiedResNet(nn.Module):
     def forward_res4(self, x: Tensor) -> Tensor:
         """x: [B, 3, H, W] CLIP-normalized -> res4 [B, 16*width, floor-divided H/16, W/16]."""
         x = x.to(self.conv1.weight.dtype)
-        return self.layer3(self.layer2(self.layer1(self.stem(x))))
+        res4 = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        # a channels_last (fused) trunk returns NHWC; torchvision's CPU roi_align makes its input contiguous on
+        # every call, so convert once per image here rather than once per region chunk (no-op when NCHW)
+        return res4.contiguous()
 
     def forward_res5_pooled(self, x: Tensor) -> Tensor:
         """RoI features [N, 16*width, P, P] -> region embeddings [N, output_dim] (layer4 + attnpool)."""
@@ -200,7 +203,7 @@ class ModifiedResNet(nn.Module):
         * ``fold_attnpool_kv``: the attention pool folds its K/V projections into the single query
           (:meth:`AttentionPool2d._forward_folded`), ~25x less attnpool work per region.
 
-        See docs/DESIGN.md ("Inference speed") for the measured gain of each rewrite.
+        Measured gains of each rewrite: benchmarks/results/compare_cpu.txt.
         """
         self.eval()
         pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 
 def text_classifier_logits(region_emb: Tensor, class_emb: Tensor, temperature: float = 0.01) -> Tensor:
-    """RegionCLIP's classifier (spec §1.4): ``[cos(x, t_1..t_K), 0] / T``.
+    """RegionCLIP's classifier (docs/DESIGN.md#classifier): ``[cos(x, t_1..t_K), 0] / T``.
 
     Args:
         region_emb: [R, D] raw attnpool embeddings (normalized here).
@@ -29,7 +29,7 @@ def text_classifier_logits(region_emb: Tensor, class_emb: Tensor, temperature: f
 
 
 class MaskHead(nn.Module):
-    """LVIS fine-tuned class-agnostic mask head on the res5 RoI map (spec §1.7): deconv 2x + ReLU + 1x1."""
+    """LVIS fine-tuned class-agnostic mask head on the res5 RoI map (docs/DESIGN.md#mask-head): deconv 2x + ReLU + 1x1."""
 
     def __init__(self, in_channels: int, conv_dim: int = 256) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Region-text pretraining model (spec §9.1, §9.3): a trainable CLIP ResNet student, a frozen CLIP ResNet
+"""Region-text pretraining model (docs/DESIGN.md#pretraining): a trainable CLIP ResNet student, a frozen CLIP ResNet
 teacher, the frozen CLIP text encoder, the frozen offline RPN and the concept pool.
 
 ``RegionTextPretrainer(batch, generator=g)`` returns the loss dict of one iteration (it is the *task* of the

@@ -41,7 +41,12 @@ class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the GELU approximation the OpenAI weights were trained with (not ``nn.GELU``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        # inference: the same operations in one buffer instead of three (bitwise equal; halves the memory
+        # traffic, which matters on CPUs where the MLP's elementwise step costs almost as much as its GEMMs)
+        out = x * 1.702
+        return torch.sigmoid_(out).mul_(x)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -74,16 +79,15 @@ class Transformer(nn.Module):
 
 @dataclass(frozen=True)
 class PrefixStates:
-    """Per-layer attention keys/values of P token prefixes, right-padded to Lp (from
+    """Per-layer attention keys and values of P token prefixes, right-padded to Lp (from
     :meth:`CLIPTextTransformer.encode_prefixes`).
 
     Attributes:
-        keys, values: one Tensor[P, heads, Lp, width / heads] per layer.
+        kv: one Tensor[P, 2, heads, Lp, width / heads] per layer (index 0 = keys, 1 = values).
         lengths: LongTensor[P], the real length of each prefix (<= Lp).
     """
 
-    keys: tuple[Tensor, ...]
-    values: tuple[Tensor, ...]
+    kv: tuple[Tensor, ...]
     lengths: Tensor
 
 
@@ -113,35 +117,36 @@ class PrefixedTokens:
         return self.tokens.shape
 
 
-def _attend(block: "ResidualAttentionBlock", x: Tensor, lay: "_PackedLayout", past: Optional[tuple[Tensor, Tensor]],
-            last_only: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _attend(block: "ResidualAttentionBlock", x: Tensor, lay: "_PackedLayout", past: Optional[Tensor],
+            last_only: bool) -> tuple[Tensor, Tensor]:
     """One block's attention on packed tails.
 
     Args:
         x: Tensor[N, W], the N packed tail tokens (rows one after another, no padding).
-        past: prefix keys/values gathered per row, each [B, H, Lp, hd] (or None).
+        past: the prefix keys/values of each row, [B, 2, H, Lp, hd] (or None).
         last_only: compute the attention output only at each row's last token (enough for the final layer).
 
     Returns:
-        (attention output [N, W] or [B, W] with ``last_only``, own keys [B, H, S, hd], own values).
+        (attention output [N, W], or [B, W] with ``last_only``; the rows' own keys/values [B, 2, H, S, hd]).
     """
     attn = block.attn
     heads, width = attn.heads, x.shape[-1]
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [N, 3W]
-    # scatter into the padded [B, S] layout for attention only (all other ops stay packed)
-    padded = qkv.new_zeros(lay.rows * lay.span, 3 * width).index_copy_(0, lay.flat, qkv)
-    q, k, v = padded.view(lay.rows, lay.span, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    if not lay.uniform:  # scatter into the padded [B, S] layout for attention only (all other ops stay packed)
+        qkv = qkv.new_zeros(lay.rows * lay.span, 3 * width).index_copy_(0, lay.flat, qkv)
+    qkv = qkv.view(lay.rows, lay.span, 3, heads, width // heads).permute(0, 2, 3, 1, 4)  # [B, 3, H, S, hd]
+    q, own = qkv[:, 0], qkv[:, 1:]
+    kv = own if past is None else torch.cat([past, own], 3)  # [B, 2, H, Lp + S, hd], one copy for both
     mask = lay.mask
     if last_only:
         rows = torch.arange(lay.rows, device=x.device)
         q = q[rows, :, lay.lengths - 1].unsqueeze(2)  # [B, H, 1, hd]
         mask = mask[rows, :, lay.lengths - 1].unsqueeze(2)  # [B, 1, 1, Lp + S]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, H, S or 1, hd]
+    out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask)  # [B, H, S or 1, hd]
     out = out.transpose(1, 2).reshape(-1, width)
-    if not last_only:
+    if not last_only and not lay.uniform:
         out = out.index_select(0, lay.flat)
-    return attn.out_proj(out), k, v
+    return attn.out_proj(out), own
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ class _PackedLayout:
     last: Tensor  # [B] packed index of each row's last token
     positions: Tensor  # [N] absolute position (prefix length + index in the tail)
     mask: Tensor  # bool [B, 1, S, Lp + S]: True = may attend (prefix part, then causal own part)
+    uniform: bool  # every row has S tokens: the packed layout is already the padded one
 
     @staticmethod
     def build(lengths: Tensor, prefix_lengths: Tensor, prefix_span: int) -> "_PackedLayout":
@@ -167,7 +173,7 @@ class _PackedLayout:
         pre = torch.arange(prefix_span, device=device)[None] < prefix_lengths[:, None]  # [B, Lp]
         mask = torch.cat([pre[:, None, :].expand(rows, span, prefix_span), own.expand(rows, span, span)], -1)
         return _PackedLayout(rows, span, lengths, row_of * span + within, ends - 1,
-                             prefix_lengths[row_of] + within, mask[:, None])
+                             prefix_lengths[row_of] + within, mask[:, None], bool((lengths == span).all()))
 
 
 class CLIPTextTransformer(nn.Module):
@@ -251,16 +257,15 @@ class CLIPTextTransformer(nn.Module):
                              f"{lengths.tolist()}")
         lay = _PackedLayout.build(lengths, torch.zeros_like(lengths), 0)
         x = self._embed(tokens.reshape(-1)[_row_major(tokens, lengths)], lay.positions)
-        keys, values = [], []
+        kv = []
         blocks = list(self.transformer.resblocks)
         for i, block in enumerate(blocks):
-            a, k, v = _attend(block, x, lay, None, last_only=False)
-            keys.append(k.contiguous())
-            values.append(v.contiguous())
+            a, own = _attend(block, x, lay, None, last_only=False)
+            kv.append(own.contiguous())
             if i + 1 < len(blocks):  # the last block's output is never used, only its keys/values
                 x = x + a
                 x = x + block.mlp(block.ln_2(x))
-        return PrefixStates(tuple(keys), tuple(values), lengths)
+        return PrefixStates(tuple(kv), lengths)
 
     def _encode_prefixed(self, batch: PrefixedTokens) -> Tensor:
         """:meth:`encode_text` for a :class:`PrefixedTokens` batch -> Tensor[B, embed_dim]."""
@@ -269,17 +274,21 @@ class CLIPTextTransformer(nn.Module):
         plen = batch.prefix_lengths.to(tokens.device)
         if int((plen + lengths).max()) > self.context_length:
             raise ValueError(f"prefix + tail exceed the context length {self.context_length}")
-        pre = batch.prefix
-        lay = _PackedLayout.build(lengths, plen, pre.keys[0].shape[2])
+        span = int(plen.max())  # only as many prefix positions as this batch uses
+        lay = _PackedLayout.build(lengths, plen, span)
         idx = batch.prefix_index.to(tokens.device)
         x = self._embed(tokens.reshape(-1)[_row_major(tokens, lengths)], lay.positions)
         blocks = list(self.transformer.resblocks)
+        inplace = not (torch.is_grad_enabled() and x.requires_grad)  # x is ours: update it in place when allowed
         for i, block in enumerate(blocks):
             last = i + 1 == len(blocks)  # the final block only matters at the pooled (last) token of each row
-            a, _, _ = _attend(block, x, lay, (pre.keys[i].index_select(0, idx), pre.values[i].index_select(0, idx)),
-                              last_only=last)
-            x = (x.index_select(0, lay.last) if last else x) + a
-            x = x + block.mlp(block.ln_2(x))
+            past = batch.prefix.kv[i][:, :, :, :span].index_select(0, idx) if span else None
+            a, _ = _attend(block, x, lay, past, last_only=last)
+            if last:
+                x = x.index_select(0, lay.last)
+            x = x.add_(a) if inplace else x + a
+            m = block.mlp(block.ln_2(x))
+            x = x.add_(m) if inplace else x + m
         return self.ln_final(x) @ self.text_projection
 
     def _embed(self, ids: Tensor, positions: Tensor) -> Tensor:

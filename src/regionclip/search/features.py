@@ -32,7 +32,7 @@ class ShardInfo:
     name: str
     path: Path
     header: dict[str, Any]
-    fingerprint: str  # sha256 of the header JSON + file size: a shard rewritten under the same name is noticed
+    fingerprint: str  # sha256 of size, mtime and header JSON
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -71,7 +71,8 @@ def list_shards(features_dir: PathLike) -> list[ShardInfo]:
         header = json.loads(raw)
         if header.get("format") != STORE_FORMAT:
             raise ValueError(f"{f} is in format {header.get('format')!r}; this version reads {STORE_FORMAT!r}")
-        fp = hashlib.sha256(f"{f.stat().st_size}|{raw}".encode()).hexdigest()
+        st = f.stat()  # size + mtime + header: a shard rewritten under the same name (--overwrite) is noticed
+        fp = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{raw}".encode()).hexdigest()
         out.append(ShardInfo(f.name, f, header, fp))
     return out
 

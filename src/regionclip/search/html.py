@@ -39,7 +39,8 @@ def _open_rgb(path: str) -> Any:
 def crop_region(image: Any, box: Sequence[float], *, margin: float = 0.1, min_margin: int = 4,
                 thumb: int = 224, outline: bool = True) -> Any:
     """The region ``box`` (XYXY original pixels) of a PIL image with a margin (``margin`` x box size, at least
-    ``min_margin`` px), clipped to the image, its box outlined in red, scaled to fit ``thumb`` x ``thumb``."""
+    ``min_margin`` px), clipped to the image, its box outlined in red, scaled to fit ``thumb`` x ``thumb`` (crops
+    smaller than half of that are enlarged to half)."""
     from PIL import ImageDraw
 
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -56,7 +57,8 @@ def crop_region(image: Any, box: Sequence[float], *, margin: float = 0.1, min_ma
         lw = max(1, round(max(crop.size) / 150))
         ImageDraw.Draw(crop).rectangle([x1 - cx1, y1 - cy1, x2 - cx1 - 1, y2 - cy1 - 1], outline=(255, 0, 0), width=lw)
     scale = thumb / max(crop.size)
-    if scale < 1:
+    if scale < 1 or max(crop.size) < thumb // 2:  # tiny regions are enlarged to half a thumbnail, to be seen
+        scale = min(scale, thumb / 2 / max(crop.size)) if scale > 1 else scale
         crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
     return crop
 

@@ -144,7 +144,7 @@ class RegionIndex:
             if existing:
                 idx = cls.open(index_dir)
                 if idx.backend != backend:
-                    raise ValueError(f"{index_dir} is a {idx.backend!r} index; pass --backend {idx.backend} to add "
+                    raise ValueError(f"{index_dir} is an index of back-end {idx.backend!r}; pass --backend {idx.backend} to add "
                                      f"to it, or --rebuild to rebuild it as {backend!r}")
             else:
                 old = cls.open(index_dir).manifest if (index_dir / MANIFEST).is_file() else None
@@ -279,21 +279,33 @@ class RegionIndex:
         out = []
         for qi in range(len(q)):
             cands = [(float(sc), si, int(r)) for si, (scores, rows) in enumerate(per_seg)
-                     for sc, r in zip(scores[qi], rows[qi]) if r >= 0]
+                     for sc, r in zip(scores[qi].tolist(), rows[qi].tolist()) if r >= 0]
             cands.sort(key=lambda c: (-c[0], c[1], c[2]))
-            out.append([self._hit(rank, segs[si], r, sc) for rank, (sc, si, r) in enumerate(cands[:top_k], 1)])
+            out.append(self._hits(segs, cands[:top_k]))
         return out
 
-    def _hit(self, rank: int, seg: _Segment, r: int, score: float) -> Hit:
-        a = seg.arrays
-        im = seg.images[int(a["image"][r])]
+    def _hits(self, segs: list[_Segment], cands: list[tuple[float, int, int]]) -> list[Hit]:
+        """Hits of (score, segment, row) candidates; the metadata of each segment is gathered in one fancy-index
+        read (element-wise memmap reads cost ~50 us each)."""
         names = self.manifest["source"].get("class_names")
-        cls = int(a["cls"][r])
-        return Hit(rank=rank, score=score, key=im["key"], file_name=im["file_name"],
-                   box=tuple(float(v) for v in a["boxes"][r]), shard=seg.shards[im["shard"]], row=int(a["row"][r]),
-                   path=im.get("path"), objectness=_opt(a["objectness"][r]), det_score=_opt(a["det_score"][r]),
-                   class_name=(names[cls] if names and 0 <= cls < len(names) else (str(cls) if cls >= 0 else None)),
-                   width=im.get("width"), height=im.get("height"))
+        meta: dict[int, dict[str, list]] = {}
+        for si in {c[1] for c in cands}:
+            rows = np.asarray([c[2] for c in cands if c[1] == si])
+            meta[si] = {k: v[rows].tolist() for k, v in segs[si].arrays.items()}
+        seen: dict[int, int] = {}
+        out = []
+        for rank, (score, si, r) in enumerate(cands, 1):
+            j = seen[si] = seen.get(si, -1) + 1  # position of this row in meta[si] (same order as cands)
+            a = {k: v[j] for k, v in meta[si].items()}
+            seg, cls = segs[si], int(a["cls"])
+            im = seg.images[int(a["image"])]
+            out.append(Hit(rank=rank, score=score, key=im["key"], file_name=im["file_name"],
+                           box=tuple(float(v) for v in a["boxes"]), shard=seg.shards[im["shard"]], row=int(a["row"]),
+                           path=im.get("path"), objectness=_opt(a["objectness"]), det_score=_opt(a["det_score"]),
+                           class_name=(names[cls] if names and 0 <= cls < len(names) else
+                                       (str(cls) if cls >= 0 else None)),
+                           width=im.get("width"), height=im.get("height")))
+        return out
 
     def iter_regions(self) -> Iterator[tuple[str, int, np.ndarray]]:
         """(segment name, row, [D] vector) of every region (exact back-end only; for tests and debugging)."""

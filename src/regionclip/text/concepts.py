@@ -1,4 +1,4 @@
-"""Concept pools parsed from captions: nouns (optionally compound noun phrases) kept by frequency (spec §9.1,
+"""Concept pools parsed from captions: nouns (optionally compound noun phrases) kept by frequency (docs/DESIGN.md#pretraining,
 open question 15.5 — the original's parsing procedure was never released; its configs use a 4764-noun pool
 parsed from COCO captions).
 

@@ -36,7 +36,7 @@ from regionclip.text.tokenizer import ClipTokenizer, default_tokenizer
 
 AVERAGE_MODES = ("mean", "normalized")
 SAFETENSORS_KEY = "embeddings"
-DEFAULT_BATCH_SIZE = 1024  # prompts per forward pass: ~3.8k packed tokens, large enough for efficient CPU GEMMs
+DEFAULT_BATCH_SIZE = 1024  # prompts per forward (~4k packed tokens): fastest of 256/512/1024 on a loaded 2-core CPU
 
 
 def load_text_encoder(weights: PathLike, *, allow_jit: bool = False,
@@ -145,18 +145,19 @@ class PromptEncoder:
         tails, shared, too_long = self._tails(names)
         states = self._prefix_states()
         n_t = len(self.templates)
-        template_of = torch.arange(n_t).repeat(len(names))
-        out = []
+        # Sorted by tail length (then template): most batches hold equal-length rows, which need no padding at
+        # all in the attention step, and rows of a template sit together.
+        order = sorted(range(len(tails)), key=lambda i: (len(tails[i]), i % n_t))
+        feats = torch.empty(len(tails), self.encoder.embed_dim, device=self.device)
         with torch.inference_mode():
-            for start in range(0, len(tails), self.batch_size):
-                rows = tails[start:start + self.batch_size]
-                ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-                for i, r in enumerate(rows):
-                    ids[i, :len(r)] = torch.tensor(r)
-                batch = PrefixedTokens(ids.to(self.device), states, template_of[start:start + len(rows)].to(self.device),
-                                       torch.tensor(shared[start:start + len(rows)], device=self.device))
-                out.append(self.encoder.encode_text(batch).float())
-        feats = torch.cat(out) if out else torch.zeros(0, self.encoder.embed_dim, device=self.device)
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                span = len(tails[rows[-1]])  # the longest: rows are sorted by length
+                ids = torch.tensor([tails[r] + [0] * (span - len(tails[r])) for r in rows], dtype=torch.long)
+                batch = PrefixedTokens(ids.to(self.device), states,
+                                       torch.tensor([r % n_t for r in rows], device=self.device),
+                                       torch.tensor([shared[r] for r in rows], device=self.device))
+                feats[torch.tensor(rows, device=self.device)] = self.encoder.encode_text(batch).float()
         return feats.view(len(names), n_t, -1), too_long
 
 

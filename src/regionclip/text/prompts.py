@@ -1,4 +1,4 @@
-"""Prompt construction for concept / class embeddings (spec §5, §10.3).
+"""Prompt construction for concept / class embeddings (docs/DESIGN.md#class-embeddings).
 
 The original fills each concept into every template with ``template.replace('{}', name)`` after removing
 commas and turning ``+`` into a space (``prompt_engineering`` in ``clip_prompt_utils.py``). ``str.replace``

@@ -1,4 +1,4 @@
-"""CLIP byte-pair-encoding tokenizer, behaving exactly like the original RegionCLIP / OpenAI CLIP one (spec §1.5).
+"""CLIP byte-pair-encoding tokenizer, behaving exactly like the original RegionCLIP / OpenAI CLIP one (docs/DESIGN.md#text-encoder).
 
 Text is cleaned with ``ftfy.fix_text`` + two rounds of HTML unescaping + whitespace collapsing, lower-cased,
 split with CLIP's regular expression, byte-encoded and merged with the 48,894 BPE merges shipped as package

@@ -16,11 +16,9 @@ positions are masked as keys (bidirectional mode) or lie after the pooled EOT (c
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modeling.text_encoder import CLIPTextTransformer
@@ -56,7 +54,7 @@ def tokenize_like_hf(texts: Sequence[str], tokenizer: Optional[ClipTokenizer] = 
 @torch.no_grad()
 def branch_class_embeddings(names: Sequence[str], encode: Callable[[list[str]], Tensor], *,
                             templates: Sequence[str] = ZEROSHOT_BRANCH_TEMPLATES) -> Tensor:
-    """Class embeddings as the branch computes them before evaluation (spec §11.3).
+    """Class embeddings as the branch computes them before evaluation (docs/DESIGN.md#zero-shot-branch).
 
     Args:
         names: K class names (cleaned with :func:`branch_class_name`).

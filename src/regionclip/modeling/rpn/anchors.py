@@ -1,4 +1,4 @@
-"""detectron2 ``DefaultAnchorGenerator`` (test-time, no parameters). Spec §3.6.
+"""detectron2 ``DefaultAnchorGenerator`` (test-time, no parameters). docs/DESIGN.md#architecture.6.
 
 Anchor order within a feature map: location-major (row-major: y, then x), cell-anchor-minor; cell anchors
 are size-major, ratio-minor. The RPN head's objectness channel ``a`` and delta channels ``[4a, 4a+4)`` belong

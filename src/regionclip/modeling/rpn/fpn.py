@@ -1,4 +1,4 @@
-"""detectron2 FPN on a ResNet trunk (p2..p6), as used by the R50-FPN offline RPNs. Spec §3.6.
+"""detectron2 FPN on a ResNet trunk (p2..p6), as used by the R50-FPN offline RPNs. docs/DESIGN.md#architecture.6.
 
 Keys: ``bottom_up.*`` (the ResNet), ``fpn_lateral{2..5}.*``, ``fpn_output{2..5}.*``; with ``norm=True`` (LSJ
 RPN: SyncBN, evaluated as a frozen norm) the convs have no bias and carry ``.norm.*`` instead.

@@ -1,4 +1,4 @@
-"""``OfflineRPN``: the localization branch (detectron2 R50-FPN / R50-FPN-LSJ / R50-C4 RPN). Spec §2.2, §3.5-3.6.
+"""``OfflineRPN``: the localization branch (detectron2 R50-FPN / R50-FPN-LSJ / R50-C4 RPN). docs/DESIGN.md#offline-rpn.
 
 ``state_dict()`` keys equal those of a detectron2 RPN checkpoint (``backbone.*``, ``proposal_generator.*``),
 except ``num_batches_tracked`` of SyncBN checkpoints, which is dropped on load (see ``FrozenBatchNorm2d``).
@@ -91,7 +91,7 @@ class OfflineRPN(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> "OfflineRPN":
-        """Always eval: the original forces its offline RPN into eval mode on every forward (spec §3.5)."""
+        """Always eval: the original forces its offline RPN into eval mode on every forward (docs/DESIGN.md#offline-rpn)."""
         return super().train(False)
 
     def preprocess(self, images: Sequence[Tensor]) -> Tuple[Tensor, List[Tuple[int, int]]]:

@@ -1,4 +1,4 @@
-"""detectron2 ResNet (MSRA variant, ``STRIDE_IN_1X1 True``) as used by the offline RPNs. Spec §3.6.
+"""detectron2 ResNet (MSRA variant, ``STRIDE_IN_1X1 True``) as used by the offline RPNs. docs/DESIGN.md#architecture.6.
 
 Module and parameter names follow detectron2 exactly (``stem.conv1.norm.running_var``,
 ``res3.0.shortcut.weight``, ...) so that a detectron2 checkpoint loads strictly. Inference only.

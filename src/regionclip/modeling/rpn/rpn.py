@@ -1,4 +1,4 @@
-"""detectron2 RPN head and test-time proposal selection. Spec §3.6 "d2 RPN inference details".
+"""detectron2 RPN head and test-time proposal selection. docs/DESIGN.md#architecture.6 "d2 RPN inference details".
 
 Only eval behaviour exists: the offline RPN is frozen and in eval mode even while RegionCLIP trains, so the
 *test* top-k settings are always the ones used.

@@ -1,4 +1,4 @@
-"""Transformer image towers (ViT, Swin, DaViT, FocalNet) as zero-shot region encoders (spec §11)."""
+"""Transformer image towers (ViT, Swin, DaViT, FocalNet) as zero-shot region encoders (docs/DESIGN.md#zero-shot-branch)."""
 from .region_head import TransformerRegionDetector, TransformerRegionEncoder, pool_regions
 from .vit import VisionTransformerTrunk
 

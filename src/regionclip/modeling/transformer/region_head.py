@@ -1,4 +1,4 @@
-"""Region recognition on a transformer feature map, as the zero-shot branch's ``CLIPTransformerROIHeads`` (spec §11.2).
+"""Region recognition on a transformer feature map, as the zero-shot branch's ``CLIPTransformerROIHeads`` (docs/DESIGN.md#zero-shot-branch).
 
 RoIAlignV2 on the stride-16 (ViT) / stride-32 (Swin, DaViT, FocalNet) map -> 14x14 bins -> **mean over the bins**
 -> the trunk's norm when the map is not normalised yet -> ``image_projection`` [C, D] -> cosine with the

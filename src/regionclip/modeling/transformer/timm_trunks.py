@@ -1,4 +1,4 @@
-"""Swin / DaViT / FocalNet trunks from timm as dense region-encoder backbones (spec §11.1).
+"""Swin / DaViT / FocalNet trunks from timm as dense region-encoder backbones (docs/DESIGN.md#zero-shot-branch).
 
 timm is optional (extra ``[transformers]``) and imported only when a trunk is built. The zero-shot branch used
 Microsoft's own Swin / DaViT / FocalNet code; timm's classes compute the same networks, and timm's
@@ -27,7 +27,7 @@ from ...utils import require
 
 FAMILIES = ("swin", "davit", "focalnet")
 
-# The branch's configs (spec §11.1) as timm constructor kwargs. Flags that no tensor shape reveals (FocalNet's
+# The branch's configs (docs/DESIGN.md#zero-shot-branch) as timm constructor kwargs. Flags that no tensor shape reveals (FocalNet's
 # post-LN / normalised modulator) are taken from here when a checkpoint is loaded.
 BRANCH_CONFIGS: dict[str, dict[str, Any]] = {
     "swin": dict(patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7,
@@ -151,11 +151,6 @@ def infer_timm_config(family: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown transformer family {family!r}; expected one of {FAMILIES}")
     return cfg
-
-
-def build_timm_trunk(family: str, config: Optional[Mapping[str, Any]] = None) -> TimmTrunk:
-    """A randomly initialised trunk; ``config`` defaults to the branch's (:data:`BRANCH_CONFIGS`)."""
-    return TimmTrunk(family, BRANCH_CONFIGS[family] if config is None else config)
 
 
 def convert_microsoft_layout(family: str, sd: Mapping[str, Tensor], trunk: Optional[TimmTrunk]) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""A CLIP-style Vision Transformer that returns a dense patch-token map (spec §11.1, ViT row).
+"""A CLIP-style Vision Transformer that returns a dense patch-token map (docs/DESIGN.md#zero-shot-branch, ViT row).
 
 One module covers the two ViT layouts a region encoder meets:
 
@@ -125,7 +125,7 @@ class VisionTransformerTrunk(nn.Module):
         h, w = x.shape[-2] // p, x.shape[-1] // p
         if h == 0 or w == 0:
             raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than one {p}x{p} patch")
-        # the branch crops bottom/right to a multiple of the patch size rather than padding (spec §11.1)
+        # the branch crops bottom/right to a multiple of the patch size rather than padding (docs/DESIGN.md#zero-shot-branch)
         x = self.conv1(x[:, :, : h * p, : w * p]).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         pos = interpolate_grid_embedding(self.positional_embedding, self.grid_size, (h, w))
