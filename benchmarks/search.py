@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument("--workdir", help="where to write the store and indexes (default: a temp folder, deleted)")
     ap.add_argument("--out", help="append the report to this file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="a line to write under the report's header")
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -104,6 +105,9 @@ def main() -> int:
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}, {time.strftime('%Y-%m-%d')}, load average at start {os.getloadavg()[0]:.1f} "
              "(shared machine: latencies include contention)"]
+
+    if args.note:
+        lines.append(f"# {args.note}")
 
     def say(s: str) -> None:
         print(s, flush=True)

@@ -8,18 +8,22 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _region_helpers import random_boxes, tiny_detector, write_images
-from regionclip.data.loader import attach_boxes, items_from_coco, items_from_inputs, read_boxes_file
+from _region_helpers import TINY_POST, random_boxes, tiny_detector, tiny_model, tiny_options, tiny_pipeline, write_images
+from regionclip.data.loader import items_from_coco, items_from_inputs
 from regionclip.engine.extract import (ExtractConfig, RegionStore, extract_regions, load_index, load_regions,
-                                       original_name, top_proposals)
+                                       original_name)
+from regionclip.formats import match_boxes, read_boxes_file
 from regionclip.ops.boxes import clip_boxes, nonempty, scale_boxes
+from regionclip.pipeline import top_proposals
 from regionclip.predictor import RegionPredictor
+from regionclip.vocab import Vocabulary
 
 TESTS = Path(__file__).resolve().parent
 SIZES = [(90, 140), (120, 80), (90, 140), (64, 96), (90, 140)]
@@ -31,6 +35,11 @@ def data(tmp_path_factory):
     paths = write_images(root / "imgs", SIZES, seed=7)
     boxes = {p.name: random_boxes(4 + i, h, w, seed=i).numpy() for i, (p, (h, w)) in enumerate(zip(paths, SIZES))}
     return root, paths, boxes, torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+
+
+def attach_boxes(items, boxes, source="boxes file"):
+    """Each item with its boxes, matched as the CLI does (regionclip.formats.match_boxes)."""
+    return [replace(it, boxes=b) for it, b in zip(items, match_boxes(items, boxes, source=source))]
 
 
 def _shard_keys(out: Path) -> list[str]:
@@ -45,36 +54,38 @@ def _shard_keys(out: Path) -> list[str]:
 
 
 def test_user_boxes_equal_gt_mode_detection_features(tmp_path, data) -> None:
-    root, paths, boxes, vocab = data
-    det = tiny_detector(seed=3)
+    root, paths, boxes, emb = data
+    model = tiny_model(seed=3)
+    pipe, vocab = model.pipeline, Vocabulary.create(emb)
     items = attach_boxes(items_from_inputs([root / "imgs"]), boxes)
-    extract_regions(det, items, tmp_path, ExtractConfig(regions="boxes", batch_size=2, num_workers=0, chunk_size=3),
-                    class_embeddings=vocab, progress=False)
+    extract_regions(pipe, items, tmp_path, ExtractConfig(regions="boxes", batch_size=2, num_workers=0, chunk_size=3),
+                    vocabulary=vocab, progress=False)
     got = load_regions(tmp_path)
     assert sorted(got) == sorted(p.name for p in paths)
     for p in paths:
         rec = got[p.name]
         assert torch.equal(rec["boxes"], torch.as_tensor(boxes[p.name]))
-        ref = det.detect([p], [boxes[p.name]], class_embeddings=vocab, keep_probs=True, keep_features=True)[0]
+        ref = pipe.detect([p], vocab, tiny_options(keep_probs=True, keep_features=True), boxes=[boxes[p.name]])[0]
         assert len(ref) > 0
         torch.testing.assert_close(rec["feats"][ref.region_index], ref.features, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rec["probs"][ref.region_index], ref.probs, rtol=1e-5, atol=1e-6)
-        pred = RegionPredictor(det).set_image(p)
+        pred = RegionPredictor(model).set_image(p)
         torch.testing.assert_close(rec["feats"], pred.encode_boxes(boxes[p.name]), rtol=1e-5, atol=1e-6)
         assert torch.equal(rec["classes"], rec["probs"][:, :-1].argmax(1))
 
 
 def test_rpn_regions_are_topk_proposals_in_original_frame(tmp_path, data) -> None:
     root, paths, _, _ = data
-    det = tiny_detector(seed=4, rpn=True)
-    extract_regions(det, items_from_inputs(paths[:2]), tmp_path, ExtractConfig(regions="rpn", topk=12, num_workers=0),
+    pipe = tiny_pipeline(seed=4, rpn=True)
+    det = pipe.model
+    extract_regions(pipe, items_from_inputs(paths[:2]), tmp_path, ExtractConfig(regions="rpn", topk=12, num_workers=0),
                     progress=False)
     for p in paths[:2]:
         rec = load_regions(tmp_path, str(p))
-        prepared = det.prepare(p)
+        prepared = pipe.prepare(p)
         with torch.no_grad():
             props = top_proposals(det.propose([prepared.image]), 12)[0]
-            feats = det.encode_regions(det.compute_res4([prepared.image]), [props.boxes])
+            feats, _ = det.encode_regions(det.compute_features([prepared.image]), [props.boxes])
         b = clip_boxes(scale_boxes(props.boxes, 1 / prepared.scale_xy[0], 1 / prepared.scale_xy[1]),
                        *prepared.original_hw)
         keep = nonempty(b)
@@ -86,17 +97,19 @@ def test_rpn_regions_are_topk_proposals_in_original_frame(tmp_path, data) -> Non
 
 
 def test_detection_regions_mode_b_and_original_format(tmp_path, data) -> None:
-    root, paths, _, vocab = data
-    det = tiny_detector(seed=5, rpn=True)
+    root, paths, _, emb = data
+    pipe = tiny_pipeline(seed=5, rpn=True)
+    det, vocab = pipe.model, Vocabulary.create(emb, ["a", "b", "c"])
     cfg = ExtractConfig(regions="detections", topk=20, num_workers=0, write_original=True)
-    extract_regions(det, items_from_inputs(paths[:2]), tmp_path, cfg, class_embeddings=vocab,
-                    class_names=["a", "b", "c"], progress=False)
+    extract_regions(pipe, items_from_inputs(paths[:2]), tmp_path, cfg, vocabulary=vocab, postprocess=TINY_POST,
+                    progress=False)
     assert load_index(tmp_path)["class_names"] == ["a", "b", "c"]
     for p in paths[:2]:
         rec = load_regions(tmp_path, str(p))
-        prepared = det.prepare(p)
+        prepared = pipe.prepare(p)
         props = top_proposals(det.propose([prepared.image]), 20)
-        ref = det.detect_prepared([prepared], props, class_embeddings=vocab, keep_probs=True, keep_features=True)[0]
+        ref = pipe.detect_prepared([prepared], vocab, tiny_options(keep_probs=True, keep_features=True),
+                                   regions=props)[0]
         assert len(ref) > 0 and torch.equal(rec["classes"], ref.labels)
         torch.testing.assert_close(rec["boxes"], ref.boxes)
         torch.testing.assert_close(rec["probs"], ref.probs)
@@ -110,19 +123,19 @@ def test_detection_regions_mode_b_and_original_format(tmp_path, data) -> None:
 
 def test_resume_skips_done_images_and_rejects_other_settings(tmp_path, data) -> None:
     root, paths, boxes, _ = data
-    det = tiny_detector(seed=6)
+    pipe = tiny_pipeline(seed=6)
     items = attach_boxes(items_from_inputs(paths), {k: v for k, v in boxes.items()})
     cfg = ExtractConfig(regions="boxes", num_workers=0, shard_images=2)
-    first = extract_regions(det, items[:3], tmp_path, cfg, progress=False)
+    first = extract_regions(pipe, items[:3], tmp_path, cfg, progress=False)
     assert first.num_done_before == 0 and len(list((tmp_path / "shards").glob("*.safetensors"))) == 2
-    second = extract_regions(det, items, tmp_path, cfg, progress=False)
+    second = extract_regions(pipe, items, tmp_path, cfg, progress=False)
     assert second.num_done_before == 3
     keys = _shard_keys(tmp_path)
     assert sorted(keys) == sorted(it.key for it in items) and len(keys) == len(set(keys))
     index = load_index(tmp_path)
     assert index["num_images"] == 5 and index["num_regions"] == sum(len(b) for b in boxes.values())
     with pytest.raises(ValueError, match="other settings"):
-        extract_regions(det, items, tmp_path, ExtractConfig(regions="boxes", dtype="bfloat16"), progress=False)
+        extract_regions(pipe, items, tmp_path, ExtractConfig(regions="boxes", dtype="bfloat16"), progress=False)
     with RegionStore(tmp_path / "locked", {"x": 1}):
         with pytest.raises(RuntimeError, match="another extraction"):
             RegionStore(tmp_path / "locked", {"x": 1})  # same process
@@ -142,7 +155,7 @@ def test_bad_boxes_and_unreadable_images_are_reported_not_fatal(tmp_path, data) 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     items = attach_boxes(items_from_inputs(paths[:3]), bad)
     items.append(InferenceItem("broken", str(tmp_path / "broken.png"), boxes=np.zeros((0, 4), np.float32)))
-    s = extract_regions(tiny_detector(), items, tmp_path / "out", ExtractConfig(regions="boxes", num_workers=0),
+    s = extract_regions(tiny_pipeline(), items, tmp_path / "out", ExtractConfig(regions="boxes", num_workers=0),
                         progress=False)
     index = load_index(tmp_path / "out")
     assert s.num_errors == 2 and index["num_images"] == 2
@@ -174,18 +187,18 @@ def test_box_files_and_coco_items(tmp_path, data) -> None:
 KILL_SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
-from _region_helpers import tiny_detector
+from _region_helpers import tiny_pipeline
 from regionclip.data.loader import items_from_inputs
 from regionclip.engine.extract import ExtractConfig, extract_regions
 
-det = tiny_detector(seed=8, rpn=True)
+pipe = tiny_pipeline(seed=8, rpn=True)
 if {slow}:
-    inner = det.encode_regions
+    inner = pipe.model.encode_regions
     def slow(*a, **k):
         time.sleep(0.3)  # a slow model, so the parent can kill the run half-way
         return inner(*a, **k)
-    det.encode_regions = slow
-extract_regions(det, items_from_inputs([{imgs!r}]), {out!r},
+    pipe.model.encode_regions = slow
+extract_regions(pipe, items_from_inputs([{imgs!r}]), {out!r},
                 ExtractConfig(regions="rpn", topk=10, num_workers=1, shard_images=2, batch_size=2), progress=False)
 """
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _region_helpers import random_boxes, tiny_detector, write_images
+from _region_helpers import random_boxes, tiny_model, write_images
 from regionclip.modeling.clip_resnet import AttentionPool2d
 from regionclip.predictor import RegionPredictor
+from regionclip.vocab import Vocabulary
 
 
 def _full_mha_attnpool(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
@@ -40,25 +41,26 @@ def test_attnpool_first_query_matches_full_mha(grid: int, embed: int, heads: int
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    det = tiny_detector(seed=1, rpn=True)
+    model = tiny_model(seed=1, rpn=True)
     path = write_images(tmp_path_factory.mktemp("pred"), [(90, 140)], seed=3)[0]
-    pred = RegionPredictor(det).set_image(path)
+    pred = RegionPredictor(model).set_image(path)
     boxes = random_boxes(23, 90, 140, seed=5)
-    return det, path, pred, boxes, torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    return model, path, pred, boxes, torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
 
 
 def test_requires_image() -> None:
     with pytest.raises(RuntimeError, match="set_image"):
-        RegionPredictor(tiny_detector()).encode_boxes([[0, 0, 10, 10]])
+        RegionPredictor(tiny_model()).encode_boxes([[0, 0, 10, 10]])
 
 
 def test_encode_boxes_matches_detector_and_keeps_order(setup) -> None:
-    det, path, pred, boxes, _ = setup
+    model, path, pred, boxes, _ = setup
+    det, pipe = model.detector, model.pipeline
     emb = pred.encode_boxes(boxes)
-    prepared = det.prepare(path)
+    prepared = pipe.prepare(path)
     with torch.no_grad():
-        ref = det.encode_regions(det.compute_res4([prepared.image]),
-                                 [det.regions_from_user_boxes(boxes, prepared).boxes])
+        ref, _ = det.encode_regions(det.compute_features([prepared.image]),
+                                    [pipe.user_regions(boxes, prepared).boxes])
     assert emb.shape == (23, 16) and emb.dtype == torch.float32
     assert torch.equal(emb, ref)
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(1))
@@ -80,8 +82,9 @@ def test_chunked_equals_unchunked(setup) -> None:
 
 
 def test_roi_head_never_sees_more_than_a_chunk(setup) -> None:
-    det, _, _, _, _ = setup
-    pred = RegionPredictor(det, chunk_size=16)
+    model, _, _, _, _ = setup
+    det = model.detector
+    pred = RegionPredictor(model, chunk_size=16)
     pred.set_image(torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8))
     seen: list[int] = []
     handle = det.backbone.layer4.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
@@ -94,7 +97,7 @@ def test_roi_head_never_sees_more_than_a_chunk(setup) -> None:
 
 
 def test_classify_boxes_equals_gt_mode_detection(setup) -> None:
-    det, path, pred, boxes, vocab = setup
+    model, path, pred, boxes, vocab = setup
     cls = pred.classify_boxes(boxes, (["a", "b", "c", "d"], vocab))
     assert cls.probs.shape == (23, 5) and len(cls) == 23
     torch.testing.assert_close(cls.probs.sum(1), torch.ones(23))
@@ -102,14 +105,16 @@ def test_classify_boxes_equals_gt_mode_detection(setup) -> None:
     assert torch.equal(cls.scores, cls.probs[cls.labels.new_tensor(range(23)), cls.labels])
     assert set(cls.names) <= {"a", "b", "c", "d"}
     # GT-mode detection of the same boxes: its probs / features rows are those of the boxes they came from
-    dets = det.detect([path], [boxes], class_embeddings=vocab, keep_probs=True, keep_features=True)[0]
+    dets = model.detect([path], [boxes], vocabulary=Vocabulary.create(vocab), keep_probs=True,
+                        keep_features=True)[0]
     assert len(dets) > 0
     assert torch.equal(dets.probs, cls.probs[dets.region_index])
     assert torch.equal(dets.features, pred.encode_boxes(boxes)[dets.region_index])
 
 
 def test_detect_reuses_cached_features(setup) -> None:
-    det, path, pred, boxes, vocab = setup
+    model, path, pred, boxes, vocab = setup
+    det = model.detector
     calls: list[int] = []
     handle = det.backbone.layer1.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -118,32 +123,34 @@ def test_detect_reuses_cached_features(setup) -> None:
     finally:
         handle.remove()
     assert calls == []  # the backbone did not run again
-    ref = det.detect([path], class_embeddings=vocab)[0]
-    ref_gt = det.detect([path], [boxes], class_embeddings=vocab)[0]
+    ref = model.detect([path], vocabulary=Vocabulary.create(vocab))[0]
+    ref_gt = model.detect([path], [boxes], vocabulary=Vocabulary.create(vocab))[0]
     for a, b in ((ours, ref), (ours_gt, ref_gt)):
         assert len(a) == len(b) > 0
         assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
 
 
 def test_vocabulary_errors(setup) -> None:
-    det, _, pred, boxes, _ = setup
+    model, _, pred, boxes, _ = setup
     with pytest.raises(ValueError, match="text encoder"):
-        pred.classify_boxes(boxes, ["cat", "dog"])  # a bare detector has no text encoder
-    with pytest.raises(ValueError, match=r"\[K, 16\]"):
+        pred.classify_boxes(boxes, ["cat", "dog"])  # a model without a weights file has no text encoder
+    with pytest.raises(ValueError, match="8-d but this model's region embeddings are 16-d"):
         pred.classify_boxes(boxes, torch.randn(3, 8))
-    det.set_vocabulary(torch.randn(2, 16), ["x", "y"])
+    with pytest.raises(ValueError, match="no vocabulary set"):
+        pred.classify_boxes(boxes)
+    model.set_vocabulary(["x", "y"], torch.randn(2, 16))
     try:
         assert pred.classify_boxes(boxes).class_names == ["x", "y"]
     finally:
-        det.class_embeddings, det.class_names = torch.zeros(0, 16), []
+        model.vocabulary = None
 
 
 @pytest.mark.slow
 def test_rn50_predictor_chunking_and_gt_detection(rn50_ckpts, demo_images) -> None:
-    from regionclip.factory import load_detector
+    from regionclip.api import RegionCLIP
 
-    det, _ = load_detector(rn50_ckpts["regionclip"], use_rpn=False)
-    pred = RegionPredictor(det).set_image(demo_images[0])
+    model = RegionCLIP.from_pretrained(rn50_ckpts["regionclip"], regions="gt")
+    pred = RegionPredictor(model).set_image(demo_images[0])
     h, w = pred.original_size
     boxes = random_boxes(300, h, w, seed=0)
     full = pred.encode_boxes(boxes, chunk_size=300)
@@ -151,7 +158,8 @@ def test_rn50_predictor_chunking_and_gt_detection(rn50_ckpts, demo_images) -> No
     print(f"RN50 chunked vs unchunked max |diff| = {(full - chunked).abs().max().item():.3g}")
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     vocab = torch.load(rn50_ckpts["concept_emb"], weights_only=True)
-    dets = det.detect([demo_images[0]], [boxes], class_embeddings=vocab, keep_features=True, keep_probs=True)[0]
+    dets = model.detect([demo_images[0]], [boxes], vocabulary=model.make_vocabulary(class_embeddings=vocab),
+                        keep_features=True, keep_probs=True, score_thresh=0.001)[0]
     assert len(dets) > 0
     assert torch.equal(dets.features, full[dets.region_index])
     assert torch.equal(dets.probs, pred.classify_boxes(boxes, vocab).probs[dets.region_index])

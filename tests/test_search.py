@@ -180,23 +180,28 @@ def test_width_mismatch_and_stale_or_foreign_store_are_refused(tmp_path, store) 
 
 
 def test_image_region_query_finds_that_region(tmp_path) -> None:
-    """End to end with a real (tiny random) detector: extract-regions, index, query with an image box."""
-    from _region_helpers import tiny_detector
-    from regionclip.data.loader import attach_boxes, items_from_inputs
-    from regionclip.engine.extract import ExtractConfig, extract_regions
+    """With a real (tiny random) model: regions embedded by the RoI head (test_extract checks extract-regions'
+    feats equal ``RegionPredictor.encode_boxes``), indexed, then queried with an image + box."""
+    from _region_helpers import tiny_model
+    from regionclip.predictor import RegionPredictor
     from regionclip.search.query import embed_image_region
 
+    model = tiny_model(seed=3)  # a RegionCLIP around a tiny random detector (no weights file)
     paths = write_images(tmp_path / "imgs", SIZES[:3], seed=3)
-    boxes = {p.name: random_boxes(4, h, w, seed=i).numpy() for i, (p, (h, w)) in enumerate(zip(paths, SIZES))}
-    det = tiny_detector(seed=3)
-    extract_regions(det, attach_boxes(items_from_inputs([tmp_path / "imgs"]), boxes), tmp_path / "feats",
-                    ExtractConfig(regions="boxes", num_workers=0), model_id="tiny", progress=False)
-    idx = RegionIndex.build(tmp_path / "feats", tmp_path / "idx", backend="exact")
+    with RegionStore(tmp_path / "feats", {**META, "model": "tiny"}) as st:
+        for i, (p, (h, w)) in enumerate(zip(paths, SIZES)):
+            boxes = random_boxes(4, h, w, seed=i)
+            feats = RegionPredictor(model).set_image(str(p)).encode_boxes(boxes)
+            st.add({"key": p.name, "file_name": str(p), "width": w, "height": h}, {"boxes": boxes, "feats": feats})
+    # float32: a tiny random model's region embeddings are nearly parallel (cosines 0.9999x: ReLU features share a
+    # big mean component), so telling the region from its neighbours needs more than float16's 3 digits
+    idx = RegionIndex.build(tmp_path / "feats", tmp_path / "idx", backend="exact", dtype="float32")
     key, i, feat, box = _regions(tmp_path / "feats")[5]
-    q = embed_image_region(det, str(tmp_path / "imgs" / key), box.tolist())
+    q = embed_image_region(model, str(tmp_path / "imgs" / key), box.tolist())
     torch.testing.assert_close(q, torch.nn.functional.normalize(feat, dim=0), rtol=1e-4, atol=1e-5)
     hit = idx.search(q, 1)[0]
     assert (hit.key, hit.box) == (key, pytest.approx(tuple(box.tolist())))
+    assert hit.score == pytest.approx(1.0, abs=1e-6)
 
 
 def test_cli_index_and_search_table_json_html_text_query(tmp_path, store, monkeypatch, capsys) -> None:

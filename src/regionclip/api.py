@@ -208,8 +208,10 @@ class RegionCLIP:
         return dets
 
     def run(self, items: Sequence[InferenceItem], options: Optional[RunOptions] = None, *,
-            vocabulary: Optional[Vocabulary] = None) -> Iterator[ImageResult]:
-        """Stream many images (see :meth:`regionclip.pipeline.Pipeline.run`): one result or error per item."""
-        return self.pipeline.run(items, self.require_vocabulary(vocabulary), options or self.run_options())
+            vocabulary: Optional[Vocabulary] = None, boxes_source: str = "") -> Iterator[ImageResult]:
+        """Stream many images (see :meth:`regionclip.pipeline.Pipeline.run`): one result or error per item.
+        ``boxes_source``: the file the items' boxes came from (named in bad-box errors)."""
+        return self.pipeline.run(items, self.require_vocabulary(vocabulary), options or self.run_options(),
+                                 boxes_source=boxes_source)
 
     __call__ = detect

@@ -19,27 +19,31 @@ import torch
 from torch import Tensor
 
 # ---------------------------------------------------------------- tolerances (see docs/PARITY_NOISE.md)
-# Backbone res4 (values up to ~13): largest measured |diff| 1.1e-5 (AVX2 vs the AVX-512 reference).
-RES4_ATOL, RES4_RTOL = 1e-4, 1e-5
-# Raw region embeddings (attnpool output, values up to ~22, norms up to ~210): measured |diff| <= 6e-5.
-EMB_ATOL, EMB_RTOL = 5e-4, 1e-4
-# L2 norms of all raw region embeddings (~100-210): measured |diff| <= 1.6e-4.
-EMB_NORM_ATOL, EMB_NORM_RTOL = 2e-3, 1e-5
-# L2-normalized embeddings (values up to ~0.12): measured |diff| <= 7e-7.
-EMB_UNIT_ATOL, EMB_UNIT_RTOL = 1e-5, 1e-4
-# Class probabilities (softmax of cos/0.01): measured |diff| <= 3e-6.
-PROB_ATOL, PROB_RTOL = 3e-5, 1e-4
-# Final scores (probabilities, or sqrt(p * raw logit) in RPN mode): measured |diff| <= 7.5e-6 (the original on
-# AVX2 vs its stored outputs) .
+# Each is ~10x the largest difference measured between our outputs on an AVX2-only CPU and the stored references
+# (written with AVX-512 kernels), rounded up; the original itself shows the same differences on AVX2.
+# res4 (values up to ~13): measured |diff| <= 2.1e-5 (scale-relative 1.6e-6).
+RES4_ATOL, RES4_RTOL = 2e-4, 1e-5
+# Raw region embeddings (attnpool output, values up to ~22): measured |diff| <= 1.3e-5 in GT mode, <= 2.2e-4 in
+# RPN mode (there the ~1e-3 px proposal-box noise also moves RoIAlign's sample points).
+EMB_ATOL, EMB_RTOL = 2e-3, 1e-4
+# L2 norms of all 1000 raw RPN-mode region embeddings (~100-210): measured |diff| <= 1.3e-3 (relative 6.4e-6).
+EMB_NORM_ATOL, EMB_NORM_RTOL = 1e-2, 5e-5
+# L2-normalized GT-mode embeddings (values up to ~0.11): measured |diff| <= 1.2e-7 (relative 1.1e-6).
+EMB_UNIT_ATOL, EMB_UNIT_RTOL = 2e-6, 1e-5
+# Class probabilities (softmax of cos/0.01, up to ~0.87): measured |diff| <= 1.7e-6 (GT), <= 1.9e-5 (RPN mode).
+PROB_ATOL, PROB_RTOL = 2e-4, 1e-4
+# Final scores (probabilities, or sqrt(p * raw logit) in RPN mode): measured |diff| <= 7.5e-6, as the original's
+# own AVX2 rerun (5.4e-6 / 7.5e-6).
 SCORE_ATOL, SCORE_RTOL = 1e-4, 1e-4
-# Boxes in pixels (RPN proposals in the resized frame, final boxes in the original frame, up to ~1920 px):
-# measured |diff| <= 1.2e-3 px (the original on AVX2: 1.2e-3 / 7.7e-4 px).
-BOX_ATOL = 1e-2
-# RPN objectness logits (|logit| <= ~1.5): measured |diff| <= 1.1e-6 at the same proposal.
-LOGIT_ATOL = 2e-5
-# Two proposals whose logits are closer than this may legitimately come out in either order (the issue's rule:
-# a 1e-6 rounding difference can only reorder logits that are ~1e-6 apart; 1e-4 leaves a wide margin while the
-# boxes still identify each proposal).
+# Boxes in pixels (RPN proposals in the resized frame, final boxes in the original frame, up to 1920 px):
+# measured |diff| <= 1.5e-3 px (final boxes 1.2e-3 / 7.7e-4 px, as the original's own AVX2 rerun). GT-mode
+# boxes are exact (integer GT boxes, no regression). Real slips (half-pixel offsets, scale) are >= 0.1 px.
+BOX_ATOL = 2e-2
+# RPN objectness logits (|logit| <= ~1.5) at the same proposal: measured |diff| <= 4.1e-6.
+LOGIT_ATOL = 5e-5
+# Proposals whose logits are closer than this may come out in either order: 6 proposals per image changed rows
+# on AVX2 (consecutive logit gaps down to 6e-8, 402 of 999 gaps below 1e-4); 1e-4 is ~25x the logit noise, and
+# the box (within BOX_ATOL) still identifies each proposal.
 LOGIT_TIE = 1e-4
 
 
@@ -152,10 +156,11 @@ def assert_detections_match(boxes: Tensor, scores: Tensor, labels: Tensor, ref_b
                             ref_region_index: Optional[Tensor] = None, region_perm: Optional[Tensor] = None) -> None:
     """Final detections: EXACTLY the same classes in the same order (and source regions), boxes/scores within noise.
 
-    Order is kept exact on purpose: the fixtures' consecutive final scores are at least 1.7e-6 apart while the
-    measured score noise is below 1e-6 at our own rows (docs/PARITY_NOISE.md, "Near ties"), so no legitimate
-    reordering exists with these fixtures. If a new fixture has closer scores this check fails loudly rather than
-    hiding a real reordering.
+    Order is kept exact on purpose (the issue's rule): no measured kernel setting reordered a detection. One near
+    tie exists in the fixtures (RPN mode, sample_img2, ranks 37/38: scores 1.7e-6 apart, below the 7.5e-6 score
+    noise; docs/PARITY_NOISE.md, "Near ties"); if some CPU swaps those two, this fails naming the position, and
+    the fix is to allow swaps among detections whose reference scores are within SCORE_ATOL, not to loosen
+    anything else.
 
     Args:
         boxes [N, 4], scores [N], labels [N]: ours; ref_*: the original's.

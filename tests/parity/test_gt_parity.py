@@ -66,6 +66,16 @@ def detector(rn50_ckpts: dict[str, Path]) -> RegionCLIPDetector:
     return build_gt_detector(rn50_ckpts)
 
 
+def test_resized_input_matches_original(detector, parity_inputs):
+    """Decode + test-time resize (PIL bilinear, integer arithmetic) gives the original's backbone input exactly
+    on every CPU measured (docs/PARITY_NOISE.md)."""
+    from regionclip.assets import demo_image_paths
+
+    for path in demo_image_paths():
+        resized = detector.prepare(path).image
+        assert torch.equal(resized, parity_inputs[path.name]["image_uint8_rgb_chw"]), f"{path.name} differs"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_gt_mode_matches_original(detector, parity_inputs, parity_gt, name):
     ref = parity_gt["images"][name]

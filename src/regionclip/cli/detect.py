@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     names = dict(zip(vocab.category_ids, vocab.names))
     t0, n_done, n_dets = time.perf_counter(), 0, 0
     with writer, _progress(len(items), len(items) - len(todo), args.quiet) as bar:
-        for res in model.run(todo, options, vocabulary=vocab) if todo else []:
+        for res in model.run(todo, options, vocabulary=vocab, boxes_source=args.boxes or "") if todo else []:
             it = res.item
             if res.error is not None:
                 writer.add_error(it.key, res.error, file_name=it.file_name)

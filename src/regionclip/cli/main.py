@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import Optional, Sequence
 
@@ -17,6 +18,8 @@ SUBCOMMANDS = [
     "regionclip.cli.pretrain",
     "regionclip.cli.build_concepts",
     "regionclip.cli.demo",
+    "regionclip.cli.index",
+    "regionclip.cli.search",
 ]
 
 
@@ -32,9 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args._run(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        # every long command journals finished work atomically, so stopping here keeps what is done
+        print(f"regionclip {args.command}: interrupted; finished work is kept - run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         # user-facing errors (bad input, missing weights, wrong checkpoint) as one clear message, no traceback
         if getattr(args, "debug", False):
             raise

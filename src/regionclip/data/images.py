@@ -91,9 +91,8 @@ def _check_pixels(size_wh: tuple[int, int], max_pixels: Optional[int], name: str
     w, h = size_wh
     if max_pixels is not None and w * h > max_pixels:
         raise ImageReadError(
-            f"{name}: {w}x{h} pixels ({w * h / 1e6:.1f} MP{note}) is over the limit of {max_pixels / 1e6:.1f} MP "
-            f"per image; raise it with max_pixels= (CLI: --max-pixels) or pass max_pixels=None to disable the "
-            f"limit if you trust this file")
+            f"{name}: {w}x{h} = {w * h:,} pixels{note} is over the limit of {max_pixels:,} pixels per image; raise it "
+            f"with max_pixels= (CLI: --max-pixels N, 0 = no limit) or pass max_pixels=None if you trust this file")
 
 
 # ------------------------------------------------------------------------------------------- mode -> 8-bit RGB
