@@ -187,6 +187,7 @@ def main() -> None:
     peak = gemm_peak_gflops(torch.float32)
     lines = [f"# regionclip benchmarks/compare.py ({'quick' if args.quick else 'full'}), torch {torch.__version__}, "
              f"{platform.processor() or platform.machine()}",
+             "# command: python benchmarks/compare.py " + " ".join(sys.argv[1:]),
              "# " + cpu_flags_line(caps),
              f"# float32 GEMM peak measured: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)"]
     for ln in lines:

@@ -123,7 +123,7 @@ def main() -> None:
         print(f"trimmed  (3 names/forward, cut at EOT): {len(base) / dt:7.3f} names/s  ({len(base)} names, "
               f"{dt:.1f} s)  max|diff| vs original {(old - ref).abs().max().item():.2e}")
     for bs in args.batch_size:
-        emb, dt = timed(lambda: concept_embeddings(names, encoder, batch_size=bs))
+        emb, dt = timed(lambda bs=bs: concept_embeddings(names, encoder, batch_size=bs))
         msg = f"current  (batch {bs} prompts, shared prefixes): {len(names) / dt:7.3f} names/s  ({len(names)} names, " \
               f"{dt:.1f} s)"
         if ref is not None:

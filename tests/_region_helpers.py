@@ -82,21 +82,29 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0, pref
     return paths
 
 
-def tiny_model(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_size: int = 128,
-               postprocess: Optional[PostprocessConfig] = None) -> "RegionCLIP":
-    """:func:`tiny_detector` behind the :class:`~regionclip.api.RegionCLIP` front door (what the predictor and the
-    demo take), with :data:`TINY_POST` as its resolved post-processing. It has no weights file, so it cannot embed
-    class names: give it class embeddings (``set_vocabulary(names, tensor)``)."""
+
+def as_regionclip(det: RegionCLIPDetector, input_cfg: InputConfig, postprocess: Optional[PostprocessConfig] = None,
+                  cfg: Optional[DetectorConfig] = None) -> "RegionCLIP":
+    """Any in-memory detector behind the :class:`~regionclip.api.RegionCLIP` front door (what the predictor and the
+    demo take), with ``postprocess`` (default: PostprocessConfig()) as its resolved settings. It has no weights
+    file, so it cannot embed class names: give it class embeddings (``set_vocabulary(names, tensor)``)."""
     from regionclip.api import RegionCLIP
     from regionclip.checkpoint.io import LoadReport
     from regionclip.checkpoint.regionclip import SplitCheckpoint
     from regionclip.factory import LoadedCheckpoint
     from regionclip.presets import Settings
 
-    det = tiny_detector(seed, rpn=rpn, min_size=min_size, max_size=max_size)
+    settings = Settings(kind="pretrained", preset=None, regions="rpn" if det.rpn is not None else "gt",
+                        vocabulary="lvis1203", postprocess=postprocess or PostprocessConfig(), rpn=())
+    return RegionCLIP(det, LoadedCheckpoint(LoadReport("<in-memory detector>"), SplitCheckpoint(), cfg), settings,
+                      input_cfg=input_cfg)
+
+
+def tiny_model(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_size: int = 128,
+               postprocess: Optional[PostprocessConfig] = None) -> "RegionCLIP":
+    """:func:`tiny_detector` as a :class:`~regionclip.api.RegionCLIP` (see :func:`as_regionclip`) post-processing
+    with :data:`TINY_POST` unless told otherwise."""
     input_cfg = InputConfig(min_size=min_size, max_size=max_size)
     cfg = DetectorConfig(clip=TINY_CLIP, rpn=TINY_RPN if rpn else None, input=input_cfg)
-    settings = Settings(kind="pretrained", preset=None, regions="rpn" if rpn else "gt", vocabulary="lvis1203",
-                        postprocess=postprocess or TINY_POST, rpn=())
-    return RegionCLIP(det, LoadedCheckpoint(LoadReport("<tiny>"), SplitCheckpoint(), cfg), settings,
-                      input_cfg=input_cfg)
+    return as_regionclip(tiny_detector(seed, rpn=rpn, min_size=min_size, max_size=max_size), input_cfg,
+                         postprocess or TINY_POST, cfg)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _region_helpers import as_regionclip
 from regionclip.api import RegionCLIP
 from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, RPNConfig
 from regionclip.demo.app import (REGIONS_BOXES, REGIONS_RPN, VOCAB_COCO, VOCAB_CUSTOM, VOCAB_LVIS, DemoBackend,
@@ -33,10 +34,10 @@ def tiny_model(with_rpn: bool = True) -> RegionCLIP:
     torch.manual_seed(0)
     rpn = RPNConfig.fpn(resnet_layers=(1, 1, 1, 1), stem_out_channels=8, width_per_group=4, res2_out_channels=16,
                         fpn_out_channels=16, pre_nms_topk=100, post_nms_topk=50) if with_rpn else None
-    det = build_detector(DetectorConfig(
+    cfg = DetectorConfig(
         clip=ClipResNetConfig(layers=(1, 1, 1, 1), width=8, embed_dim=EMBED_DIM, heads=2, image_resolution=64),
-        rpn=rpn, input=InputConfig(min_size=64, max_size=128)))
-    return RegionCLIP(det.eval())
+        rpn=rpn, input=InputConfig(min_size=64, max_size=128))
+    return as_regionclip(build_detector(cfg).eval(), cfg.input, cfg=cfg)
 
 
 def name_embeddings(names: Sequence[str]) -> torch.Tensor:

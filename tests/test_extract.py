@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from _region_helpers import TINY_POST, random_boxes, tiny_detector, tiny_model, tiny_options, tiny_pipeline, write_images
+from _region_helpers import (TINY_POST, random_boxes, tiny_detector, tiny_model, tiny_options, tiny_pipeline,
+                             write_images)
 from regionclip.data.loader import items_from_coco, items_from_inputs
 from regionclip.engine.extract import (ExtractConfig, RegionStore, extract_regions, load_index, load_regions,
                                        original_name)

@@ -27,7 +27,7 @@ def tiny_ckpt(tmp_path):
 @pytest.fixture
 def tiny_model(tiny_ckpt):
     model = RegionCLIP.from_pretrained(tiny_ckpt, preset="coco-gt")
-    model.detector.input_cfg = InputConfig(min_size=64, max_size=128)
+    model.pipeline.input_cfg = InputConfig(min_size=64, max_size=128)
     return model
 
 
@@ -89,16 +89,16 @@ def test_concept_embeddings_errors(tiny_model, tmp_path):
 
 
 def test_detect_without_vocabulary_or_rpn_is_clear(tiny_model, demo_images):
-    tiny_model.detector.class_embeddings = torch.zeros(0, 16)
+    assert tiny_model.vocabulary is None
     with pytest.raises(ValueError, match="no vocabulary"):
         tiny_model.detect([demo_images[0]], boxes=[[[0, 0, 100, 100]]])
-    tiny_model.detector.set_vocabulary(torch.randn(2, 16), ["a", "b"])
+    tiny_model.set_vocabulary(["a", "b"], torch.randn(2, 16))
     with pytest.raises(RuntimeError, match="no region proposal network"):
         tiny_model.detect([demo_images[0]])
 
 
 def test_degenerate_and_outside_boxes(tiny_model, demo_images):
-    tiny_model.detector.set_vocabulary(torch.randn(2, 16), ["a", "b"])
+    tiny_model.set_vocabulary(["a", "b"], torch.randn(2, 16))
     with pytest.raises(ValueError, match="zero or negative width"):
         tiny_model.detect([demo_images[0]], boxes=[[[10, 10, 10, 50]]])
     with pytest.raises(ValueError, match="outside"):
@@ -146,11 +146,11 @@ def test_resize_rule_matches_detectron2():
 
 def test_user_boxes_scaled_like_the_original_mapper(tiny_model, demo_images):
     """Integer boxes are truncated after scaling (detectron2 scales them in an integer array); floats are not."""
-    det = tiny_model.detector
-    det.input_cfg = InputConfig()  # 1920x1080 -> 1333x750, as the parity fixtures
-    p = det.prepare(demo_images[0])
-    ints = det.regions_from_user_boxes([[540, 660, 1290, 1080]], p).boxes
-    floats = det.regions_from_user_boxes([[540.0, 660.0, 1290.0, 1080.0]], p).boxes
+    pipe = tiny_model.pipeline
+    pipe.input_cfg = InputConfig()  # 1920x1080 -> 1333x750, as the parity fixtures
+    p = pipe.prepare(demo_images[0])
+    ints = pipe.user_regions([[540, 660, 1290, 1080]], p).boxes
+    floats = pipe.user_regions([[540.0, 660.0, 1290.0, 1080.0]], p).boxes
     s = 1333 / 1920, 750 / 1080
     assert ints.tolist() == [[float(int(540 * s[0])), float(int(660 * s[1])), float(int(1290 * s[0])), 750.0]]
     torch.testing.assert_close(floats, torch.tensor([[540 * s[0], 660 * s[1], 1290 * s[0], 750.0]]))
@@ -211,7 +211,7 @@ def test_openai_clip_resnet_file_is_the_plain_clip_baseline(tmp_path, demo_image
     assert model.loaded.report.ok and "logit_scale" in model.loaded.report.ignored
     for k, v in vis.state_dict().items():
         assert torch.equal(model.detector.backbone.state_dict()[k], v)
-    model.detector.input_cfg = InputConfig(min_size=64, max_size=128)
+    model.pipeline.input_cfg = InputConfig(min_size=64, max_size=128)
     names = model.set_vocabulary("cat,dog")
     d = model.detect([demo_images[0]], boxes=[[[0, 0, 900, 700]]])[0]
     assert names == ["cat", "dog"] and len(d) >= 1

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from regionclip.checkpoint.io import read_weight_file
-from regionclip.config import PostprocessConfig
+from regionclip.config import InputConfig, PostprocessConfig
 from regionclip.factory import load_detector
-from regionclip.modeling.detector import PreparedImage
-from regionclip.structures import Proposals
+from regionclip.pipeline import Pipeline, RunOptions
+from regionclip.structures import PreparedImage, Proposals
+from regionclip.vocab import Vocabulary
 
 pytestmark = pytest.mark.slow
 
@@ -19,16 +20,18 @@ def test_rn50x4_loads_and_detects(parity_inputs, rn50x4_ckpts):
     assert det.pooler_resolution == 18 and det.embed_dim == 640 and det.rpn is not None
     emb = read_weight_file(ck["concept_emb"])
     assert emb.shape == (65, 640)
-    det.set_vocabulary(emb)
+    vocab = Vocabulary.create(emb, embed_dim=det.embed_dim)
+    pipe = Pipeline(det, InputConfig())
     inp = parity_inputs["sample_img1.jpg"]
     p = PreparedImage(inp["image_uint8_rgb_chw"], tuple(inp["orig_hw"]), (750, 1333))
     with torch.no_grad():
-        res4 = det.compute_res4([p.image])
+        res4 = pipe.features([p])
         assert res4.shape == (1, 1280, 46, 83)
-        gt = det.detect_prepared([p], [Proposals(inp["gt_boxes_resized"])], res4=res4,
-                                 postprocess=PostprocessConfig(score_thresh=0.0, detections_per_image=-1))[0]
-        rpn = det.detect_prepared([p], None, res4=res4,
-                                  postprocess=PostprocessConfig(score_thresh=0.001, rpn_score="raw"))[0]
+        gt_opts = RunOptions(postprocess=PostprocessConfig(score_thresh=0.0, detections_per_image=-1))
+        gt = pipe.detect_prepared([p], vocab, gt_opts, regions=[Proposals(inp["gt_boxes_resized"])],
+                                  features=res4)[0]
+        rpn_opts = RunOptions(postprocess=PostprocessConfig(score_thresh=0.001, rpn_score="raw"))
+        rpn = pipe.detect_prepared([p], vocab, rpn_opts, features=res4)[0]
     # every (box, class) pair above 0 survives unless NMS removes it; scores are softmax probabilities
     assert len(gt) > 0 and float(gt.scores.max()) <= 1.0 and int(gt.labels.max()) < 65
     assert 0 < len(rpn) <= 100 and torch.isfinite(rpn.scores).all()

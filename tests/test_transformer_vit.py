@@ -12,7 +12,7 @@ from torch import nn
 
 from regionclip.checkpoint.io import load_into
 from regionclip.checkpoint.zeroshot_branch import split_openai_vit_state_dict, timm_vit_to_ours
-from regionclip.modeling.transformer.build import build_vit_trunk, load_transformer_detector
+from regionclip.factory.transformer import build_vit_trunk, load_transformer_detector
 from regionclip.modeling.transformer.region_head import boxes_to_rois, pool_regions
 from regionclip.modeling.transformer.vit import interpolate_grid_embedding
 
@@ -57,12 +57,13 @@ def test_openai_text_tower_matches_open_clip(tmp_path) -> None:
     assert report.ok
     assert math.isclose(det.logit_scale.item(), ref.logit_scale.item(), rel_tol=1e-6)
     from regionclip.text.tokenizer import tokenize
+    from regionclip.text.unicl import zeroshot_class_embeddings
 
     tokens = tokenize(["a photo of a cat.", "dog"])
     with torch.no_grad():
         torch.testing.assert_close(det.text_encoder.encode_text(tokens), ref.encode_text(tokens),
                                    atol=1e-5, rtol=1e-4)
-        emb = det.encode_class_names(["cat"])
+        emb = zeroshot_class_embeddings(det.text_encoder, ["cat"])
         prompts = ref.encode_text(tokenize(["cat.", "a photo of a cat."]))
     mean = F.normalize(prompts, dim=-1).mean(0)
     torch.testing.assert_close(emb[0], mean / mean.norm(), atol=1e-5, rtol=1e-4)
@@ -152,7 +153,7 @@ def test_open_clip_file_end_to_end_through_the_api(tmp_path) -> None:
 
     torch.save(_open_clip_model(seed=2).state_dict(), tmp_path / "vit.pth")
     model = RegionCLIP.from_pretrained(tmp_path / "vit.pth")
-    model.detector.input_cfg = InputConfig(min_size=96, max_size=160)
+    model.pipeline.input_cfg = InputConfig(min_size=96, max_size=160)
     model.set_vocabulary(["cat", "dog", "remote"])
     boxes = [[0, 0, 900, 700], [800, 300, 1900, 1000]]
     det = model.detect([str(demo_image_paths()[0])], [boxes], keep_probs=True)[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
@@ -17,11 +16,12 @@ from regionclip.checkpoint.zeroshot_branch import BRANCH_KEY_RULES, LANG, remap_
 from regionclip.config import InputConfig, PostprocessConfig
 from regionclip.factory import load_detector
 from regionclip.modeling.recognizer import RegionRecognizer, foreground_probs
-from regionclip.modeling.transformer.build import export_branch_state_dict
+from regionclip.factory.transformer import export_branch_state_dict
 from regionclip.modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder
 from regionclip.modeling.transformer.vit import VisionTransformerTrunk
 from regionclip.postprocess import postprocess_detections
-from regionclip.text.unicl import UniCLTextEncoder
+from regionclip.modeling.unicl_text import UniCLTextEncoder
+from regionclip.text.unicl import zeroshot_class_embeddings
 
 SMALL_INPUT = InputConfig(min_size=128, max_size=224)
 TINY_TIMM = {
@@ -44,7 +44,7 @@ def tiny_detector(family: str, seed: int = 0) -> TransformerRegionDetector:
 
         trunk = TimmTrunk(family, TINY_TIMM[family])
     text = UniCLTextEncoder(64, 1, 1, 32, autoregressive=family == "swin")
-    det = TransformerRegionDetector(TransformerRegionEncoder(trunk, 32), text_encoder=text, input_cfg=SMALL_INPUT)
+    det = TransformerRegionDetector(TransformerRegionEncoder(trunk, 32), text_encoder=text)
     with torch.no_grad():
         det.logit_scale.fill_(3.0)
         for name, p in det.named_parameters():  # timm zero-inits some biases / LN shifts; make every weight count
@@ -106,7 +106,7 @@ def test_branch_vit_pos_embed_resized_to_model_grid_at_load() -> None:
 
 
 def load_detector_from_dict(sd):
-    from regionclip.modeling.transformer.build import load_transformer_detector
+    from regionclip.factory.transformer import load_transformer_detector
 
     return load_transformer_detector(sd, use_rpn=False)
 
@@ -150,7 +150,7 @@ def test_missing_weights_give_clear_errors(tmp_path) -> None:
     no_text = {k: v for k, v in sd.items() if not k.startswith(LANG)}
     det, report = load_detector_from_dict(no_text)
     with pytest.raises(ValueError, match="--concept-emb"):
-        det.encode_class_names(["cat"])
+        zeroshot_class_embeddings(det.text_encoder, ["cat"])
 
 
 def test_missing_timm_names_the_extra(monkeypatch) -> None:
@@ -180,13 +180,12 @@ def test_end_to_end_zero_shot_on_demo_images(tmp_path, family: str) -> None:
     torch.save(export_branch_state_dict(det, family if family != "davit" else "model"), path)
     model = RegionCLIP.from_pretrained(path)
     assert isinstance(model.detector, RegionRecognizer) and model.detector.has_background is False
-    model.detector.input_cfg = SMALL_INPUT
+    model.pipeline.input_cfg = SMALL_INPUT
     names = model.set_vocabulary(["cat", "dog", "person", "car"])
     images = [str(p) for p in demo_image_paths()]
     boxes = [[[0, 0, 600, 500], [300, 200, 1200, 900], [1000, 100, 1900, 1000]]] * len(images)
-    d = model.detector
-    pp = replace(d.postprocess_cfg, score_thresh=0.0, nms_thresh=0.5, detections_per_image=100)
-    dets = model.detect(images, boxes, keep_probs=True, postprocess=pp)
+    d, pipe = model.detector, model.pipeline
+    dets = model.detect(images, boxes, keep_probs=True, score_thresh=0.0, nms_thresh=0.5, detections_per_image=100)
     for img, det_i in zip(images, dets):
         assert det_i.probs.shape[1] == len(names)  # no background column
         torch.testing.assert_close(det_i.probs.sum(1), torch.ones(len(det_i.probs)))
@@ -194,13 +193,14 @@ def test_end_to_end_zero_shot_on_demo_images(tmp_path, family: str) -> None:
         # every (box, class) pair survives threshold 0 with NMS 0.5 on these distinct boxes
         assert len(det_i.scores) == 3 * len(names)
         # scores = softmax(exp(logit_scale) * cos) recomputed from the pieces
-        prepared = d.prepare(img)
-        regions = d.regions_from_user_boxes(boxes[0], prepared)  # same (integer) boxes as detect got
-        emb = d.encode_regions(d.compute_features([prepared.image]), [regions.boxes])
-        probs = F.softmax(d.logit_scale.exp() * F.normalize(emb, dim=-1) @ F.normalize(d.class_embeddings, dim=-1).T,
-                          dim=-1)
+        prepared = pipe.prepare(img)
+        regions = pipe.user_regions(boxes[0], prepared)  # same (integer) boxes as detect got
+        with torch.no_grad():
+            emb, _ = d.encode_regions(d.compute_features([prepared.image]), [regions.boxes])
+        class_emb = model.vocabulary.class_embeddings
+        probs = F.softmax(d.logit_scale.exp() * F.normalize(emb, dim=-1) @ F.normalize(class_emb, dim=-1).T, dim=-1)
         torch.testing.assert_close(det_i.scores, probs[det_i.region_index, det_i.labels], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(foreground_probs(d, probs), probs)
+        torch.testing.assert_close(foreground_probs(d.has_background, probs), probs)
     assert not torch.allclose(dets[0].scores, dets[1].scores)  # the two images differ
 
 
@@ -212,7 +212,7 @@ def test_predictor_on_transformer_model_uses_every_class(tmp_path) -> None:
     path = tmp_path / "vit.pth"
     torch.save(export_branch_state_dict(det, "vit"), path)
     model = RegionCLIP.from_pretrained(path)
-    model.detector.input_cfg = SMALL_INPUT
+    model.pipeline.input_cfg = SMALL_INPUT
     pred = RegionPredictor(model)
     pred.set_image(str(demo_image_paths()[0]))
     boxes = torch.tensor([[0, 0, 600, 500], [300, 200, 1200, 900], [1000, 100, 1900, 1000]], dtype=torch.float32)
@@ -259,7 +259,7 @@ def test_transformer_options_reach_the_loader(tmp_path) -> None:
     embs = []
     for act in ("gelu", "quick_gelu"):
         m = RegionCLIP.from_pretrained(path, transformer_options={"act": act})
-        m.detector.input_cfg = SMALL_INPUT
+        m.pipeline.input_cfg = SMALL_INPUT
         m.set_vocabulary(["cat", "dog"])
         embs.append(m.detect(img, boxes, keep_features=True)[0].features)
     assert not torch.allclose(embs[0], embs[1])
@@ -279,13 +279,18 @@ def test_transformer_class_embeddings_are_disk_cached(tmp_path, monkeypatch) -> 
     torch.save(export_branch_state_dict(det, "vit"), path)
     m = RegionCLIP.from_pretrained(path)
     calls = []
-    original = m.detector.encode_class_names
-    monkeypatch.setattr(m.detector, "encode_class_names", lambda names: calls.append(list(names)) or original(names))
+    import regionclip.api
+
+    def counting(text_encoder, names, **kw):
+        calls.append(list(names))
+        return zeroshot_class_embeddings(text_encoder, names, **kw)
+
+    monkeypatch.setattr(regionclip.api, "zeroshot_class_embeddings", counting)
     first = m.embed_names(["cat", "dog"])
     again = m.embed_names(["dog", "cat", "bird"])  # only "bird" is new
     assert calls == [["cat", "dog"], ["bird"]]
     torch.testing.assert_close(again[:2], first.flip(0))
-    torch.testing.assert_close(again[2:], original(["bird"]))
+    torch.testing.assert_close(again[2:], zeroshot_class_embeddings(m.detector.text_encoder, ["bird"]))
     other = RegionCLIP.from_pretrained(path, transformer_options={"autoregressive": True})
     other.embed_names(["cat"])  # another text-tower setting: its own cache file
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2

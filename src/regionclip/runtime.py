@@ -32,9 +32,10 @@ logger = logging.getLogger(__name__)
 
 REQUESTABLE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-# Measured with benchmarks/compare.py-style runs of the RN50 region head (layer4 + attnpool, 256 regions,
-# bf16 autocast vs float32, both fused) on an AVX2-only AMD EPYC (Zen 3, 2 cores): bf16 was this much slower.
-EMULATED_BF16_SLOWDOWN = "~4x"
+# Measured on an AVX2-only AMD EPYC (Zen 3): RN50 region head (layer4 + attnpool, 32 regions, 1-thread CPU time),
+# bf16 autocast vs float32 on the fused channels_last model: 265 vs 39 ms/region (6.7x); the unfused NCHW model
+# in bf16 was far worse (1465 ms/region, ~32x its float32 time): NCHW bf16 convolutions take a much slower path.
+EMULATED_BF16_SLOWDOWN = "~7x"
 
 # oneDNN ISA names in increasing order (the documented ONEDNN_MAX_CPU_ISA values); bf16 dot products need
 # AVX512_CORE_BF16 or a later entry

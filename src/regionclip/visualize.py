@@ -102,8 +102,8 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Seq
         draw.rectangle([x0, y0, x1, y1], outline=color, width=lw)
         if not text:
             continue
-        l, t, r, b = draw.textbbox((0, 0), text, font=font)
-        tw, th = r - l + 2 * lw, b - t + 2 * lw
+        left, t, r, b = draw.textbbox((0, 0), text, font=font)
+        tw, th = r - left + 2 * lw, b - t + 2 * lw
         ty = y0 - th if y0 - th >= 0 else y0 + lw
         tx = min(max(x0, 0), max(out.size[0] - tw, 0))
         draw.rectangle([tx, ty, tx + tw, ty + th], fill=color)

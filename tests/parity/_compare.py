@@ -97,9 +97,9 @@ def match_proposals(boxes: Tensor, logits: Tensor, ref_boxes: Tensor, ref_logits
     if boxes.shape != ref_boxes.shape or logits.shape != ref_logits.shape:
         raise AssertionError(f"proposal shapes {tuple(boxes.shape)}/{tuple(logits.shape)} != reference "
                              f"{tuple(ref_boxes.shape)}/{tuple(ref_logits.shape)}")
-    b, l = boxes.detach().double().cpu(), logits.detach().double().cpu()
+    b, lg = boxes.detach().double().cpu(), logits.detach().double().cpu()
     rb, rl = ref_boxes.detach().double().cpu(), ref_logits.detach().double().cpu()
-    near_logit = (rl[:, None] - l[None, :]).abs() <= tie  # [R_ref, R_ours]
+    near_logit = (rl[:, None] - lg[None, :]).abs() <= tie  # [R_ref, R_ours]
     box_dist = (rb[:, None, :] - b[None, :, :]).abs().amax(dim=2)  # [R_ref, R_ours]
     ok = near_logit & (box_dist <= box_atol)
     n = rb.shape[0]
@@ -128,7 +128,7 @@ def match_proposals(boxes: Tensor, logits: Tensor, ref_boxes: Tensor, ref_logits
         raise AssertionError(
             f"{len(unmatched)} reference proposal(s) have no match among ours (same box within {box_atol:g} px and "
             f"logit within {tie:g}), first rows {unmatched[:5]}; row {i}: ref box {rb[i].tolist()} logit "
-            f"{float(rl[i]):.7g}, our nearest box row {nearest} {b[nearest].tolist()} logit {float(l[nearest]):.7g}")
+            f"{float(rl[i]):.7g}, our nearest box row {nearest} {b[nearest].tolist()} logit {float(lg[nearest]):.7g}")
     perm = torch.empty(n, dtype=torch.int64)
     for j, i in enumerate(owner):
         perm[i] = j

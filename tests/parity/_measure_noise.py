@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # _compare, the test modules, and tests/conftest.py
@@ -144,8 +143,8 @@ def margins(ours: dict, ref: dict) -> list[str]:
                          f"(at rank {int(gap.argmin())}), gaps < 1e-5: {int((gap < 1e-5).sum())}, "
                          f"last score {float(s[-1]):.4g}")
     for name in NAMES:
-        l = ref["rpn"][name]["proposal_objectness_logits"].double()
-        gap = l[:-1] - l[1:]
+        lg = ref["rpn"][name]["proposal_objectness_logits"].double()
+        gap = lg[:-1] - lg[1:]
         lines.append(f"rpn {name}: consecutive proposal logit gaps < {LOGIT_TIE:g}: {int((gap < LOGIT_TIE).sum())}"
                      f", < 1e-6: {int((gap < 1e-6).sum())}, min {float(gap.min()):.3g}")
         if "postprocess_all" in ours:

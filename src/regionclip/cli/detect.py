@@ -1,6 +1,6 @@
 """``regionclip detect``: images or folders in, a COCO-style results JSON (+ other formats, annotated images) out.
 
-Results stream to ``<output-dir>/predictions.jsonl`` as images finish; re-running the same command resumes
+Runs on one process or sharded under ``torchrun`` (docs/DESIGN.md#sharding). Results stream to ``<output-dir>/predictions.jsonl`` as images finish; re-running the same command resumes
 (finished images are skipped, failed ones retried). An image that cannot be used (unreadable, too large, bad
 boxes) is reported with its name and skipped; the others are written, and the exit code is 1.
 """
@@ -15,7 +15,9 @@ from PIL import Image
 from ..assets import demo_image_paths
 from ..data.images import decode_image, image_size
 from ..data.loader import InferenceItem, items_from_inputs
-from ..formats import FORMATS, ResultsWriter, export_journal, match_boxes, read_boxes_file
+from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..sharding import ShardedResults, rank_device, shard_items
+from ..formats import FORMATS, export_journal, match_boxes, read_boxes_file
 from ..utils import atomic_path
 from ..visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
 from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, run_options, vocabulary_from_args
@@ -53,44 +55,61 @@ def _items(args: argparse.Namespace) -> list[InferenceItem]:
 def run(args: argparse.Namespace) -> int:
     check_cheap_args(args)
     items = _items(args)  # bad paths / boxes files fail here, before the model loads
-    model = load_model(args, regions="gt" if args.boxes else None)
-    vocab = vocabulary_from_args(model, args)
+    dist = init_distributed(args.device if args.device.startswith("cuda") else "cpu")
+    try:
+        return _run(args, items, dist)
+    finally:
+        cleanup()
+
+
+def _run(args: argparse.Namespace, items: list[InferenceItem], dist: DistInfo) -> int:
+    args.device = rank_device(args.device, dist)
+    model = load_model(args, regions="gt" if args.boxes else None, verbose=dist.is_main)
+    vocab = vocabulary_from_args(model, args, verbose=dist.is_main)
     options = run_options(model, args)
     out_dir = Path(args.output_dir)
+    # the settings fingerprint of the journal: a resumed run with other settings is refused
     settings = {"weights": str(model.weights_path), "settings": model.settings.describe(),
                 "postprocess": options.postprocess.__dict__, "boxes": args.boxes, "dtype": options.dtype,
                 "max_proposals": options.max_proposals, "vocabulary_source": vocab.source}
-    writer = ResultsWriter(out_dir, vocab.names, vocab.category_ids, settings=settings, resume=not args.overwrite)
-    todo = [it for it in items if it.key not in writer.done]
-    if len(todo) < len(items):
-        log(f"resuming: {len(items) - len(todo)} of {len(items)} images already done in {writer.path}")
+    keys = [it.key for it in items]
     names = dict(zip(vocab.category_ids, vocab.names))
-    t0, n_done, n_dets = time.perf_counter(), 0, 0
-    with writer, _progress(len(items), len(items) - len(todo), args.quiet) as bar:
-        for res in model.run(todo, options, vocabulary=vocab, boxes_source=args.boxes or "") if todo else []:
-            it = res.item
-            if res.error is not None:
-                writer.add_error(it.key, res.error, file_name=it.file_name)
-                log(f"skipping {it.file_name}: {res.error}")
-            else:
-                assert res.detections is not None
-                instances = writer.add(it.key, res.detections, image_id=it.image_id, file_name=it.file_name)
-                n_done, n_dets = n_done + 1, n_dets + len(instances)
-                if not args.no_vis:
-                    _visualize(it, instances, names, out_dir, args)
-            bar.update(1)
-            bar.set_postfix_str(f"{n_done / max(time.perf_counter() - t0, 1e-9):.3f} img/s")
-        results = writer.finalize(order=[it.key for it in items])
-    dt = time.perf_counter() - t0
-    extra = export_journal(writer.journal, args.format, out_dir, order=[it.key for it in items])
-    errors = writer.errors
-    print(f"{n_done} images in {dt:.1f} s ({n_done / max(dt, 1e-9):.3f} images/s on {args.device}, {options.dtype}); "
-          f"{len(results)} detections -> {out_dir / writer.results_name}" + (f", {extra}" if extra else ""))
-    if errors:
-        log(f"{len(errors)} image(s) skipped (listed in {writer.path}):\n"
-            + "\n".join(f"  {k}: {e}" for k, e in errors.items()))
-        return 1
-    return 0
+    t0, n_done = time.perf_counter(), 0
+    with ShardedResults(out_dir, vocab.names, vocab.category_ids, settings=settings, dist=dist,
+                        resume=not args.overwrite) as res:
+        left = [it for it in items if it.key not in res.done]
+        todo = shard_items(left, dist.rank, dist.world_size)
+        if len(left) < len(items) and dist.is_main:
+            log(f"resuming: {len(items) - len(left)} of {len(items)} images already done in {out_dir}")
+        with _progress(len(items), len(items) - len(left), args.quiet or not dist.is_main) as bar:
+            for r in model.run(todo, options, vocabulary=vocab, boxes_source=args.boxes or "") if todo else []:
+                it = r.item
+                if r.error is not None:
+                    res.writer.add_error(it.key, r.error, file_name=it.file_name)
+                    log(f"skipping {it.file_name}: {r.error}")
+                else:
+                    assert r.detections is not None
+                    instances = res.writer.add(it.key, r.detections, image_id=it.image_id, file_name=it.file_name)
+                    n_done += 1
+                    if not args.no_vis:
+                        _visualize(it, instances, names, out_dir, args)
+                bar.update(dist.world_size)  # the other ranks advance at about the same pace
+                bar.set_postfix_str(f"{n_done / max(time.perf_counter() - t0, 1e-9):.3f} img/s")
+        results = res.finalize(order=keys)
+        dt = time.perf_counter() - t0
+        errors: dict[str, str] = {}
+        if dist.is_main:
+            merged = res.merged()
+            errors = merged.errors
+            extra = export_journal(merged, args.format, out_dir, order=keys)
+            n_all = len(merged.entries)
+            print(f"{n_all} images in {dt:.1f} s ({n_all / max(dt, 1e-9):.3f} images/s on {dist.world_size} "
+                  f"process{'es' if dist.distributed else ''}, {args.device}, {options.dtype}); "
+                  f"{len(results or [])} detections -> {out_dir / res.results_name}" + (f", {extra}" if extra else ""))
+            if errors:
+                log(f"{len(errors)} image(s) skipped (listed in the journal of {out_dir}):\n"
+                    + "\n".join(f"  {k}: {e}" for k, e in errors.items()))
+    return 1 if broadcast_object(len(errors)) else 0
 
 
 def _progress(total: int, initial: int, quiet: bool):

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+from ..data.datasets import load_annotations, load_image_folder, load_registered
+from ..distributed import DistInfo, cleanup, init_distributed
+from ..evaluation import evaluate_dataset, format_metrics
+from ..evaluation.inference import dataset_predictor, results_file_name
+from ..evaluation.scenarios import SCENARIOS, get_scenario
+from ..presets import get_preset
+from ..sharding import rank_device
+from ..vocab import resolve_names
+from .common import (add_model_args, add_run_args, check_cheap_args, load_model, postprocess_overrides, run_options,
+                     vocabulary_from_args)
 
 NAME = "evaluate"
 
 
 def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    from regionclip.evaluation.scenarios import SCENARIOS
-
-    from .common import add_model_args, add_run_args
-
     p = subparsers.add_parser(NAME, help="evaluate on COCO / LVIS (or write results for an image folder)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=sorted(SCENARIOS),
@@ -37,12 +45,8 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
 
 
 def _dataset(args: argparse.Namespace):
-    from regionclip.data.datasets import load_annotations, load_image_folder, load_registered
-
     if args.images:
-        from regionclip.api import parse_names
-
-        return load_image_folder(args.images, parse_names(args.vocab or "lvis1203"))
+        return load_image_folder(args.images, resolve_names(args.vocab or "lvis1203")[0])
     if not args.dataset:
         raise ValueError("give --scenario, --dataset (registered name or annotation json) or --images")
     if Path(args.dataset).suffix == ".json":
@@ -53,13 +57,6 @@ def _dataset(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from regionclip.evaluation import evaluate_dataset, format_metrics
-    from regionclip.evaluation.inference import dataset_predictor, results_file_name
-    from regionclip.evaluation.scenarios import get_scenario
-    from regionclip.presets import get_preset
-
-    from .common import check_cheap_args, load_model, postprocess_overrides, run_options, vocabulary_from_args
-
     check_cheap_args(args)
     scenario = get_scenario(args.scenario) if args.scenario else None
     if scenario is not None:
@@ -77,8 +74,17 @@ def run(args: argparse.Namespace) -> int:
     if args.vocab is not None and not args.images:
         raise ValueError("--vocab is for --images only: a dataset's classes come from its annotation file")
     args.vocab = list(dataset.class_names)
-    model = load_model(args, regions=regions)
-    vocab = vocabulary_from_args(model, args, verbose=not args.no_progress)
+    dist = init_distributed(args.device if args.device.startswith("cuda") else "cpu")
+    try:
+        return _evaluate(args, dataset, regions, scenario, dist)
+    finally:
+        cleanup()
+
+
+def _evaluate(args: argparse.Namespace, dataset: Any, regions: str, scenario: Any, dist: DistInfo) -> int:
+    args.device = rank_device(args.device, dist)
+    model = load_model(args, regions=regions, verbose=dist.is_main)
+    vocab = vocabulary_from_args(model, args, verbose=not args.no_progress and dist.is_main)
     options = run_options(model, args)
     out_dir = Path(args.output_dir or Path("output") / "inference" / dataset.name)
     meta = {"weights": str(model.weights_path), "rpn_weights": args.rpn_weights, "preset": args.preset,
@@ -86,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
             "postprocess": postprocess_overrides(args), "dtype": options.dtype}
     metrics = evaluate_dataset(dataset, dataset_predictor(model.pipeline, vocab, options, regions), out_dir,
                                batch_size=args.batch_size, resume=not args.no_resume, progress=not args.no_progress,
-                               meta=meta)
+                               meta=meta, dist=dist)
+    if not dist.is_main:
+        return 0
     print(f"results: {out_dir / results_file_name(dataset)}")
     if metrics is None:
         return 0

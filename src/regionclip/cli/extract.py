@@ -20,7 +20,9 @@ from ..data.loader import items_from_coco, items_from_inputs
 from ..engine.extract import ExtractConfig, extract_regions
 from ..formats import match_boxes, read_boxes_file
 from ..text.vocabulary import checkpoint_fingerprint
+from ..distributed import DistInfo, barrier, cleanup, init_distributed
 from ..runtime import resolve_dtype
+from ..sharding import rank_device
 from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, vocabulary_from_args
 
 
@@ -66,19 +68,29 @@ def run(args: argparse.Namespace) -> int:
             it.boxes = b
     if args.regions == "boxes" and any(it.boxes is None for it in items):
         raise ValueError("--regions boxes needs --boxes FILE or --coco-json (its annotations are the boxes)")
+    dist = init_distributed(args.device if args.device.startswith("cuda") else "cpu")
+    try:
+        return _extract(args, items, dist)
+    finally:
+        cleanup()
+
+
+def _extract(args: argparse.Namespace, items: list, dist: DistInfo) -> int:
+    args.device = rank_device(args.device, dist)
     # user boxes need no proposals: do not load an RPN file
-    model = load_model(args, regions="gt" if args.regions == "boxes" else None)
+    model = load_model(args, regions="gt" if args.regions == "boxes" else None, verbose=dist.is_main)
     vocab = None
     if args.regions == "detections" or args.vocab is not None or args.concept_emb is not None:
-        vocab = vocabulary_from_args(model, args)
+        vocab = vocabulary_from_args(model, args, verbose=dist.is_main)
     if args.regions != "boxes" and model.detector.rpn is None:
         raise ValueError(f"{model.weights_path} has no RPN weights: pass --rpn-weights (e.g. rpn_lvis_866), or use "
                          "--regions boxes with --boxes / --coco-json")
     out = Path(args.output_dir)
-    if args.overwrite and out.exists():
+    if args.overwrite and out.exists() and dist.is_main:
         for sub in ("shards", "original"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "index.json").unlink(missing_ok=True)
+    barrier()  # no rank reads the folder before rank 0 has cleared it
     dtype = resolve_dtype(args.dtype, args.device)
     cfg = ExtractConfig(regions=args.regions, topk=args.topk or args.max_proposals, batch_size=args.batch_size,
                         num_workers=args.num_workers, dtype=dtype, save_dtype=args.save_dtype,
@@ -90,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         model_id += f"+rpn:{args.rpn_weights or model.options.rpn_weights_name() or 'in-checkpoint'}"
     summary = extract_regions(model.pipeline, items, out, cfg, vocabulary=vocab,
                               postprocess=model.settings.postprocess, model_id=model_id, progress=not args.quiet,
-                              boxes_source=args.boxes or args.coco_json or "")
+                              boxes_source=args.boxes or args.coco_json or "", dist=dist)
+    if not dist.is_main:
+        return 0
     new = summary.num_images - summary.num_done_before - summary.num_errors
     print(f"{new} images extracted in {summary.seconds:.1f} s ({summary.images_per_s:.2f} images/s on "
           f"{args.device}, {dtype}); {summary.num_done_before} were already done, {summary.num_errors} "

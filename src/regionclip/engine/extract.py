@@ -45,7 +45,9 @@ from ..config import PostprocessConfig
 from ..data.loader import InferenceItem
 from ..modeling.recognizer import foreground_probs
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
+from ..distributed import DistInfo, all_gather_object, barrier
 from ..pipeline import ItemError, Pipeline, RunOptions
+from ..sharding import shard_items
 from ..structures import PreparedImage, Proposals
 from ..utils import write_json_atomic
 from ..vocab import Vocabulary
@@ -56,7 +58,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "regionclip-regions/1"
 REGION_MODES = ("rpn", "detections", "boxes")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+_SHARD_RE = re.compile(r"^shard-(\d{5,})(-r\d+)?\.safetensors$")  # -r<rank>: written by one rank of a sharded run
+_TMP_RE = re.compile(r"^\.shard-\d{5,}(-r\d+)?\.safetensors\..*\.tmp$")
 _LOCKED: set[str] = set()  # output folders this process holds the lock of
 
 
@@ -158,7 +161,11 @@ class RegionStore:
     """The sharded output folder (see the module docstring). Use as a context manager; ``add`` then ``close``."""
 
     def __init__(self, output_dir: PathLike, meta: dict[str, Any], *, shard_mb: float = 256.0,
-                 shard_images: int = 1000, save_dtype: str = "float32", extra_index: Optional[dict] = None) -> None:
+                 shard_images: int = 1000, save_dtype: str = "float32", extra_index: Optional[dict] = None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        # one rank of a sharded run (docs/DESIGN.md#sharding) writes only its own "-r<rank>" shards and no index;
+        # rank 0 rebuilds index.json from every rank's shards at the end
+        self.suffix = f"-r{rank}" if world_size > 1 else ""
         self.dir = Path(output_dir)
         self.shard_dir = self.dir / "shards"
         self.shard_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +174,7 @@ class RegionStore:
         self.shard_images = shard_images
         self.save_dtype = DTYPES[save_dtype]
         self.extra_index = extra_index or {}
-        self._lock = _lock_dir(self.dir)
+        self._lock = _lock_dir(self.dir, f".lock{self.suffix}")
         self.images: dict[str, dict] = {}
         self.shards: list[dict] = []
         self.errors: dict[str, dict] = {}
@@ -184,13 +191,15 @@ class RegionStore:
         from safetensors import safe_open
 
         for f in self.shard_dir.iterdir():
-            if f.name.startswith(".") and f.name.endswith(".tmp"):
-                f.unlink()  # a shard write interrupted before its atomic rename
+            t = _TMP_RE.match(f.name)
+            if t and (t.group(1) or "") == self.suffix:
+                f.unlink()  # one of our shard writes, interrupted before its atomic rename
         for f in sorted(self.shard_dir.iterdir()):
             m = _SHARD_RE.match(f.name)
             if not m:
                 continue
-            self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
+            if (m.group(2) or "") == self.suffix:
+                self._next_shard = max(self._next_shard, int(m.group(1)) + 1)
             try:
                 with safe_open(str(f), framework="pt") as sf:
                     header = json.loads(sf.metadata()["regionclip"])
@@ -209,7 +218,7 @@ class RegionStore:
                 self.images[im["key"]] = {**im, "shard": f.name}
             self.shards.append({"file": f.name, "num_images": len(header["images"]),
                                 "num_regions": sum(im["count"] for im in header["images"])})
-        if self.shards:
+        if self.shards and not self.suffix:
             self.write_index()
 
     @property
@@ -233,7 +242,7 @@ class RegionStore:
         """Write the queued images as one shard (atomically), then the index."""
         if not self._pending:
             return
-        name = f"shard-{self._next_shard:05d}.safetensors"
+        name = f"shard-{self._next_shard:05d}{self.suffix}.safetensors"
         fields = sorted({k for _, rec in self._pending for k in rec})
         tensors, images, start = {}, [], 0
         for f in fields:
@@ -256,8 +265,11 @@ class RegionStore:
         self._pending, self._pending_bytes = [], 0
         self.write_index()
 
-    def write_index(self) -> Path:
-        """``index.json``: everything a reader needs, derived from the shards (so it can always be rebuilt)."""
+    def write_index(self) -> Optional[Path]:
+        """``index.json``: everything a reader needs, derived from the shards (so it can always be rebuilt). Not
+        written by the ranks of a sharded run (rank 0 rebuilds it when every rank is done)."""
+        if self.suffix:
+            return None
         index = {"format": FORMAT, "meta": self.meta, **self.extra_index,
                  "num_images": len(self.images), "num_regions": sum(s["num_regions"] for s in self.shards),
                  "shards": self.shards, "images": list(self.images.values()), "errors": list(self.errors.values())}
@@ -282,16 +294,16 @@ class RegionStore:
                 self._lock.close()
 
 
-def _lock_dir(path: Path) -> Any:
-    """An exclusive lock on ``path/.lock``, released by the OS when the process dies (also on SIGKILL).
+def _lock_dir(path: Path, name: str = ".lock") -> Any:
+    """An exclusive lock on ``path/<name>``, released by the OS when the process dies (also on SIGKILL).
 
     A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it, so a worker that
     outlives a killed parent for a few seconds cannot block the resumed run."""
     path.mkdir(parents=True, exist_ok=True)
-    key = str(path.resolve())
+    key = str((path / name).resolve())
     if key in _LOCKED:  # POSIX locks do not conflict within one process (and closing a 2nd fd would drop them)
         raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir")
-    f = open(path / ".lock", "w")
+    f = open(path / name, "w")
     try:
         import fcntl
 
@@ -363,7 +375,7 @@ class ExtractSummary:
 def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_dir: PathLike,
                     cfg: ExtractConfig = ExtractConfig(), *, vocabulary: Optional[Vocabulary] = None,
                     postprocess: Optional[PostprocessConfig] = None, model_id: str = "", progress: bool = True,
-                    boxes_source: str = "") -> ExtractSummary:
+                    boxes_source: str = "", dist: Optional[DistInfo] = None) -> ExtractSummary:
     """Extract region records for ``items`` into ``output_dir`` (resuming a previous run there).
 
     Args:
@@ -371,7 +383,11 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
         items: the images (with ``boxes`` for ``regions="boxes"``), see :mod:`regionclip.data.loader`.
         vocabulary: the classes for ``"detections"`` (required) / ``"boxes"`` (optional).
         model_id: identifies the weights in the run fingerprint (e.g. checkpoint path + content fingerprint).
+        dist: the rank of a ``torchrun`` run (docs/DESIGN.md#sharding): every rank reads the finished images before
+            any rank writes, takes its balanced share of the rest, writes its own shards; rank 0 then rebuilds
+            ``index.json`` from all of them. The summary counts this rank's images (all of them on rank 0).
     """
+    dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
     from tqdm import tqdm
 
     if cfg.regions == "boxes" and any(it.boxes is None for it in items):
@@ -387,12 +403,13 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
     extra = {"class_names": list(vocabulary.names) if vocabulary is not None else None}
     t0 = time.perf_counter()
     with RegionStore(output_dir, meta, shard_mb=cfg.shard_mb, shard_images=cfg.shard_images,
-                     save_dtype=cfg.save_dtype, extra_index=extra) as store:
+                     save_dtype=cfg.save_dtype, extra_index=extra, rank=dist.rank, world_size=dist.world_size) as store:
+        barrier()  # every rank has read the finished images before any rank writes a shard
         done_before = len(store.done)
-        todo = [it for it in items if it.key not in store.done]
+        todo = shard_items([it for it in items if it.key not in store.done], dist.rank, dist.world_size)
         if cfg.write_original:
             _warn_name_collisions(items)
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", disable=not progress,
+        bar = tqdm(total=len(items), initial=done_before, unit="img", disable=not progress or not dist.is_main,
                    desc=f"extract {cfg.regions}", dynamic_ncols=True)
         t_run = time.perf_counter()
         for batch in pipeline.iter_batches(todo, run_options_for(cfg, postprocess), boxes_source=boxes_source):
@@ -411,11 +428,21 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
                 if cfg.write_original:
                     _write_original(Path(output_dir) / "original", it, rec)
                 store.add(_info(it, p), rec)
-            bar.update(len(batch.items))
+            bar.update(len(batch.items) * dist.world_size)
             done_now = len(store.done) + len(store._pending) - done_before
             bar.set_postfix_str(f"{done_now / max(time.perf_counter() - t_run, 1e-9):.2f} img/s (model)")
         bar.close()
-    return ExtractSummary(len(items), done_before, len(store.errors), sum(s["num_regions"] for s in store.shards),
+    errors = store.errors
+    if dist.distributed:  # rank 0 rebuilds the one index from every rank's shards and errors
+        gathered = all_gather_object(store.errors)
+        barrier()
+        if dist.is_main:
+            errors = {k: v for e in gathered for k, v in e.items()}
+            with RegionStore(output_dir, meta, extra_index=extra) as merged:
+                merged.errors = {k: v for k, v in errors.items() if k not in merged.images}
+                store = merged
+        barrier()
+    return ExtractSummary(len(items), done_before, len(errors), sum(s["num_regions"] for s in store.shards),
                           time.perf_counter() - t0, Path(output_dir))
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..config import ClipResNetConfig, ClipTextConfig, InputConfig, RPNConfig, from_dict, read_yaml_mapping, to_dict
 from ..losses.region_text import clip_grad_norm_per_parameter_
 from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
-from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir
 

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint.io import read_weight_file, save_file_atomic
 from ..utils import write_json_atomic
-from .distributed import DistInfo, all_gather_object, barrier, reduce_dict_mean
+from ..distributed import DistInfo, all_gather_object, barrier, reduce_dict_mean
 from .schedule import SolverConfig, build_lr_scheduler, build_optimizer
 
 __all__ = ["EngineConfig", "Trainer", "step_generator", "latest_checkpoint", "TrainingInterrupted"]
@@ -166,7 +166,7 @@ class Trainer:
         task: module returning a loss dict; wrapped in DDP when ``dist.world_size > 1``.
         solver: optimiser / schedule / AMP / accumulation settings.
         cfg: run settings.
-        dist: this process' rank and device (:func:`regionclip.engine.distributed.init_distributed`).
+        dist: this process' rank and device (:func:`regionclip.distributed.init_distributed`).
         make_batches: ``make_batches(start_micro_batch)`` -> infinite iterator of this rank's micro-batches,
             starting at the given micro-batch number (exact resume).
         evaluate: optional ``evaluate(iteration) -> metrics`` run on rank 0 with the task in eval mode.

@@ -23,7 +23,7 @@ from ..evaluation.inference import dataset_predictor
 from ..pipeline import Pipeline, RunOptions
 from ..vocab import Vocabulary
 from .detection import DetectionTask, RoIConfig
-from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
+from tqdm import tqdm
 
 from ..data.datasets import DetectionDataset, ImageRecord
-from ..formats import ResultsWriter
+from ..distributed import DistInfo
+from ..sharding import ShardedResults, shard_items
 from ..formats.coco import check_labels
 from ..pipeline import Pipeline, RunOptions
 from ..structures import Detections, Proposals
@@ -84,32 +86,35 @@ def dataset_predictor(pipeline: Pipeline, vocabulary: Vocabulary, options: RunOp
 
 def run_inference(dataset: DetectionDataset, predict: Predictor, output_dir: PathLike, *, batch_size: int = 1,
                   resume: bool = True, progress: bool = True, meta: Optional[Mapping[str, Any]] = None,
-                  ) -> list[dict]:
+                  dist: Optional[DistInfo] = None) -> Optional[list[dict]]:
     """Predict every image of ``dataset`` and return all detections in results-JSON format (dataset order).
 
-    Finished images stream into ``predictions.jsonl`` through the one results writer
-    (:class:`regionclip.formats.ResultsWriter`), so a killed run resumes where it stopped.
+    Finished images stream into a journal through the one results writer (:mod:`regionclip.formats`), so a killed
+    run resumes where it stopped. Under ``torchrun`` (``dist`` with several ranks) the images are sharded and rank 0
+    merges the journals (:mod:`regionclip.sharding`); other ranks return None.
 
     Args:
         dataset: the images (and, for category ids, the class table).
         predict: ``predict(records) -> list[Detections]``, one per record, labels index ``dataset.class_names``.
-        output_dir: where ``predictions.jsonl`` and the results JSON go.
+        output_dir: where the journal(s) and the results JSON go.
         batch_size: records per ``predict`` call.
-        resume: skip images already in ``predictions.jsonl``; ``False`` starts the file over.
+        resume: skip images already journaled; ``False`` starts over.
         progress: show a tqdm bar with ETA.
         meta: settings fingerprint stored in / checked against the journal (dataset name and size are added).
     """
-    from tqdm import tqdm
-
+    dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
     settings = {"dataset": dataset.name, "num_images": len(dataset), **(meta or {})}
     keys = [str(r.image_id) for r in dataset]
-    with ResultsWriter(output_dir, dataset.class_names, dataset.category_ids, settings=settings, resume=resume,
-                       results_name=results_file_name(dataset), images_name=None, fsync=False) as writer:
-        todo = [r for r in dataset if str(r.image_id) not in writer.done]
-        if len(todo) < len(dataset):
-            logger.info("resuming: %d of %d images already done", len(dataset) - len(todo), len(dataset))
-        bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), unit="img", disable=not progress,
-                   desc=f"evaluate {dataset.name}", dynamic_ncols=True)
+    with ShardedResults(Path(output_dir), dataset.class_names, dataset.category_ids, settings=settings, dist=dist,
+                        resume=resume, results_name=results_file_name(dataset), images_name=None,
+                        fsync=False) as res:
+        left = [r for r in dataset if str(r.image_id) not in res.done]
+        todo = shard_items(left, dist.rank, dist.world_size, cost=lambda r: 1.0 + len(r.boxes),
+                           key=lambda r: str(r.image_id))
+        if len(left) < len(dataset) and dist.is_main:
+            logger.info("resuming: %d of %d images already done", len(dataset) - len(left), len(dataset))
+        bar = tqdm(total=len(dataset), initial=len(dataset) - len(left), unit="img",
+                   disable=not progress or not dist.is_main, desc=f"evaluate {dataset.name}", dynamic_ncols=True)
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             dets = predict(batch)
@@ -117,11 +122,11 @@ def run_inference(dataset: DetectionDataset, predict: Predictor, output_dir: Pat
                 raise ResultsError(f"predictor returned {len(dets)} results for {len(batch)} images")
             for rec, det in zip(batch, dets):
                 check_labels(det, len(dataset.category_ids), f"image {rec.image_id}")
-                writer.add(str(rec.image_id), det, image_id=rec.image_id, file_name=rec.file_name)
-            writer.sync()
-            bar.update(len(batch))
+                res.writer.add(str(rec.image_id), det, image_id=rec.image_id, file_name=rec.file_name)
+            res.writer.sync()
+            bar.update(len(batch) * dist.world_size)
         bar.close()
-        return writer.finalize(order=keys)
+        return res.finalize(order=keys)
 
 
 def evaluate_results(dataset: DetectionDataset, results: Union[PathLike, list[dict]], *,
@@ -144,13 +149,16 @@ def evaluate_results(dataset: DetectionDataset, results: Union[PathLike, list[di
 
 def evaluate_dataset(dataset: DetectionDataset, predict: Predictor, output_dir: PathLike, *,
                      batch_size: int = 1, resume: bool = True, progress: bool = True,
-                     meta: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, Any]]:
+                     meta: Optional[Mapping[str, Any]] = None, dist: Optional[DistInfo] = None
+                     ) -> Optional[dict[str, Any]]:
     """Predict, write ``<output_dir>/{coco,lvis}_instances_results.json``, evaluate, write ``metrics.json``.
 
     Returns the metrics, or ``None`` for datasets without annotations (image folders).
     """
     results = run_inference(dataset, predict, output_dir, batch_size=batch_size, resume=resume,
-                            progress=progress, meta=meta)
+                            progress=progress, meta=meta, dist=dist)
+    if results is None:  # not rank 0 of a sharded run: rank 0 scores the merged results
+        return None
     if not dataset.has_annotations:
         return None
     # A model that detects nothing is a legitimate (bad) result: score it 0 rather than fail.

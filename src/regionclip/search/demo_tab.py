@@ -52,7 +52,7 @@ def build_search_tab(index: RegionIndex, embed_text_fn: EmbedTextFn, *,
         try:
             return search_gallery(index, embed_text_fn, query, int(top_k), image_root=image_root)
         except ValueError as e:  # user errors as a message in the page, not a stack trace
-            raise gr.Error(str(e))
+            raise gr.Error(str(e)) from e
 
     gr.Markdown(f"Search {index.num_regions} indexed regions ({index.embed_dim}-d, {index.backend}) by text.")
     with gr.Row():

@@ -144,11 +144,11 @@ class RegionIndex:
             if existing:
                 idx = cls.open(index_dir)
                 if idx.backend != backend:
-                    raise ValueError(f"{index_dir} is an index of back-end {idx.backend!r}; pass --backend {idx.backend} to add "
-                                     f"to it, or --rebuild to rebuild it as {backend!r}")
+                    raise ValueError(f"{index_dir} is an index of back-end {idx.backend!r}; pass --backend "
+                                     f"{idx.backend} to add to it, or --rebuild to rebuild it as {backend!r}")
             else:
                 old = cls.open(index_dir).manifest if (index_dir / MANIFEST).is_file() else None
-                manifest = {"format": FORMAT, "backend": backend, "dtype": dtype, "embed_dim": None,
+                manifest: dict[str, Any] = {"format": FORMAT, "backend": backend, "dtype": dtype, "embed_dim": None,
                             "faiss": asdict(faiss_options or FaissOptions()), "source": None, "segments": [],
                             "next_segment": old["next_segment"] if old else 0}
                 idx = cls(index_dir, manifest)
@@ -294,13 +294,13 @@ class RegionIndex:
             meta[si] = {k: v[rows].tolist() for k, v in segs[si].arrays.items()}
         seen: dict[int, int] = {}
         out = []
-        for rank, (score, si, r) in enumerate(cands, 1):
+        for rank, (score, si, _row) in enumerate(cands, 1):
             j = seen[si] = seen.get(si, -1) + 1  # position of this row in meta[si] (same order as cands)
             a = {k: v[j] for k, v in meta[si].items()}
             seg, cls = segs[si], int(a["cls"])
             im = seg.images[int(a["image"])]
             out.append(Hit(rank=rank, score=score, key=im["key"], file_name=im["file_name"],
-                           box=tuple(float(v) for v in a["boxes"]), shard=seg.shards[im["shard"]], row=int(a["row"]),
+                           box=_box4(a["boxes"]), shard=seg.shards[im["shard"]], row=int(a["row"]),
                            path=im.get("path"), objectness=_opt(a["objectness"]), det_score=_opt(a["det_score"]),
                            class_name=(names[cls] if names and 0 <= cls < len(names) else
                                        (str(cls) if cls >= 0 else None)),
@@ -312,6 +312,11 @@ class RegionIndex:
         for seg in self._load():
             for r in range(len(seg.arrays["image"])):
                 yield seg.name, r, np.asarray(seg.vectors.vectors[r], np.float32)
+
+
+def _box4(b: Sequence[float]) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in b)
+    return x1, y1, x2, y2
 
 
 def _opt(v: Any) -> Optional[float]:
@@ -391,7 +396,7 @@ class _writer_lock:
             pass
         except OSError:
             self._f.close()
-            raise RuntimeError(f"another `regionclip index` is writing {self.dir}; wait for it to finish")
+            raise RuntimeError(f"another `regionclip index` is writing {self.dir}; wait for it to finish") from None
         return self
 
     def __exit__(self, *_: Any) -> None:

@@ -158,7 +158,7 @@ class PromptEncoder:
                                        torch.tensor([r % n_t for r in rows], device=self.device),
                                        torch.tensor([shared[r] for r in rows], device=self.device))
                 feats[torch.tensor(rows, device=self.device)] = self.encoder.encode_text(batch).float()
-        return feats.view(len(names), n_t, -1), too_long
+        return feats.view(len(names), n_t, self.encoder.embed_dim), too_long
 
 
 def _reduce(features: Tensor, average: str) -> Tensor:

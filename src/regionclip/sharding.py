@@ -1,0 +1,144 @@
+"""Sharded inference on many processes (``torchrun``), for ``detect``, ``evaluate`` and ``extract-regions``.
+
+``torchrun --nproc-per-node N [--nnodes M ...] -m regionclip.cli.main detect ...`` runs N×M copies of the command;
+each reads the torchrun environment (:func:`regionclip.distributed.init_distributed`: one process per GPU on
+``--device cuda``, gloo on CPU). The work is split so that the outputs equal a one-process run
+(docs/DESIGN.md#sharding):
+
+1. rank 0 reads every journal of the output folder (all ranks', from earlier runs of any size) and broadcasts the
+   set of finished images, so every rank agrees on what is left and no image is done twice;
+2. :func:`shard_items` splits what is left deterministically, balanced by cost (user boxes or image pixels), not by
+   position;
+3. each rank journals its images into its own file (``predictions.rank<r>.jsonl``), atomically per line;
+4. after a barrier rank 0 merges every journal (:func:`regionclip.formats.merge_journals`) and writes the single
+   final files in the input order, so they do not depend on the number of processes.
+
+A rank killed half-way loses only its image in flight; re-running the same command redoes only missing images.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+
+from .data.images import image_size
+from .data.loader import InferenceItem
+from .formats import (JOURNAL_NAME, Journal, ResultsWriter, make_meta, merge_journals, read_journal,
+                       write_results)
+from .distributed import DistInfo, barrier, broadcast_object
+
+T = TypeVar("T")
+
+
+def item_cost(item: InferenceItem) -> float:
+    """Relative cost of one image: its number of user boxes (the region head dominates), else its pixels in
+    megapixels from the file header (RPN mode: the backbone and RPN scale with the image; the 1000 proposals are
+    the same for every image). Unreadable files cost 1 (they fail fast)."""
+    if item.boxes is not None:
+        return 1.0 + float(len(item.boxes))
+    try:
+        h, w = image_size(item.file_name)
+        return 1.0 + h * w / 1e6
+    except (OSError, ValueError):
+        return 1.0
+
+
+def shard_items(items: Sequence[T], rank: int, world_size: int, cost: Optional[Callable[[T], float]] = None,
+                key: Optional[Callable[[T], str]] = None) -> list[T]:
+    """The items of ``rank`` out of ``world_size``: greedy longest-processing-time assignment (each item, costliest
+    first, to the least loaded rank; ties by key and rank), returned in input order. Deterministic: every rank
+    computes the same split from the same list."""
+    if world_size <= 1:
+        return list(items)
+    cost = cost or item_cost  # type: ignore[assignment]
+    key = key or (lambda it: str(getattr(it, "key", it)))
+    order = sorted(range(len(items)), key=lambda i: (-cost(items[i]), key(items[i])))
+    loads = [(0.0, r) for r in range(world_size)]
+    heapq.heapify(loads)
+    mine = []
+    for i in order:
+        load, r = heapq.heappop(loads)
+        if r == rank:
+            mine.append(i)
+        heapq.heappush(loads, (load + cost(items[i]), r))
+    return [items[i] for i in sorted(mine)]
+
+
+def journal_name(dist: DistInfo, base: str = JOURNAL_NAME) -> str:
+    """``predictions.jsonl`` for one process, ``predictions.rank<r>.jsonl`` for rank r of a sharded run."""
+    if not dist.distributed:
+        return base
+    stem, dot, ext = base.rpartition(".")
+    return f"{stem}.rank{dist.rank}.{ext}" if dot else f"{base}.rank{dist.rank}"
+
+
+def journals(out_dir: Path, base: str = JOURNAL_NAME) -> list[Path]:
+    """Every journal of ``out_dir`` (the single-process one first, then ranks in order)."""
+    stem, _, ext = base.rpartition(".")
+    ranked = sorted(out_dir.glob(f"{stem}.rank*.{ext}"), key=lambda p: (len(p.name), p.name))
+    return ([out_dir / base] if (out_dir / base).exists() else []) + ranked
+
+
+class ShardedResults:
+    """The results journal of one rank plus the cross-rank bookkeeping of a sharded run (see the module docstring).
+
+    Usage::
+
+        with ShardedResults(out, names, ids, settings=meta, dist=dist, resume=True) as res:
+            mine = shard_items([it for it in items if it.key not in res.done], dist.rank, dist.world_size)
+            for ...: res.writer.add(...)
+            results = res.finalize(order=[it.key for it in items])   # the merged results on rank 0, else None
+    """
+
+    def __init__(self, out_dir: Path, class_names: Sequence[str], category_ids: Optional[Sequence[int]], *,
+                 settings: Mapping[str, Any], dist: DistInfo, resume: bool = True, results_name: str = "results.json",
+                 images_name: Optional[str] = "images.json", fsync: bool = True) -> None:
+        self.out_dir, self.dist = Path(out_dir), dist
+        self.results_name, self.images_name = results_name, images_name
+        self.meta = make_meta(class_names, category_ids, settings)
+        done: set[str] = set()
+        if dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for p in journals(self.out_dir):
+                if not resume:
+                    p.unlink()
+                    continue
+                done |= set(read_journal(p, expected_meta=self.meta, repair=True).entries)
+        self.done: set[str] = broadcast_object(done)  # before any rank writes: every rank sees the same set
+        barrier()
+        self.writer = ResultsWriter(self.out_dir, class_names, category_ids, settings=settings, resume=resume,
+                                    journal_name=journal_name(dist), results_name=results_name,
+                                    images_name=images_name, fsync=fsync)
+
+    def finalize(self, order: Optional[Sequence[str]] = None) -> Optional[list[dict]]:
+        """Close this rank's journal, wait for every rank, and (rank 0) write the merged final files."""
+        self.writer.close()
+        barrier()
+        out = None
+        if self.dist.is_main:
+            out = write_results(self.merged(), self.out_dir, order=order, results_name=self.results_name,
+                                images_name=self.images_name)
+        barrier()
+        return out
+
+    def merged(self) -> Journal:
+        """Every rank's journal merged (duplicate rule of :mod:`regionclip.formats.results`)."""
+        return merge_journals(journals(self.out_dir), expected_meta=self.meta)
+
+    def __enter__(self) -> "ShardedResults":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.writer.close()
+
+
+def rank_device(device: str, dist: DistInfo) -> str:
+    """``cuda`` -> this rank's ``cuda:<LOCAL_RANK>`` in a sharded run; anything else unchanged."""
+    if dist.distributed and device == "cuda":
+        return f"cuda:{dist.local_rank}"
+    return device
+
+
+def is_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
