@@ -13,4 +13,13 @@ for extra in .ci/install-browser.sh .ci/install-pretrain.sh; do
   [ -f "$extra" ] && bash "$extra"
 done
 export REGIONCLIP_NO_SKIPS=${REGIONCLIP_NO_SKIPS-1}  # a skip in CI is a missing dependency: fail
-exec .venv/bin/python -m pytest -q -rs "$@"
+echo "== ruff"; .venv/bin/ruff check src tests
+echo "== mypy"; .venv/bin/mypy
+echo "== pytest (default CPU kernels)"
+.venv/bin/python -m pytest -q -rs "$@"
+if [ "$#" -eq 0 ]; then
+  # the parity tests again with the kernels of an AVX2-only CPU: tolerances must hold on other CPUs' rounding
+  # (docs/DESIGN.md#numerics); a no-op where the CPU has no more than AVX2 anyway
+  echo "== pytest parity (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)"
+  ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q -rs -m parity tests/parity
+fi

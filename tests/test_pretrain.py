@@ -94,7 +94,9 @@ def test_checkpoint_layout_and_frozen_parts(pretrained):
 
 def test_checkpoint_loads_in_load_detector_and_detects(pretrained):
     from regionclip.factory import load_detector
+    from regionclip.pipeline import Pipeline, RunOptions
     from regionclip.text.embeddings import concept_embeddings, load_text_encoder
+    from regionclip.vocab import Vocabulary
 
     out = pretrained["tmp"] / "out"
     weights = out / latest_checkpoint(out)["model"]
@@ -107,7 +109,8 @@ def test_checkpoint_loads_in_load_detector_and_detects(pretrained):
     encoder = load_text_encoder(weights)
     emb = concept_embeddings(["square", "circle"], encoder, templates=["a photo of a {}."])
     _, image, _ = pretrained["pairs"][0]
-    dets = det.detect([image], class_embeddings=emb, class_names=["square", "circle"])
+    vocab = Vocabulary.create(emb, ["square", "circle"], embed_dim=det.embed_dim)
+    dets = Pipeline(det, loaded.config.input).detect([image], vocab, RunOptions())
     assert len(dets) == 1 and dets[0].boxes.shape[1] == 4 and len(dets[0]) > 0
     assert set(dets[0].names) <= {"square", "circle"}
     emb_file = pretrained["tmp"] / "emb.pth"

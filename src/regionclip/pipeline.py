@@ -31,11 +31,11 @@ from torch import Tensor
 from .config import InputConfig, PostprocessConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import InferenceItem, batch_by_size, make_loader, prepare_image
+from .formats.boxes import BadBoxesError, validate_user_boxes
 from .modeling.heads import paste_masks
 from .modeling.recognizer import RegionRecognizer
-from .formats.boxes import BadBoxesError, validate_user_boxes
 from .ops.boxes import clip_boxes, scale_boxes_like_d2
-from .postprocess import combine_rpn_scores, postprocess_detections, rescale_to_original, reachable_by_rpn_score
+from .postprocess import combine_rpn_scores, postprocess_detections, reachable_by_rpn_score, rescale_to_original
 from .structures import Detections, PreparedImage, Proposals
 from .utils import COMPUTE_DTYPES, autocast_context
 from .vocab import Vocabulary

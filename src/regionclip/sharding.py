@@ -24,9 +24,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from .data.images import image_size
 from .data.loader import InferenceItem
-from .formats import (JOURNAL_NAME, Journal, ResultsWriter, make_meta, merge_journals, read_journal,
-                       write_results)
 from .distributed import DistInfo, barrier, broadcast_object
+from .formats import JOURNAL_NAME, Journal, ResultsWriter, make_meta, merge_journals, read_journal, write_results
 
 T = TypeVar("T")
 

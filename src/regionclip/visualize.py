@@ -109,7 +109,7 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Seq
         draw.rectangle([tx, ty, tx + tw, ty + th], fill=color)
         # black on light colours, white on dark ones
         luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        draw.text((tx + lw - l, ty + lw - t), text, fill=(0, 0, 0) if luma > 140 else (255, 255, 255), font=font)
+        draw.text((tx + lw - left, ty + lw - t), text, fill=(0, 0, 0) if luma > 140 else (255, 255, 255), font=font)
     return out
 
 

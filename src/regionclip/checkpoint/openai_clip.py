@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .io import CheckpointError, PathLike, state_dict_from
+from .io import CheckpointError, PathLike, read_weight_file, state_dict_from
 
 # (source prefix or exact key, tower, target prefix). First match wins, so `visual.` claims
 # `visual.attnpool.positional_embedding` before the exact text key `positional_embedding` is tried.
@@ -95,7 +95,6 @@ def read_clip_checkpoint(path: PathLike, *, allow_jit: bool = False) -> dict[str
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # legacy (non-zip) pickles cannot be mmapped; io gives the clear error for bad files
-        from .io import read_weight_file
 
         obj = read_weight_file(path)
     return state_dict_from(obj, path)

@@ -15,6 +15,10 @@ import argparse
 import itertools
 import sys
 
+from regionclip.data.captions import iter_captions
+from regionclip.text.concepts import DEFAULT_EXCLUDE, build_concept_pool, count_concepts, write_concepts
+from regionclip.text.vocabulary import read_names_file
+
 NAME = "build-concepts"
 
 
@@ -41,9 +45,6 @@ def run(args: argparse.Namespace) -> int:
     """Execute the subcommand; returns the exit code."""
     import logging
 
-    from regionclip.data.captions import iter_captions
-    from regionclip.text.concepts import DEFAULT_EXCLUDE, build_concept_pool, count_concepts, write_concepts
-    from regionclip.text.vocabulary import read_names_file
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     exclude = DEFAULT_EXCLUDE if args.exclude is None else (() if args.exclude == "none"

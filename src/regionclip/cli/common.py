@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..api import RegionCLIP
+from ..config import to_dict
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..pipeline import RunOptions
 from ..presets import PRESETS, LoadOptions
@@ -148,7 +149,6 @@ def run_recipe(args: argparse.Namespace, load_config: Any, run: Any) -> int:
     """Resolve a recipe (YAML + ``--set`` overrides), print it or run it, print the last metrics line."""
     import logging
 
-    from ..config import to_dict
 
     overrides = list(args.overrides)
     if args.output_dir:

@@ -10,7 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from ..presets import PRESETS
+from ..api import RegionCLIP
+from ..demo import build_demo, launch_demo
+from ..presets import PRESETS, get_preset
+from ..utils import require
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,10 +35,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import RegionCLIP
-    from ..demo import build_demo, launch_demo
-    from ..presets import get_preset
-    from ..utils import require
 
     # fail before the (slow) model load when the extra is missing
     require("gradio", "demo", "the web demo")

@@ -16,8 +16,8 @@ from ..assets import demo_image_paths
 from ..data.images import decode_image, image_size
 from ..data.loader import InferenceItem, items_from_inputs
 from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from ..sharding import ShardedResults, rank_device, shard_items
 from ..formats import FORMATS, export_journal, match_boxes, read_boxes_file
+from ..sharding import ShardedResults, rank_device, shard_items
 from ..utils import atomic_path
 from ..visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
 from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, run_options, vocabulary_from_args

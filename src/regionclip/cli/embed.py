@@ -15,6 +15,10 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from regionclip.pretrained import resolve_weights  # a path as is, or a released name -> cached file
+from regionclip.text.embeddings import concept_embeddings, load_text_encoder, save_concept_embeddings
+from regionclip.text.vocabulary import parse_vocabulary
+
 NAME = "embed-concepts"
 
 
@@ -52,9 +56,6 @@ def run(args: argparse.Namespace) -> int:
     """Execute the subcommand; returns the process exit code."""
     import torch
 
-    from regionclip.pretrained import resolve_weights  # a path as is, or a released name -> cached file
-    from regionclip.text.embeddings import concept_embeddings, load_text_encoder, save_concept_embeddings
-    from regionclip.text.vocabulary import parse_vocabulary
 
     problem = None
     if args.batch_size < 1:

@@ -17,8 +17,15 @@ from ..evaluation.scenarios import SCENARIOS, get_scenario
 from ..presets import get_preset
 from ..sharding import rank_device
 from ..vocab import resolve_names
-from .common import (add_model_args, add_run_args, check_cheap_args, load_model, postprocess_overrides, run_options,
-                     vocabulary_from_args)
+from .common import (
+    add_model_args,
+    add_run_args,
+    check_cheap_args,
+    load_model,
+    postprocess_overrides,
+    run_options,
+    vocabulary_from_args,
+)
 
 NAME = "evaluate"
 

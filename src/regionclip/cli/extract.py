@@ -17,12 +17,12 @@ import shutil
 from pathlib import Path
 
 from ..data.loader import items_from_coco, items_from_inputs
+from ..distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.extract import ExtractConfig, extract_regions
 from ..formats import match_boxes, read_boxes_file
-from ..text.vocabulary import checkpoint_fingerprint
-from ..distributed import DistInfo, barrier, cleanup, init_distributed
 from ..runtime import resolve_dtype
 from ..sharding import rank_device
+from ..text.vocabulary import checkpoint_fingerprint
 from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, vocabulary_from_args
 
 

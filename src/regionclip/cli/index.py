@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..search import FaissOptions, RegionIndex
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="index region features for `regionclip search` (incremental)",
@@ -37,7 +39,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..search import FaissOptions, RegionIndex
 
     opts = FaissOptions(ivf_min_rows=args.ivf_min_rows, nlist=args.nlist, nprobe=args.nprobe)
     t0 = time.perf_counter()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from regionclip.engine.pretrain import load_pretrain_config, run_pretraining
+
 from .common import add_recipe_args, run_recipe
 
 NAME = "pretrain"
@@ -27,6 +29,5 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Execute the subcommand; returns the exit code."""
-    from regionclip.engine.pretrain import load_pretrain_config, run_pretraining
 
     return run_recipe(args, load_pretrain_config, run_pretraining)

@@ -17,6 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..search import RegionIndex
+from ..search import query as q
+from ..search.html import contact_sheet
+from ..utils import write_json_atomic
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="open-vocabulary region search over an index (text / image region / vector)",
@@ -40,7 +45,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def query_vector(args: argparse.Namespace, index: Any) -> Any:
     """[D] unit query from exactly one of text / --image / --query-embedding."""
-    from ..search import query as q
 
     given = [x for x in (args.query, args.image, args.query_embedding) if x]
     if len(given) != 1:
@@ -73,8 +77,6 @@ def format_table(hits: Sequence[Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..search import RegionIndex
-    from ..utils import write_json_atomic
 
     index = RegionIndex.open(args.index)
     vec = query_vector(args, index)
@@ -90,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
                           args.json, indent=1)
         print(f"wrote {args.json}")
     if args.html:
-        from ..search.html import contact_sheet
 
         contact_sheet(hits, args.html, title=f"regionclip search: {label}", image_root=args.image_root)
         print(f"wrote {args.html}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from regionclip.engine.transfer import load_config, run_transfer
+
 from .common import add_recipe_args, run_recipe
 
 NAME = "train"
@@ -23,6 +25,5 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Execute the subcommand; returns the exit code."""
-    from regionclip.engine.transfer import load_config, run_transfer
 
     return run_recipe(args, load_config, run_transfer)

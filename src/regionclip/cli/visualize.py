@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from regionclip.assets import BUILTIN_VOCABULARIES, lvis_categories, vocabulary
+from regionclip.data.datasets import load_annotations, load_image_folder, load_registered
+from regionclip.visualize import render_results
+
 NAME = "visualize"
 
 
@@ -38,12 +42,10 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
 
 
 def _parse_vocab(vocab: str) -> list[str]:
-    from regionclip.assets import BUILTIN_VOCABULARIES, vocabulary
 
     if vocab.lower().replace("-", "").replace("_", "") in BUILTIN_VOCABULARIES:
         if vocab.lower().startswith("lvis"):
             # labels as the original shows them: detectron2 thing_classes = synonyms[0] (docs/DESIGN.md#visualisation)
-            from regionclip.assets import lvis_categories
 
             cats = lvis_categories()
             return [c["synonyms"][0] for c in cats if vocab.endswith("1203") or c["frequency"] != "r"]
@@ -54,8 +56,6 @@ def _parse_vocab(vocab: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from regionclip.data.datasets import load_annotations, load_image_folder, load_registered
-    from regionclip.visualize import render_results
 
     if args.images:
         ds = load_image_folder(args.images, _parse_vocab(args.vocab))

@@ -38,6 +38,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ..text.prompts import resolve_templates
+from ..text.tokenizer import default_tokenizer
+
 __all__ = ["CaptionSource", "JsonlCaptions", "TarShardCaptions", "TsvCaptions", "ConcatCaptions", "CaptionSample",
            "CaptionDataset", "parse_text_value", "choose_caption", "caption_resized_shape", "write_lineidx",
            "find_tsv_pairs", "open_caption_source", "iter_captions", "IMAGE_SUFFIXES"]
@@ -419,7 +422,6 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: CaptionSource, min_size: int = 800, max_size: int = 1333, flip: bool = True,
                  context_length: int = 77, templates: Optional[Sequence[str]] = None) -> None:
-        from ..text.prompts import resolve_templates
 
         if len(source) == 0:
             raise ValueError("the caption dataset is empty")
@@ -431,7 +433,6 @@ class CaptionDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, key: Any) -> CaptionSample:
-        from ..text.tokenizer import default_tokenizer
 
         index, seed = key if isinstance(key, tuple) else (int(key), 0)
         rng = np.random.default_rng(seed)

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..ops.boxes import scale_boxes_like_d2
+
 PathLike = Union[str, os.PathLike]
 DatasetKind = Literal["coco", "lvis", "folder"]
 
@@ -84,7 +86,6 @@ class ImageRecord:
         coordinates are truncated toward zero (e.g. ``gt_boxes.json``; real COCO files use floats). Reproducing
         this keeps GT-mode scores identical to the original's.
         """
-        from ..ops.boxes import scale_boxes_like_d2
 
         keep = ~self.iscrowd
         sx, sy = resized_hw[1] / self.width, resized_hw[0] / self.height

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import InputConfig
 from ..structures import PreparedImage
+from .datasets import load_annotations
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageInput, load_resized
 
 PathLike = Union[str, os.PathLike]
@@ -77,7 +78,6 @@ def items_from_inputs(inputs: Sequence[PathLike]) -> list[InferenceItem]:
 def items_from_coco(json_file: PathLike, image_root: PathLike, *, with_boxes: bool = True) -> list[InferenceItem]:
     """Every image of a COCO / LVIS json (key = image id). ``with_boxes``: the GT-mode regions of the original
     (crowd removed, clipped to the image, empty removed; LVIS ≤ 500 per image, docs/DESIGN.md#regions) as user boxes."""
-    from .datasets import load_annotations
 
     ds = load_annotations(json_file, image_root)
     items = []

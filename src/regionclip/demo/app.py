@@ -36,7 +36,7 @@ from ..api import RegionCLIP
 from ..assets import demo_image_paths
 from ..formats import BadBoxesError, detections_to_coco
 from ..structures import Detections
-from ..utils import write_json_atomic
+from ..utils import require, write_json_atomic
 from ..visualize import draw_detections
 from ..vocab import Vocabulary, resolve_names
 
@@ -327,7 +327,6 @@ def draw(image: Image.Image, det: Detections) -> Image.Image:
 def _gradio() -> Any:
     # analytics would try to reach the internet on import/launch; the demo must work offline
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from ..utils import require
 
     return require("gradio", "demo", "the web demo")
 

@@ -43,9 +43,9 @@ from torch import Tensor
 from ..checkpoint.io import save_file_atomic
 from ..config import PostprocessConfig
 from ..data.loader import InferenceItem
+from ..distributed import DistInfo, all_gather_object, barrier
 from ..modeling.recognizer import foreground_probs
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
-from ..distributed import DistInfo, all_gather_object, barrier
 from ..pipeline import ItemError, Pipeline, RunOptions
 from ..sharding import shard_items
 from ..structures import PreparedImage, Proposals

@@ -20,12 +20,25 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint.io import load_into, load_state_dict
+from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..config import ClipResNetConfig, ClipTextConfig, InputConfig, RPNConfig, from_dict, read_yaml_mapping, to_dict
-from ..losses.region_text import clip_grad_norm_per_parameter_
-from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
+from ..data.captions import CaptionDataset, ConcatCaptions, open_caption_source
+from ..data.train_data import GroupedBatchSampler, TrainingSampler
 from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..factory.clip_towers import load_clip_towers
+from ..losses.region_text import clip_grad_norm_per_parameter_
+from ..modeling.clip_resnet import ModifiedResNet
+from ..modeling.detector import RegionCLIPDetector
+from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
+from ..modeling.rpn import build_offline_rpn
+from ..modeling.text_encoder import build_text_encoder
+from ..pretrained import resolve_weights
+from ..text.embeddings import concept_embeddings, load_concept_embeddings
+from ..text.vocabulary import read_names_file
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir
+from .transfer import apply_overrides
 
 __all__ = ["PretrainConfig", "PretrainModelSection", "ConceptSection", "CaptionDataSection", "load_pretrain_config",
            "build_pretrainer", "install_per_parameter_clipping", "run_pretraining", "PRETRAIN_SOLVER"]
@@ -101,7 +114,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def load_pretrain_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> PretrainConfig:
     """Read a recipe over the pretraining defaults (unknown keys raise ``ValueError``) and apply ``--set``."""
-    from .transfer import apply_overrides
 
     data = read_yaml_mapping(path, "model/concepts/data/pretrain/solver/train") if path is not None else {}
     data = apply_overrides(data, overrides)
@@ -111,8 +123,6 @@ def load_pretrain_config(path: Optional[str | Path] = None, overrides: Sequence[
 
 # ---------------------------------------------------------------------------------------------- building
 def _towers_from_file(path: str, allow_jit: bool) -> tuple[nn.Module, Optional[nn.Module]]:
-    from ..factory.clip_towers import load_clip_towers
-    from ..pretrained import resolve_weights
 
     towers = load_clip_towers(resolve_weights(path), allow_jit=allow_jit)
     if towers.image is None:
@@ -121,7 +131,6 @@ def _towers_from_file(path: str, allow_jit: bool) -> tuple[nn.Module, Optional[n
 
 
 def _detector(backbone: nn.Module, rpn: Optional[nn.Module]) -> Any:
-    from ..modeling.detector import RegionCLIPDetector
 
     # the pooler must be 2x the attnpool grid (14 RN50, 18 RN50x4); chunking only matters at inference
     return RegionCLIPDetector(backbone, rpn, input_cfg=InputConfig(),
@@ -129,10 +138,6 @@ def _detector(backbone: nn.Module, rpn: Optional[nn.Module]) -> Any:
 
 
 def _build_rpn(m: PretrainModelSection) -> nn.Module:
-    from ..checkpoint.io import load_into, load_state_dict
-    from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
-    from ..modeling.rpn import build_offline_rpn
-    from ..pretrained import resolve_weights
 
     overrides = dict(m.rpn_overrides)
     if m.rpn_weights is None:
@@ -149,14 +154,11 @@ def _build_rpn(m: PretrainModelSection) -> nn.Module:
 
 def _concept_pools(cfg: PretrainConfig, text: nn.Module, teacher_text: Optional[nn.Module], dim: int,
                    teacher_dim: int) -> tuple[Tensor, Optional[Tensor]]:
-    from ..text.embeddings import concept_embeddings, load_concept_embeddings
-    from ..text.vocabulary import read_names_file
 
     c = cfg.concepts
     if c.pool is None:
         raise ValueError("concepts.pool is required: a names file (regionclip build-concepts) or an embedding file "
                          "(regionclip embed-concepts)")
-    from ..pretrained import resolve_weights
 
     def resolve(name: str) -> Path:  # a path, or a released file name (coco_nouns_4764_emb)
         return Path(name) if Path(name).exists() or name.endswith(".txt") else resolve_weights(name)
@@ -180,8 +182,6 @@ def _concept_pools(cfg: PretrainConfig, text: nn.Module, teacher_text: Optional[
 
 def build_pretrainer(cfg: PretrainConfig, dist: Optional[DistInfo] = None) -> RegionTextPretrainer:
     """Student, teacher, text encoder, RPN and concept pools (computed on rank 0 and broadcast)."""
-    from ..modeling.clip_resnet import ModifiedResNet
-    from ..modeling.text_encoder import build_text_encoder
 
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # identical random towers on every rank (random-init recipes)
@@ -227,8 +227,6 @@ def install_per_parameter_clipping(optimizer: torch.optim.Optimizer, max_norm: f
 
 def make_caption_batches(cfg: PretrainConfig, dist: DistInfo, context_length: int) -> Callable[[int], Any]:
     """``make(start_micro_batch)`` -> iterator of this rank's batches (deterministic order: exact resume)."""
-    from ..data.captions import CaptionDataset, ConcatCaptions, open_caption_source
-    from ..data.train_data import GroupedBatchSampler, TrainingSampler
 
     d, s = cfg.data, cfg.solver
     if not d.paths:

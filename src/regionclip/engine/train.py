@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint.io import read_weight_file, save_file_atomic
-from ..utils import write_json_atomic
+from ..config import to_dict
 from ..distributed import DistInfo, all_gather_object, barrier, reduce_dict_mean
+from ..utils import write_json_atomic
 from .schedule import SolverConfig, build_lr_scheduler, build_optimizer
 
 __all__ = ["EngineConfig", "Trainer", "step_generator", "latest_checkpoint", "TrainingInterrupted"]
@@ -342,8 +343,6 @@ class Trainer:
 
 def prepare_run_dir(cfg: Any, output_dir: Any, dist: Any) -> Path:
     """Create the run folder and record the resolved config (``config.json``, rank 0 only, atomic)."""
-    from ..config import to_dict
-    from ..utils import write_json_atomic
 
     out = Path(output_dir)
     if dist.is_main:

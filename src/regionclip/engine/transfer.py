@@ -15,15 +15,37 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, DetectorConfig, InputConfig, PostprocessConfig, from_dict, read_yaml_mapping
+from ..checkpoint.io import load_into, load_state_dict, read_weight_file
+from ..checkpoint.regionclip import class_embedding_file
+from ..checkpoint.rpn import rpn_state_dict_from_checkpoint
+from ..config import (
+    CLIP_PIXEL_MEAN,
+    CLIP_PIXEL_STD,
+    DetectorConfig,
+    InputConfig,
+    PostprocessConfig,
+    from_dict,
+    read_yaml_mapping,
+)
 from ..data.datasets import DetectionDataset, load_annotations, load_lvis_json, load_registered
-from ..data.train_data import (GroupedBatchSampler, TrainingDataset, TrainingSampler, filter_empty_records,
-                               load_segmentations, repeat_factors)
+from ..data.train_data import (
+    GroupedBatchSampler,
+    TrainingDataset,
+    TrainingSampler,
+    filter_empty_records,
+    load_segmentations,
+    repeat_factors,
+)
+from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..evaluation import evaluate_dataset
 from ..evaluation.inference import dataset_predictor
+from ..factory import build_detector, load_detector
+from ..modeling.heads import MaskHead
 from ..pipeline import Pipeline, RunOptions
+from ..pretrained import resolve_weights
+from ..text.vocabulary import class_embeddings
 from ..vocab import Vocabulary
 from .detection import DetectionTask, RoIConfig
-from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir
 
@@ -144,9 +166,6 @@ def load_dataset(section: DatasetSection, data_root: str) -> DetectionDataset:
 
 def _class_embeddings(path: Optional[str], names: list[str], text_weights: Optional[str], dim: int,
                       what: str) -> Tensor:
-    from ..checkpoint.io import read_weight_file
-    from ..checkpoint.regionclip import class_embedding_file
-    from ..pretrained import resolve_weights
 
     if path is not None:
         emb = class_embedding_file(read_weight_file(resolve_weights(path)), str(path))
@@ -154,7 +173,6 @@ def _class_embeddings(path: Optional[str], names: list[str], text_weights: Optio
         if text_weights is None:
             raise ValueError(f"{what} class embeddings: give data.classes.{what}_embeddings (a concept file) or "
                              "model.weights / data.classes.text_weights (a checkpoint with a text encoder)")
-        from ..text.vocabulary import class_embeddings
 
         emb = class_embeddings(names, resolve_weights(text_weights))
     if emb.shape != (len(names), dim):
@@ -165,9 +183,6 @@ def _class_embeddings(path: Optional[str], names: list[str], text_weights: Optio
 
 def build_detector_for_training(cfg: ModelSection) -> tuple[nn.Module, dict[str, Tensor]]:
     """The detector (initial weights loaded, missing heads added) and the tensors to copy into exports."""
-    from ..factory import build_detector, load_detector
-    from ..modeling.heads import MaskHead
-    from ..pretrained import resolve_weights
 
     extra: dict[str, Tensor] = {}
     if cfg.weights is not None:
@@ -182,8 +197,6 @@ def build_detector_for_training(cfg: ModelSection) -> tuple[nn.Module, dict[str,
             raise ValueError("model: give weights (a RegionCLIP checkpoint) or arch (random initialisation)")
         det = build_detector(replace(cfg.arch, input=cfg.input, box_regression=cfg.box_regression, mask_head=cfg.mask_head))
         if cfg.rpn_weights:
-            from ..checkpoint.io import load_into, load_state_dict
-            from ..checkpoint.rpn import rpn_state_dict_from_checkpoint
 
             if det.rpn is None:
                 raise ValueError("model.rpn_weights given but model.arch.rpn is null")
@@ -226,8 +239,6 @@ def build_task(cfg: TransferConfig, dist: Optional[DistInfo] = None) -> BuiltRun
     if test_ds is not None or cfg.data.classes.test_embeddings:
         names = test_ds.class_names if test_ds is not None else []
         if test_ds is None:  # a file without a test set: rows are taken as they are
-            from ..checkpoint.io import read_weight_file
-            from ..checkpoint.regionclip import class_embedding_file
 
             test_emb = class_embedding_file(read_weight_file(cfg.data.classes.test_embeddings)) if is_main else None
         elif is_main:
@@ -275,7 +286,6 @@ def make_batch_iterator(built: BuiltRun, cfg: TransferConfig, dist: DistInfo) ->
 def make_evaluate(built: BuiltRun, cfg: TransferConfig) -> Optional[Callable[[int], Optional[dict[str, Any]]]]:
     if built.test_dataset is None or built.test_embeddings is None:
         return None
-    from ..evaluation import evaluate_dataset
 
     det = built.task.detector
     regions = cfg.data.eval_regions if det.rpn is not None else "gt"

@@ -18,6 +18,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from regionclip.assets import coco_ovd_categories
+
 from ..utils import require
 from .results import ResultsError, load_results, validate_results
 
@@ -34,7 +36,6 @@ def ovd_split_category_ids(categories: Sequence[dict]) -> Optional[dict[str, lis
     OVR-CNN files use the real COCO ids 1..90, the split table numbers them 1..80). The original only computes the
     split when the dataset has exactly 65 classes; so does this.
     """
-    from regionclip.assets import coco_ovd_categories
 
     if len(categories) != 65:
         return None

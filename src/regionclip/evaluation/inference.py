@@ -19,11 +19,13 @@ from tqdm import tqdm
 
 from ..data.datasets import DetectionDataset, ImageRecord
 from ..distributed import DistInfo
-from ..sharding import ShardedResults, shard_items
 from ..formats.coco import check_labels
 from ..pipeline import Pipeline, RunOptions
+from ..sharding import ShardedResults, shard_items
 from ..structures import Detections, Proposals
 from ..vocab import Vocabulary
+from .coco import evaluate_coco
+from .lvis import evaluate_lvis
 from .report import write_metrics_json
 from .results import ResultsError
 
@@ -139,10 +141,8 @@ def evaluate_results(dataset: DetectionDataset, results: Union[PathLike, list[di
                            "against - only the results JSON can be written")
     ids = [r.image_id for r in dataset]
     if dataset.kind == "lvis":
-        from .lvis import evaluate_lvis
 
         return evaluate_lvis(dataset.annotation_file, results, allow_empty=allow_empty, image_ids=ids)
-    from .coco import evaluate_coco
 
     return evaluate_coco(dataset.annotation_file, results, allow_empty=allow_empty, image_ids=ids)
 

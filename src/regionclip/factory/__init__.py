@@ -23,8 +23,12 @@ from torch import Tensor, nn
 
 from ..checkpoint.io import CheckpointError, LoadReport, load_into, load_state_dict
 from ..checkpoint.openai_clip import split_clip_state_dict
-from ..checkpoint.regionclip import (SplitCheckpoint, describe_checkpoint, infer_clip_resnet_config,
-                                     split_regionclip_state_dict)
+from ..checkpoint.regionclip import (
+    SplitCheckpoint,
+    describe_checkpoint,
+    infer_clip_resnet_config,
+    split_regionclip_state_dict,
+)
 from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..checkpoint.zeroshot_branch import transformer_layout
 from ..config import DetectorConfig, RPNConfig

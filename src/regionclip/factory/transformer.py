@@ -15,8 +15,14 @@ from torch import Tensor, nn
 
 from ..checkpoint.io import CheckpointError, LoadReport, load_into, load_state_dict
 from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
-from ..checkpoint.zeroshot_branch import (BranchSplit, ours_to_timm_vit, split_branch_state_dict,
-                                          split_openai_vit_state_dict, timm_vit_to_ours, transformer_layout)
+from ..checkpoint.zeroshot_branch import (
+    BranchSplit,
+    ours_to_timm_vit,
+    split_branch_state_dict,
+    split_openai_vit_state_dict,
+    timm_vit_to_ours,
+    transformer_layout,
+)
 from ..modeling.rpn import build_offline_rpn
 from ..modeling.text_encoder import build_text_encoder, text_config_from_state_dict
 from ..modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder

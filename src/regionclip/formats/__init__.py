@@ -9,14 +9,34 @@
 * :mod:`.boxes` - user boxes: :func:`read_boxes_file`, :func:`match_boxes`, :func:`validate_user_boxes`.
 """
 from .adapters import from_hf, from_supervision, to_hf, to_supervision
-from .boxes import (BadBoxesError, BoxesFileError, box_problem, match_boxes, read_boxes_file,
-                    validate_user_boxes)
-from .coco import (ResultsError, categories, coco_to_detections, decode_masks, detections_to_coco,
-                   encode_masks)
-from .exports import (FORMATS, CsvWriter, FormatWriter, JsonlWriter, YoloWriter, export_journal, open_writer,
-                      read_csv, read_jsonl, read_yolo, write_csv, write_jsonl, write_yolo)
-from .results import (JOURNAL_NAME, ImageEntry, Journal, JournalError, ResultsWriter, make_meta,
-                      merge_journals, read_journal, write_results)
+from .boxes import BadBoxesError, BoxesFileError, box_problem, match_boxes, read_boxes_file, validate_user_boxes
+from .coco import ResultsError, categories, coco_to_detections, decode_masks, detections_to_coco, encode_masks
+from .exports import (
+                    FORMATS,
+                    CsvWriter,
+                    FormatWriter,
+                    JsonlWriter,
+                    YoloWriter,
+                    export_journal,
+                    open_writer,
+                    read_csv,
+                    read_jsonl,
+                    read_yolo,
+                    write_csv,
+                    write_jsonl,
+                    write_yolo,
+)
+from .results import (
+                    JOURNAL_NAME,
+                    ImageEntry,
+                    Journal,
+                    JournalError,
+                    ResultsWriter,
+                    make_meta,
+                    merge_journals,
+                    read_journal,
+                    write_results,
+)
 
 __all__ = [
     "BadBoxesError", "BoxesFileError", "CsvWriter", "FORMATS", "FormatWriter", "ImageEntry", "JOURNAL_NAME",

@@ -37,7 +37,7 @@ class Bottleneck(nn.Module):
             self.downsample.add_module("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False))
             self.downsample.add_module("1", FrozenBatchNorm2d(planes * self.expansion))
 
-        self.fused = False  # set by fuse_bottleneck: BNs folded into the convs (inference only)
+        self.fused = False  # set by ModifiedResNet.fuse_for_inference: BNs folded into the convs
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:

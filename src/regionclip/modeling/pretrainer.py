@@ -19,8 +19,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..losses.region_text import (image_text_contrastive_loss, region_concept_contrastive_loss,
-                                  region_concept_distillation_loss, teacher_pseudo_labels)
+from ..losses.region_text import (
+    image_text_contrastive_loss,
+    region_concept_contrastive_loss,
+    region_concept_distillation_loss,
+    teacher_pseudo_labels,
+)
 from .detector import RegionCLIPDetector
 from .text_encoder import CLIPTextTransformer
 
@@ -125,9 +129,8 @@ class RegionTextPretrainer(nn.Module):
         return out
 
     def load_export_state_dict(self, sd: dict[str, Tensor]) -> None:
-        """Inverse of :meth:`export_state_dict` (strict: every key of every part must be present)."""
-        from ..checkpoint.io import load_into
-
+        """Inverse of :meth:`export_state_dict` (strict: every key of every part must be present; PyTorch's strict
+        loading names missing and unexpected keys)."""
         parts: dict[str, dict[str, Tensor]] = {"backbone.": {}, "teacher_backbone.": {}, "lang_encoder.": {},
                                                "offline_": {}}
         unknown = []
@@ -139,10 +142,12 @@ class RegionTextPretrainer(nn.Module):
                 parts[prefix][key[len(prefix):]] = value
         if unknown:
             raise ValueError(f"pretraining checkpoint has unknown keys, e.g. {unknown[:5]}")
-        load_into(self.student.backbone, parts["backbone."], strict=True, source="student (backbone.*)")
-        load_into(self.teacher.backbone, parts["teacher_backbone."], strict=True, source="teacher_backbone.*")
-        load_into(self.text_encoder, parts["lang_encoder."], strict=True, source="lang_encoder.*")
-        load_into(self.student.rpn, parts["offline_"], strict=True, source="offline_*")
+        for module, part in ((self.student.backbone, "backbone."), (self.teacher.backbone, "teacher_backbone."),
+                             (self.text_encoder, "lang_encoder."), (self.student.rpn, "offline_")):
+            try:
+                module.load_state_dict(parts[part], strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"pretraining checkpoint, {part}* keys: {e}") from None
 
     # ------------------------------------------------------------------ one iteration
     @torch.no_grad()

@@ -25,6 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from ..utils import require
+
 __all__ = ["extract_concepts", "count_concepts", "build_concept_pool", "singularize", "rule_based_nouns",
            "nouns_from_spacy_doc", "load_spacy", "write_concepts", "BACKENDS", "DEFAULT_EXCLUDE"]
 logger = logging.getLogger(__name__)
@@ -151,7 +153,6 @@ def nouns_from_spacy_doc(doc: Any, phrases: bool = False) -> list[str]:
 
 def load_spacy(model: str = DEFAULT_SPACY_MODEL) -> Any:
     """Load a spaCy pipeline (NER disabled: it is not needed for nouns) with actionable errors."""
-    from ..utils import require
 
     spacy = require("spacy", "concepts", "parsing nouns from captions")
     try:

@@ -29,8 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regionclip.checkpoint.io import CheckpointError, PathLike, read_weight_file, save_file_atomic
-from regionclip.modeling.text_encoder import (CLIPTextTransformer, PrefixedTokens, PrefixStates,
-                                              build_text_encoder_from_state_dict)
+from regionclip.modeling.text_encoder import (
+    CLIPTextTransformer,
+    PrefixedTokens,
+    PrefixStates,
+    build_text_encoder_from_state_dict,
+)
 from regionclip.text.prompts import fill_template, resolve_templates, validate_names
 from regionclip.text.tokenizer import ClipTokenizer, default_tokenizer
 

@@ -43,10 +43,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from regionclip.assets import BUILTIN_VOCABULARIES, vocabulary as builtin_vocabulary
+from regionclip.assets import BUILTIN_VOCABULARIES
+from regionclip.assets import vocabulary as builtin_vocabulary
 from regionclip.checkpoint.io import PathLike, save_file_atomic
-from regionclip.text.embeddings import (AVERAGE_MODES, DEFAULT_BATCH_SIZE, PromptEncoder, embed_with,
-                                        load_text_encoder)
+from regionclip.text.embeddings import AVERAGE_MODES, DEFAULT_BATCH_SIZE, PromptEncoder, embed_with, load_text_encoder
 from regionclip.text.prompts import resolve_templates, validate_names
 from regionclip.text.tokenizer import CONTEXT_LENGTH
 
