@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--names", type=int, default=200, help="LVIS names for the current procedure (default 200)")
     ap.add_argument("--baseline-names", type=int, default=6,
                     help="names for the two old procedures (slow; default 6)")
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[512], help="prompts per forward, current")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=None,
+                    help="prompts per forward for the current procedure, one run each (default: its default)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--random-init", action="store_true",
                     help="a randomly initialised tower instead of the random official-format checkpoint "
@@ -94,7 +95,7 @@ def main() -> None:
     from regionclip.assets import vocabulary
     from regionclip.config import ClipTextConfig
     from regionclip.modeling.text_encoder import build_text_encoder
-    from regionclip.text.embeddings import concept_embeddings, load_text_encoder
+    from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings, load_text_encoder
     from regionclip.text.prompts import default_templates
 
     if args.random_init:
@@ -122,7 +123,7 @@ def main() -> None:
         old, dt = timed(lambda: trimmed_procedure(encoder, base, templates))
         print(f"trimmed  (3 names/forward, cut at EOT): {len(base) / dt:7.3f} names/s  ({len(base)} names, "
               f"{dt:.1f} s)  max|diff| vs original {(old - ref).abs().max().item():.2e}")
-    for bs in args.batch_size:
+    for bs in args.batch_size or [DEFAULT_BATCH_SIZE]:
         emb, dt = timed(lambda bs=bs: concept_embeddings(names, encoder, batch_size=bs))
         msg = f"current  (batch {bs} prompts, shared prefixes): {len(names) / dt:7.3f} names/s  ({len(names)} names, " \
               f"{dt:.1f} s)"

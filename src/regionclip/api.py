@@ -21,12 +21,14 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .checkpoint.convert import class_names_of
 from .checkpoint.io import read_weight_file
 from .checkpoint.regionclip import class_embedding_file
 from .config import InputConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import InferenceItem
 from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_detector, read_checkpoint
+from .modeling.detector import RegionCLIPDetector
 from .modeling.recognizer import RegionRecognizer
 from .pipeline import ImageResult, Pipeline, RunOptions
 from .presets import LoadOptions, Settings, resolve_settings
@@ -76,15 +78,17 @@ class RegionCLIP:
     def from_pretrained(cls, weights: Optional[PathLike] = None, rpn_weights: Optional[PathLike] = None, *,
                         preset: Optional[str] = None, device: Union[str, torch.device] = "cpu", strict: bool = True,
                         regions: Optional[str] = None, rpn_overrides: Optional[dict[str, Any]] = None,
-                        transformer_options: Optional[dict[str, Any]] = None, **postprocess_overrides: Any
-                        ) -> "RegionCLIP":
+                        transformer_options: Optional[dict[str, Any]] = None, fuse: bool = True,
+                        **postprocess_overrides: Any) -> "RegionCLIP":
         """Load a RegionCLIP checkpoint (a name from :data:`regionclip.pretrained.WEIGHTS` or a path) and an optional
         RPN file. ``preset`` (see :mod:`regionclip.presets`) picks one of the original's scenarios; without one the
         checkpoint kind picks it (docs/DESIGN.md#settings). Keyword ``postprocess_overrides`` (e.g.
-        ``score_thresh=0.1``) replace single fields."""
+        ``score_thresh=0.1``) replace single fields. ``fuse``: fold the frozen BatchNorms and the attention pool's
+        K/V projections for inference (docs/DESIGN.md#cpu-speed; exact up to float rounding; the loaded model then
+        cannot be trained or saved)."""
         return cls.load(LoadOptions.create(weights, rpn_weights, preset=preset, device=str(device), strict=strict,
                                            regions=regions, postprocess=postprocess_overrides, rpn=rpn_overrides,
-                                           transformer=transformer_options))
+                                           transformer=transformer_options, fuse=fuse))
 
     @classmethod
     def load(cls, options: LoadOptions) -> "RegionCLIP":
@@ -99,6 +103,8 @@ class RegionCLIP:
                                     transformer_options=dict(options.transformer) or None)
         loaded.weights = wpath
         loaded.report.source = loaded.report.source.replace("<state dict>", str(wpath))
+        if options.fuse and isinstance(det, RegionCLIPDetector):
+            det.backbone.fuse_for_inference()
         input_cfg = loaded.config.input if loaded.config is not None else InputConfig()
         return cls(det, loaded, settings, options, input_cfg)
 
@@ -114,6 +120,8 @@ class RegionCLIP:
             vocab = self.settings.vocabulary
             class_embeddings = self._default_embedding_file()
         names, ids = resolve_names(vocab) if vocab is not None else (None, None)
+        if names is None and class_embeddings is not None and not isinstance(class_embeddings, Tensor):
+            names, ids = class_names_of(class_embeddings)  # `regionclip convert` records them
         if class_embeddings is not None:
             src = "class embeddings" if isinstance(class_embeddings, Tensor) else str(class_embeddings)
             emb = class_embeddings if isinstance(class_embeddings, Tensor) else \
@@ -151,8 +159,9 @@ class RegionCLIP:
         key = hashlib.sha256(f"zeroshot-branch|{opts}".encode()).hexdigest()[:16]
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         cache_file = root / f"{checkpoint_fingerprint(self.weights_path)[:24]}_{key}.safetensors"
-        return cached_name_embeddings(list(names), cache_file,
-                                      lambda missing: zeroshot_class_embeddings(text, missing)).to(device)
+        return cached_name_embeddings(list(names), cache_file, lambda missing: zeroshot_class_embeddings(text, missing),
+                                      source=f"the text tower of {self.weights_path}",
+                                      show_progress=show_progress).to(device)
 
     def _default_embedding_file(self) -> Optional[str]:
         """The preset's released embedding file when the user has it locally (else names are embedded)."""

@@ -92,6 +92,7 @@ class LoadOptions:
     device: str = "cpu"
     strict: bool = True
     regions: Optional[str] = None  # "rpn" or "gt"; None: the preset's, else "rpn" when the model has an RPN
+    fuse: bool = True  # fold frozen BNs / the attnpool K,V projections at load time (inference only; exact)
     postprocess: tuple[tuple[str, Any], ...] = ()
     rpn: tuple[tuple[str, Any], ...] = ()
     transformer: tuple[tuple[str, Any], ...] = ()

@@ -1,10 +1,16 @@
 """Reading and writing weight files, and strict loading with a report.
 
 Everything goes through ``torch.load(..., weights_only=True)`` or safetensors; nothing executes pickled code.
+Safetensors files may carry string metadata (:func:`read_metadata`; written by ``regionclip convert``), and any
+file can be hashed (:func:`file_sha256`, streamed, cached) and checked against a ``<file>.sha256`` sidecar.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -12,7 +18,12 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..utils import atomic_path, write_json_atomic
+
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
+HASH_CHUNK = 1 << 20  # 1 MiB reads: constant memory for any file size
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(ValueError):
@@ -60,18 +71,116 @@ def save_file_atomic(obj: Any, path: PathLike, metadata: Optional[dict[str, str]
     """Write with ``torch.save`` (or safetensors for ``.safetensors``) to a temp file, then rename: a killed
     process never leaves a half-written file under the final name. ``metadata``: safetensors header strings
     (stored in the same atomic file, so they can never disagree with the tensors)."""
-    from ..utils import atomic_path
-
     if metadata is not None and Path(path).suffix != ".safetensors":
         raise ValueError(f"metadata is only stored in .safetensors files, not {Path(path).suffix}")
     with atomic_path(path) as tmp:
         if Path(path).suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp), metadata=metadata)
+            save_file(_untied(obj), str(tmp), metadata=metadata)
         else:
             torch.save(obj, str(tmp))
     return Path(path)
+
+
+def _untied(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors, each with its own storage: safetensors refuses tensors that share memory (tied weights,
+    views of one buffer), which ``torch.load`` reproduces when a checkpoint was saved that way. Copies are made
+    only for the second and later users of a storage."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen:
+            v = v.clone()
+        elif ptr != -1:
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file's header (``{}`` when it has none). Reads only the header,
+    not the tensors. Other formats have no metadata: ``{}`` for them too, so callers need no suffix check."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # truncated / not a safetensors file
+        raise CheckpointError(f"could not read the safetensors header of {path} ({type(e).__name__}: {e}); the file "
+                              "is truncated or not a safetensors file - re-download or re-convert it") from e
+
+
+def _hash_cache_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.sha256-cache.json")
+
+
+def file_sha256(path: PathLike, *, use_cache: bool = True) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (constant memory).
+
+    With ``use_cache`` the digest is remembered in a hidden ``.<name>.sha256-cache.json`` next to the file, keyed by
+    (resolved path, size, mtime_ns), so a 700 MB checkpoint is hashed once, not on every load. Any change of size or
+    modification time re-hashes. A folder that is not writable just means no cache (logged, never an error).
+    """
+    path = Path(path)
+    st = path.stat()
+    key = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = _hash_cache_path(path)
+    if use_cache and cache.exists():
+        try:
+            entry = json.loads(cache.read_text(encoding="utf-8"))
+            if {k: entry.get(k) for k in key} == key and _SHA256_RE.match(str(entry.get("sha256", ""))):
+                return str(entry["sha256"])
+        except (OSError, ValueError):
+            pass  # unreadable cache: hash again and rewrite it
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if use_cache:
+        try:
+            write_json_atomic({**key, "sha256": digest}, cache)
+        except OSError as e:  # read-only weights folder: correct, only slower next time
+            logger.debug("could not cache the sha256 of %s in %s: %s", path, cache, e)
+    return digest
+
+
+def sha256_sidecar(path: PathLike) -> Path:
+    """``<file>.sha256``: the expected hash of ``<file>`` in ``sha256sum`` format (``<hex>  <name>``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_sha256_sidecar(path: PathLike, digest: Optional[str] = None) -> Path:
+    """Record ``path``'s sha256 (computed when not given) in ``<file>.sha256``, atomically. ``sha256sum -c``
+    checks it, and :func:`regionclip.pretrained.resolve_weights` verifies it on every load."""
+    path = Path(path)
+    digest = digest or file_sha256(path)
+    out = sha256_sidecar(path)
+    with atomic_path(out) as tmp:
+        tmp.write_text(f"{digest}  {path.name}\n", encoding="utf-8")
+    return out
+
+
+def read_sha256_sidecar(path: PathLike) -> Optional[str]:
+    """The expected sha256 recorded in ``<file>.sha256`` (``sha256sum`` format or a bare hex digest), or None."""
+    side = sha256_sidecar(path)
+    if not side.exists():
+        return None
+    words = side.read_text(encoding="utf-8").split()
+    digest = words[0].lower() if words else ""
+    if not _SHA256_RE.match(digest):
+        raise CheckpointError(f"{side} does not hold a sha256 hex digest (expected '<64 hex chars>  "
+                              f"{Path(path).name}'); fix or delete it")
+    return digest
 
 
 @dataclass

@@ -129,10 +129,11 @@ class DetectionTask(nn.Module):
                                iou_threshold=roi.iou_threshold, append_gt=roi.append_gt or det.rpn is None,
                                generator=generator)
                    for p, s in zip(proposals, batch)]
-        res4 = det.compute_res4(images)
-        need_res5 = det.mask_head is not None
-        out = det.encode_regions(res4, [r.boxes for r in sampled], return_res5=need_res5)
-        emb, res5 = out if need_res5 else (out, None)
+        res4 = det.compute_features(images)
+        boxes_list = [r.boxes for r in sampled]
+        # one chunk: training keeps every activation for backward anyway, so chunking would only add calls
+        emb, res5 = det.encode_regions(res4, boxes_list, chunk_size=max(1, sum(len(b) for b in boxes_list)),
+                                       return_res5=det.mask_head is not None)
         labels = torch.cat([r.labels for r in sampled])
         logits = text_classifier_logits(emb.float(), self.train_embeddings, det.temperature)
         losses = {"loss_cls": classification_loss(logits, labels, focal_gamma=roi.focal_gamma,
@@ -145,6 +146,7 @@ class DetectionTask(nn.Module):
                                                                                roi.box_reg_weights)
         if det.mask_head is not None:
             fg = labels < k
+            assert res5 is not None
             mask_logits = det.mask_head(res5[fg])
             targets = []
             for r, s in zip(sampled, batch):

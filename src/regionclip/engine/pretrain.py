@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..checkpoint.io import load_into, load_state_dict
 from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
-from ..config import ClipResNetConfig, ClipTextConfig, InputConfig, RPNConfig, from_dict, read_yaml_mapping, to_dict
+from ..config import ClipResNetConfig, ClipTextConfig, RPNConfig, from_dict, read_yaml_mapping, to_dict
 from ..data.captions import CaptionDataset, ConcatCaptions, open_caption_source
 from ..data.train_data import GroupedBatchSampler, TrainingSampler
 from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
@@ -132,9 +132,8 @@ def _towers_from_file(path: str, allow_jit: bool) -> tuple[nn.Module, Optional[n
 
 def _detector(backbone: nn.Module, rpn: Optional[nn.Module]) -> Any:
 
-    # the pooler must be 2x the attnpool grid (14 RN50, 18 RN50x4); chunking only matters at inference
-    return RegionCLIPDetector(backbone, rpn, input_cfg=InputConfig(),
-                              pooler_resolution=2 * backbone.attnpool.spacial_dim, region_chunk_size=0)
+    # the pooler must be 2x the attnpool grid (14 RN50, 18 RN50x4)
+    return RegionCLIPDetector(backbone, rpn, pooler_resolution=2 * backbone.attnpool.spacial_dim)
 
 
 def _build_rpn(m: PretrainModelSection) -> nn.Module:

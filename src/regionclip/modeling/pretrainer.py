@@ -167,11 +167,15 @@ class RegionTextPretrainer(nn.Module):
         regions = [sample_regions(p.boxes, cfg.num_regions, generator) for p in proposals]
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
 
-        res4 = student.compute_res4(images)
-        global_emb = student.encode_regions(res4, [b.to(dev) for b in whole_image_boxes(sizes, cfg.global_box)])
-        region_emb = student.encode_regions(res4, regions)
+        res4 = student.compute_features(images)
+        whole = [b.to(dev) for b in whole_image_boxes(sizes, cfg.global_box)]
+        # one chunk each: training keeps every activation for backward anyway
+        global_emb, _ = student.encode_regions(res4, whole, chunk_size=max(1, len(whole)))
+        n_regions = max(1, sum(len(r) for r in regions))
+        region_emb, _ = student.encode_regions(res4, regions, chunk_size=n_regions)
         with torch.no_grad():
-            teacher_emb = self.teacher.encode_regions(self.teacher.compute_res4(images), regions)
+            teacher_emb, _ = self.teacher.encode_regions(self.teacher.compute_features(images), regions,
+                                                         chunk_size=n_regions)
             labels = teacher_pseudo_labels(teacher_emb, self.teacher_concept_embeddings, cfg.teacher_temperature,
                                            cfg.concept_threshold)
             text_emb = self.encode_captions(tokens)

@@ -41,8 +41,13 @@ class FaissOptions:
 
 
 def _faiss() -> Any:
+    import logging
+
     from ..utils import require
 
+    # faiss's loader logs at INFO that it tried a per-ISA module first; the dynamic-dispatch build it then loads
+    # has the AVX2 kernels, so that message is only noise in the CLI output
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     return require("faiss", "search", "the faiss search back-end (or use --backend exact)")
 
 

@@ -233,6 +233,14 @@ class RegionIndex:
         return [s for s in shards if s.name not in done]
 
     # ------------------------------------------------------------------ search
+    def load(self) -> "RegionIndex":
+        """Load every segment now (faiss files are read into memory, vectors memory-mapped) instead of on the first
+        search; returns self."""
+        for seg in self._load():
+            if self.backend == "faiss":
+                seg.vectors.faiss_index  # noqa: B018 - the property reads the file
+        return self
+
     def _load(self) -> list[_Segment]:
         if self._segments is None:
             segs = []
