@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
 
 from ..api import RegionCLIP
 from ..demo import build_demo, launch_demo
-from ..presets import PRESETS, get_preset
+from ..presets import PRESETS, LoadOptions
+from ..search import RegionIndex
 from ..utils import require
 
 
@@ -30,27 +30,27 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "$REGIONCLIP_CACHE/text_embeddings)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this are refused")
     p.add_argument("--non-strict", action="store_true", help="load checkpoints with missing/unexpected keys")
+    p.add_argument("--index", type=Path, help="a region index (regionclip index) for the Search tab")
+    p.add_argument("--image-root", type=Path, help="folder the indexed image paths are relative to (Search tab)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-
     # fail before the (slow) model load when the extra is missing
     require("gradio", "demo", "the web demo")
-    preset = get_preset(args.preset) if args.preset else None
-    weights = args.weights or (preset.weights if preset else "regionclip_pretrained-cc_rn50")
-    # same resolution as `regionclip detect`: the preset's RPN file only goes with the preset's own weights
-    rpn: Optional[str] = args.rpn_weights or (
-        preset.rpn_weights if preset and preset.regions == "rpn" and not args.weights else None)
-    print(f"loading {weights}" + (f" + RPN {rpn}" if rpn else "") + " ...", flush=True)
-    model = RegionCLIP.from_pretrained(weights, rpn, preset=args.preset, device=args.device,
-                                       strict=not args.non_strict)
-    if model.loaded is not None:
-        print(model.loaded.report.summary(max_items=4))
+    index = RegionIndex.open(args.index) if args.index else None  # a bad index fails before the model loads
+    options = LoadOptions.create(args.weights, args.rpn_weights, preset=args.preset, device=args.device,
+                                 strict=not args.non_strict)
+    print(f"loading {options.weights_name()}" + (f" + RPN {options.rpn_weights_name()}"
+                                                 if options.rpn_weights_name() else "") + " ...", flush=True)
+    model = RegionCLIP.load(options)
+    print(model.loaded.report.summary(max_items=4))
+    print(model.settings.describe())
     if model.detector.rpn is None:
         print("no RPN loaded: the demo classifies boxes drawn or typed by the user (--rpn-weights for proposals)")
-    demo = build_demo(model, cache_dir=args.cache_dir, max_queue=args.max_queue)
+    demo = build_demo(model, cache_dir=args.cache_dir, max_queue=args.max_queue, search_index=index,
+                      image_root=args.image_root)
     print(f"open http://{'localhost' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{args.port} "
           "(Ctrl+C to stop)", flush=True)
     try:

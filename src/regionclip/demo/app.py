@@ -35,6 +35,8 @@ from torch import Tensor
 from ..api import RegionCLIP
 from ..assets import demo_image_paths
 from ..formats import BadBoxesError, detections_to_coco
+from ..search import RegionIndex
+from ..search.demo_tab import build_search_tab
 from ..structures import Detections
 from ..utils import require, write_json_atomic
 from ..visualize import draw_detections
@@ -332,11 +334,13 @@ def _gradio() -> Any:
 
 
 def build_demo(model: RegionCLIP, embed_fn: Optional[EmbedFn] = None, *, title: str = "RegionCLIP demo",
-               max_queue: int = 64, backend: Optional[DemoBackend] = None, **backend_kwargs: Any) -> Any:
+               max_queue: int = 64, backend: Optional[DemoBackend] = None, search_index: Optional[RegionIndex] = None,
+               image_root: Optional[Path] = None, **backend_kwargs: Any) -> Any:
     """A ``gr.Blocks`` app around an already loaded model (queue configured; call :func:`launch_demo`).
 
     ``embed_fn`` (names -> [K, D]) replaces the text encoder, e.g. random embeddings in tests. The backend is
-    reachable as ``demo.regionclip_backend``; the detect endpoint is ``api_name="detect"``.
+    reachable as ``demo.regionclip_backend``; the detect endpoint is ``api_name="detect"``. ``search_index``: a
+    :class:`regionclip.search.RegionIndex` adds a "Search" tab (text queries over the indexed regions).
     """
     gr = _gradio()
     be = backend or DemoBackend(model, embed_fn, **backend_kwargs)
@@ -361,6 +365,22 @@ def build_demo(model: RegionCLIP, embed_fn: Optional[EmbedFn] = None, *, title: 
 
     examples = [str(p) for p in demo_image_paths()]
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        if search_index is None:
+            _detect_tab(gr, be, examples, title, on_detect)
+        else:
+            with gr.Tab("Detect"):
+                _detect_tab(gr, be, examples, title, on_detect)
+            with gr.Tab("Search"):
+                build_search_tab(search_index, lambda names: be.model.embed_names(names), image_root=image_root)
+    # one model call at a time; further requests wait in the queue (up to max_queue) instead of failing
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
+    demo.regionclip_backend = be
+    return demo
+
+
+def _detect_tab(gr: Any, be: DemoBackend, examples: list[str], title: str, on_detect: Callable[..., Any]) -> None:
+    """The detection UI (upload, vocabulary, regions, results) in the current gradio context."""
+    if True:  # keeps the layout code at the indentation it had inside gr.Blocks
         gr.Markdown(f"# {title}\nOpen-vocabulary detection with region-level CLIP features. Upload an image or "
                     "pick an example, type the classes to look for, and press **Detect**. To classify your own "
                     "regions, choose *My boxes* and draw around objects with the brush or type boxes.")
@@ -393,10 +413,6 @@ def build_demo(model: RegionCLIP, embed_fn: Optional[EmbedFn] = None, *, title: 
                 json_file = gr.File(label="Results JSON", interactive=False, elem_id="rc-json")
         run_btn.click(on_detect, [editor, vocab_choice, vocab_text, region_source, typed_boxes, score, max_boxes],
                       [annotated, table, json_file, status], api_name="detect")
-    # one model call at a time; further requests wait in the queue (up to max_queue) instead of failing
-    demo.queue(default_concurrency_limit=1, max_size=max_queue)
-    demo.regionclip_backend = be
-    return demo
 
 
 def launch_demo(demo: Any, *, host: str = "127.0.0.1", port: Optional[int] = 7860, block: bool = True,
