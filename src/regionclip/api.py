@@ -166,10 +166,10 @@ class RegionCLIP:
     def _default_embedding_file(self) -> Optional[str]:
         """The preset's released embedding file when the user has it locally (else names are embedded)."""
         s = self.settings
-        if not s.concept_emb or self.options.weights is not None or self.options.preset is None:
+        if not s.class_embeddings_file or self.options.weights is not None or self.options.preset is None:
             return None
         try:
-            return str(resolve_weights(s.concept_emb, download=False))
+            return str(resolve_weights(s.class_embeddings_file, download=False))
         except WeightsNotFound:
             return None
 

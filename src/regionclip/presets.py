@@ -22,7 +22,7 @@ class Preset:
     rpn_overrides: dict[str, Any] = field(default_factory=dict)  # RPNConfig fields (e.g. nms_thresh)
     weights: str = "regionclip_pretrained-cc_rn50"
     rpn_weights: Optional[str] = None
-    concept_emb: Optional[str] = None  # released embedding file matching the vocabulary
+    class_embeddings_file: Optional[str] = None  # released embedding file matching the vocabulary
     reported: str = ""  # what the paper / model zoo reports for this scenario
 
 
@@ -31,34 +31,34 @@ ZS_RPN = {"nms_thresh": 0.9, "post_nms_topk": 1000}  # OFFLINE_RPN_NMS_THRESH 0.
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("coco-gt", "COCO zero-shot with ground-truth boxes (README, paper Table 4)", "gt", "coco65",
            PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100),
-           concept_emb="coco_65_cls_emb"),
+           class_embeddings_file="coco_65_cls_emb"),
     Preset("coco-rpn", "COCO zero-shot with LVIS-866 RPN proposals", "rpn", "coco65",
            PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100, rpn_score="raw"),
-           rpn_overrides=ZS_RPN, rpn_weights="rpn_lvis_866", concept_emb="coco_65_cls_emb"),
+           rpn_overrides=ZS_RPN, rpn_weights="rpn_lvis_866", class_embeddings_file="coco_65_cls_emb"),
     Preset("lvis-gt", "LVIS zero-shot with ground-truth boxes (≤500 per image)", "gt", "lvis1203",
            PostprocessConfig(score_thresh=0.0001, nms_thresh=0.5, detections_per_image=300),
-           concept_emb="lvis_1203_cls_emb"),
+           class_embeddings_file="lvis_1203_cls_emb"),
     Preset("lvis-rpn", "LVIS zero-shot with LVIS-866 RPN proposals", "rpn", "lvis1203",
            PostprocessConfig(score_thresh=0.02, nms_thresh=0.5, detections_per_image=300, rpn_score="raw"),
-           rpn_overrides=ZS_RPN, rpn_weights="rpn_lvis_866", concept_emb="lvis_1203_cls_emb"),
+           rpn_overrides=ZS_RPN, rpn_weights="rpn_lvis_866", class_embeddings_file="lvis_1203_cls_emb"),
     Preset("custom", "README demo on your own images: RN50x4, LVIS-1203 names, NMS 0.3, reported scores = class "
            "probabilities (MODEL.CLIP.VIS True)", "rpn", "lvis1203",
            PostprocessConfig(score_thresh=0.02, nms_thresh=0.3, detections_per_image=300, rpn_score="raw",
                              report_unmultiplied_scores=True),
-           rpn_overrides=ZS_RPN, weights="regionclip_pretrained-cc_rn50x4", concept_emb="lvis_1203_cls_emb_rn50x4"),
+           rpn_overrides=ZS_RPN, weights="regionclip_pretrained-cc_rn50x4", class_embeddings_file="lvis_1203_cls_emb_rn50x4"),
     Preset("coco-ovd", "Open-vocabulary COCO with the fine-tuned detector (48 base -> 65), soft-NMS, box regression",
            "rpn", "coco65",
            PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100, soft_nms="gaussian",
                              apply_box_deltas=True),
            rpn_overrides={"nms_thresh": 0.7, "post_nms_topk": 1000}, weights="regionclip_finetuned-coco_rn50",
-           rpn_weights="rpn_coco_48", concept_emb="coco_65_cls_emb",
+           rpn_weights="rpn_coco_48", class_embeddings_file="coco_65_cls_emb",
            reported="RN50: AP50 novel 31.4 / all 50.4 (MODEL_ZOO)"),
     Preset("lvis-ovd", "Open-vocabulary LVIS with the fine-tuned detector (866 base -> 1203), soft-NMS, box "
            "regression, RPN score multiplication, class-agnostic masks", "rpn", "lvis1203",
            PostprocessConfig(score_thresh=0.02, nms_thresh=0.5, detections_per_image=300, soft_nms="gaussian",
                              apply_box_deltas=True, rpn_score="raw"),
            rpn_overrides={"nms_thresh": 0.7, "post_nms_topk": 1000}, weights="regionclip_finetuned-lvis_rn50x4",
-           rpn_weights="rpn_lvis_866_lsj", concept_emb="lvis_1203_cls_emb_rn50x4",
+           rpn_weights="rpn_lvis_866_lsj", class_embeddings_file="lvis_1203_cls_emb_rn50x4",
            reported="RN50x4: box APr 22.0 / AP 32.3 (MODEL_ZOO)"),
 ]}
 
@@ -145,7 +145,7 @@ class Settings:
     vocabulary: str  # default vocabulary (built-in name)
     postprocess: PostprocessConfig
     rpn: tuple[tuple[str, Any], ...]  # RPNConfig fields applied when building the RPN
-    concept_emb: Optional[str] = None  # released embedding file of the default vocabulary
+    class_embeddings_file: Optional[str] = None  # released embedding file of the default vocabulary
 
     def describe(self) -> str:
         """One line for logs / the CLI: where the settings came from and what they are."""
@@ -172,4 +172,4 @@ def resolve_settings(kind: str, options: LoadOptions) -> Settings:
     if regions == "gt" and post.rpn_score != "none":
         post = replace(post, rpn_score="none")  # given boxes have no objectness (the original can't do it either)
     return Settings(kind=kind, preset=name, regions=regions, vocabulary=p.vocabulary if p else "lvis1203",
-                    postprocess=post, rpn=tuple(sorted(rpn.items())), concept_emb=p.concept_emb if p else None)
+                    postprocess=post, rpn=tuple(sorted(rpn.items())), class_embeddings_file=p.class_embeddings_file if p else None)

@@ -182,7 +182,7 @@ def resolve_weights(name_or_path: Union[str, os.PathLike], *, download: bool = T
         try:
             from huggingface_hub import hf_hub_download
 
-            got = Path(hf_hub_download(spec.hf_repo, spec.hf_filename, repo_type="space",
+            got = Path(hf_hub_download(spec.hf_repo, spec.hf_filename or spec.filename, repo_type="space",
                                        cache_dir=str(weights_home() / "hf")))
             return verify_file(got, spec, strict_hash=strict_hash)
         except ImportError:

@@ -45,7 +45,7 @@ FORMATS = ("regionclip", "rpn", "class-embeddings", "openai-clip", "transformer"
 PREFIX = "regionclip."
 
 # (layers, width, embed_dim) of the OpenAI CLIP ResNets -> their names
-_CLIP_RESNETS = {
+_CLIP_RESNETS: dict[tuple[tuple[int, ...], int, int], str] = {
     ((3, 4, 6, 3), 64, 1024): "RN50",
     ((4, 6, 10, 6), 80, 640): "RN50x4",
     ((3, 4, 23, 3), 64, 512): "RN101",

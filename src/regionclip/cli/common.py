@@ -27,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
                    help=f"scenario of the original (default {default_preset}; without one, the checkpoint kind picks "
                         "it); see README")
     g.add_argument("--vocab", help="class names: 'car,traffic cone', a text file (one per line), or coco65/lvis1203/...")
-    g.add_argument("--concept-emb", help="class-embedding file [K, D] (e.g. lvis_1203_cls_emb.pth); row i = name i")
+    g.add_argument("--concept-emb", "--class-embeddings", dest="concept_emb", help="class-embedding file [K, D] (e.g. lvis_1203_cls_emb.pth); row i = name i")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--vit-act", choices=["quick_gelu", "gelu"],
                    help="transformer checkpoints: MLP activation of a CLIP ViT (OpenAI: quick_gelu, most open_clip "

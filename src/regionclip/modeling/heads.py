@@ -6,23 +6,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def text_classifier_logits(region_emb: Tensor, class_emb: Tensor, temperature: float = 0.01) -> Tensor:
+def text_classifier_logits(region_emb: Tensor, class_embeddings: Tensor, temperature: float = 0.01) -> Tensor:
     """RegionCLIP's classifier (docs/DESIGN.md#classifier): ``[cos(x, t_1..t_K), 0] / T``.
 
     Args:
         region_emb: [R, D] raw attnpool embeddings (normalized here).
-        class_emb: [K, D] text embeddings, any norm (rows are normalized here, so stored norms never matter).
+        class_embeddings: [K, D] text embeddings, any norm (rows are normalized here, so stored norms never matter).
         temperature: 0.01 in every released config (``MODEL.CLIP.CLSS_TEMP``).
 
     Returns [R, K+1] logits, background last. The background "embedding" of the original is a frozen zero
     vector, so its logit is exactly 0 — nothing about background is learned.
     """
-    if region_emb.shape[-1] != class_emb.shape[-1]:
+    if region_emb.shape[-1] != class_embeddings.shape[-1]:
         raise ValueError(f"region embeddings are {region_emb.shape[-1]}-d but class embeddings are "
-                         f"{class_emb.shape[-1]}-d: the concept-embedding file was made with another CLIP model "
+                         f"{class_embeddings.shape[-1]}-d: the concept-embedding file was made with another CLIP model "
                          "(1024-d = RN50, 640-d = RN50x4)")
     x = F.normalize(region_emb, p=2.0, dim=1)
-    w = F.normalize(class_emb.to(x.dtype), p=2.0, dim=1)
+    w = F.normalize(class_embeddings.to(x.dtype), p=2.0, dim=1)
     cls = x @ w.t()
     bg = torch.zeros(cls.shape[0], 1, dtype=cls.dtype, device=cls.device)
     return torch.cat([cls, bg], dim=1) / temperature
