@@ -79,7 +79,7 @@ class RegionCLIP:
                         preset: Optional[str] = None, device: Union[str, torch.device] = "cpu", strict: bool = True,
                         regions: Optional[str] = None, rpn_overrides: Optional[dict[str, Any]] = None,
                         transformer_options: Optional[dict[str, Any]] = None, fuse: bool = True,
-                        **postprocess_overrides: Any) -> "RegionCLIP":
+                        strict_hash: bool = False, **postprocess_overrides: Any) -> "RegionCLIP":
         """Load a RegionCLIP checkpoint (a name from :data:`regionclip.pretrained.WEIGHTS` or a path) and an optional
         RPN file. ``preset`` (see :mod:`regionclip.presets`) picks one of the original's scenarios; without one the
         checkpoint kind picks it (docs/DESIGN.md#settings). Keyword ``postprocess_overrides`` (e.g.
@@ -88,16 +88,17 @@ class RegionCLIP:
         cannot be trained or saved)."""
         return cls.load(LoadOptions.create(weights, rpn_weights, preset=preset, device=str(device), strict=strict,
                                            regions=regions, postprocess=postprocess_overrides, rpn=rpn_overrides,
-                                           transformer=transformer_options, fuse=fuse))
+                                           transformer=transformer_options, fuse=fuse, strict_hash=strict_hash))
 
     @classmethod
     def load(cls, options: LoadOptions) -> "RegionCLIP":
         """The one loading path: resolve the files, read the checkpoint kind, resolve the settings once, build."""
-        wpath = resolve_weights(options.weights_name())
+        wpath = resolve_weights(options.weights_name(), strict_hash=options.strict_hash)
         sd = read_checkpoint(wpath)
         settings = resolve_settings(checkpoint_kind(sd), options)
         rpn_name = options.rpn_weights_name()
-        rpath = resolve_weights(rpn_name) if rpn_name is not None and settings.regions == "rpn" else None
+        rpath = resolve_weights(rpn_name, strict_hash=options.strict_hash) \
+            if rpn_name is not None and settings.regions == "rpn" else None
         det, loaded = load_detector(sd, rpath, rpn_overrides=dict(settings.rpn), use_rpn=settings.regions == "rpn",
                                     strict=options.strict, device=options.device,
                                     transformer_options=dict(options.transformer) or None)

@@ -68,10 +68,11 @@ def _dataclass_in(tp: Any) -> Optional[type]:
 
     if tp is None:
         return None
-    if dataclasses.is_dataclass(tp):
+    # resolved annotations are classes, never dataclass instances: the isinstance check only narrows the type
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp
     for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
+        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
             return arg
     return None
 

@@ -91,6 +91,7 @@ class LoadOptions:
     preset: Optional[str] = None
     device: str = "cpu"
     strict: bool = True
+    strict_hash: bool = False  # a weight file whose sha256 differs from the expected one: error instead of warning
     regions: Optional[str] = None  # "rpn" or "gt"; None: the preset's, else "rpn" when the model has an RPN
     fuse: bool = True  # fold frozen BNs / the attnpool K,V projections at load time (inference only; exact)
     postprocess: tuple[tuple[str, Any], ...] = ()
@@ -166,7 +167,7 @@ def resolve_settings(kind: str, options: LoadOptions) -> Settings:
     p = given or (get_preset(name) if name else None)
     post = p.postprocess if p else TRANSFORMER_DEFAULT
     post = replace(post, **dict(options.postprocess))
-    regions = options.regions or (p.regions if given is not None else "rpn")
+    regions = options.regions or (given.regions if given is not None else "rpn")  # p is given when given
     rpn = dict(p.rpn_overrides) if p else {}
     rpn.update(dict(options.rpn))
     if regions == "gt" and post.rpn_score != "none":

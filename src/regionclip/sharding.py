@@ -50,9 +50,10 @@ def shard_items(items: Sequence[T], rank: int, world_size: int, cost: Optional[C
     computes the same split from the same list."""
     if world_size <= 1:
         return list(items)
-    cost = cost or item_cost  # type: ignore[assignment]
-    key = key or (lambda it: str(getattr(it, "key", it)))
-    order = sorted(range(len(items)), key=lambda i: (-cost(items[i]), key(items[i])))
+    # the default cost reads InferenceItem fields (boxes, file_name), hence Callable[[Any], float]
+    cost_of: Callable[[Any], float] = cost if cost is not None else item_cost
+    key_of: Callable[[T], str] = key if key is not None else (lambda it: str(getattr(it, "key", it)))
+    order = sorted(range(len(items)), key=lambda i: (-cost_of(items[i]), key_of(items[i])))
     loads = [(0.0, r) for r in range(world_size)]
     heapq.heapify(loads)
     mine = []
@@ -60,7 +61,7 @@ def shard_items(items: Sequence[T], rank: int, world_size: int, cost: Optional[C
         load, r = heapq.heappop(loads)
         if r == rank:
             mine.append(i)
-        heapq.heappush(loads, (load + cost(items[i]), r))
+        heapq.heappush(loads, (load + cost_of(items[i]), r))
     return [items[i] for i in sorted(mine)]
 
 

@@ -50,7 +50,7 @@ def class_color(key: int) -> Color:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> Union[ImageFont.ImageFont, ImageFont.FreeTypeFont]:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
@@ -145,7 +145,7 @@ def tile(images: Sequence[Image.Image], columns: int, *, titles: Optional[Sequen
     cw = cell_width or max(im.size[0] for im in images)
     scaled = [im.convert("RGB").resize((cw, max(1, round(im.size[1] * cw / im.size[0])))) for im in images]
     font = _font(max(14, cw // 40))
-    title_h = (font.getbbox("Ag")[3] + 2 * gap) if titles else 0
+    title_h = (int(font.getbbox("Ag")[3]) + 2 * gap) if titles else 0  # FreeType bboxes are typed float
     rows = [scaled[i:i + columns] for i in range(0, len(scaled), columns)]
     row_h = [max(im.size[1] for im in row) + title_h for row in rows]
     canvas = Image.new("RGB", (columns * cw + (columns + 1) * gap, sum(row_h) + (len(rows) + 1) * gap), "white")
@@ -168,6 +168,16 @@ def _group(results: Sequence[dict]) -> dict[Any, list[dict]]:
     return by_image
 
 
+def _load_source(src: object, k: int) -> tuple[str, str, list[dict]]:
+    """(label for error messages, panel title, predictions) of the ``k``-th results source: a results JSON path or
+    an in-memory list of prediction dicts."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(src), Path(src).stem, load_results(src)
+    if isinstance(src, (list, tuple)):
+        return f"results {k}", f"results {k}", list(src)
+    raise TypeError(f"results {k}: expected a results JSON path or a list of prediction dicts, got {type(src).__name__}")
+
+
 def render_results(results: Union[PathLike, Sequence[dict], Sequence[Union[PathLike, Sequence[dict]]]],
                    images: Sequence[tuple[Any, PathLike]], names: Mapping[int, str], output_dir: PathLike, *,
                    conf_threshold: float = 0.5, show_unique_boxes: bool = False, max_boxes: int = 30,
@@ -186,24 +196,24 @@ def render_results(results: Union[PathLike, Sequence[dict], Sequence[Union[PathL
         titles: panel titles for side-by-side mode (default: file stems / "results i").
         max_side: longest side of each drawn panel (larger images are drawn downscaled); None = full size.
     """
-    multi = isinstance(results, (list, tuple)) and bool(results) and not isinstance(results[0], dict)
-    sources = list(results) if multi else [results]
+    sources: Sequence[object] = [results]
+    if isinstance(results, (list, tuple)) and results and not isinstance(results[0], dict):
+        sources = results  # several sources, drawn side by side
+    loaded = [_load_source(src, k) for k, src in enumerate(sources)]
     known_ids = [i for i, _ in images]
     grouped = []
-    for k, src in enumerate(sources):
-        label = str(src) if not isinstance(src, (list, tuple)) else f"results {k}"
-        preds = load_results(src) if not isinstance(src, (list, tuple)) else list(src)
+    for label, _, preds in loaded:
         validate_results(preds, known_ids, names.keys(), source=label, allow_empty=True)
         grouped.append(_group(preds))
     if titles is None:
-        titles = [Path(s).stem if not isinstance(s, (list, tuple)) else f"results {k}" for k, s in enumerate(sources)]
+        titles = [title for _, title, _ in loaded]
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     rendered: list[Image.Image] = []
     for image_id, path in images:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
         panels = [draw_results(im, select_predictions(g.get(image_id, []), conf_threshold=conf_threshold,
                                                       show_unique_boxes=show_unique_boxes, max_boxes=max_boxes,
                                                       small_region_px=small_region_px), names,

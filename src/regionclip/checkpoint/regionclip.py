@@ -86,13 +86,15 @@ def infer_clip_resnet_config(backbone_sd: Mapping[str, Tensor], prefix: str = "b
         raise CheckpointError(f"not a CLIP ResNet state dict: missing {e.args[0]!r}. RegionCLIP detection needs a "
                               "RegionCLIP checkpoint (regionclip_pretrained-cc_rn50.pth, ...) or an OpenAI CLIP "
                               "RN50/RN50x4 file; RPN files go to --rpn-weights") from None
-    layers = []
-    for i in range(1, 5):
+
+    def stage_blocks(i: int) -> int:  # blocks of layer{i}: highest block index + 1 (0 when absent)
         pat = re.compile(re.escape(prefix) + rf"layer{i}\.(\d+)\.")
         idx = {int(m.group(1)) for k in backbone_sd for m in [pat.match(k)] if m}
-        layers.append(max(idx) + 1 if idx else 0)
+        return max(idx) + 1 if idx else 0
+
+    layers = (stage_blocks(1), stage_blocks(2), stage_blocks(3), stage_blocks(4))
     grid = int(round(math.sqrt(pos.shape[0] - 1)))
-    return ClipResNetConfig(layers=tuple(layers), width=width, embed_dim=embed_dim, heads=width * 32 // 64,
+    return ClipResNetConfig(layers=layers, width=width, embed_dim=embed_dim, heads=width * 32 // 64,
                             image_resolution=grid * 32)
 
 

@@ -16,6 +16,12 @@ from regionclip.config import RPNConfig
 __all__ = ["rpn_state_dict_from_checkpoint", "infer_rpn_config"]
 
 _PREFIXES = ("backbone.", "proposal_generator.")
+CLIP_TRUNK_RPN = (
+    "unsupported offline RPN: an FPN on a CLIP ResNet trunk (backbone.bottom_up.layer*, e.g. "
+    "rpn_lvis_1203_clipbackbone.pth). Its trunk (CLIP ModifiedResNet: 3-conv stem, anti-aliased avg-pool strides) and "
+    "its input (RGB, CLIP mean/std on 0-1 values) differ from the detectron2 R50 RPNs (BGR, Caffe mean, 0-255) that "
+    "regionclip builds, and no released RegionCLIP config uses it. Use rpn_lvis_866 (zero-shot), rpn_lvis_866_lsj "
+    "(LVIS fine-tuned) or rpn_coco_48 (COCO fine-tuned) instead; see docs/WEIGHTS.md")
 _OFFLINE_PREFIXES = ("offline_backbone.", "offline_proposal_generator.")
 
 
@@ -86,13 +92,15 @@ def infer_rpn_config(sd: Mapping[str, Any], **overrides: Any) -> RPNConfig:
     if unknown:
         raise ValueError(f"unknown RPNConfig field(s): {unknown}")
 
+    if any(k.startswith("backbone.bottom_up.layer1.") for k in sd):  # CLIP ModifiedResNet names, not d2's res2..
+        raise ValueError(CLIP_TRUNK_RPN)
     if any(k.startswith("backbone.fpn_lateral") for k in sd):
         arch, trunk = "fpn", "backbone.bottom_up."
     elif "backbone.stem.conv1.weight" in sd:
         arch, trunk = "c4", "backbone."
     elif any(k.startswith("backbone.bottom_up.") for k in sd):
         # e.g. rpn_lvis_1203_clipbackbone: FPN on a CLIP ResNet (different keys and preprocessing).
-        raise ValueError("unsupported offline RPN: FPN on a non-detectron2 trunk (CLIP-backbone RPN)")
+        raise ValueError(CLIP_TRUNK_RPN)
     else:
         raise ValueError("state dict holds no detectron2 RPN backbone (no backbone.fpn_lateral* / "
                          "backbone.stem.* keys)")

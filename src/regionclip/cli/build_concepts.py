@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from typing import Iterator
 
 from regionclip.data.captions import iter_captions
 from regionclip.text.concepts import DEFAULT_EXCLUDE, build_concept_pool, count_concepts, write_concepts
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     exclude = DEFAULT_EXCLUDE if args.exclude is None else (() if args.exclude == "none"
                                                              else read_names_file(args.exclude))
-    captions = itertools.chain.from_iterable(iter_captions(p) for p in args.captions)
+    captions: Iterator[str] = itertools.chain.from_iterable(iter_captions(p) for p in args.captions)
     if args.limit is not None:
         captions = itertools.islice(captions, args.limit)
     counts, backend = count_concepts(captions, args.parser, phrases=args.phrases, spacy_model=args.spacy_model)

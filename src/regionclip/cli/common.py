@@ -35,6 +35,9 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
     g.add_argument("--text-causal", choices=["yes", "no"],
                    help="zero-shot-branch checkpoints: causal text attention (default: the branch's per-backbone choice)")
     g.add_argument("--non-strict", action="store_true", help="load checkpoints with missing/unexpected keys (reported)")
+    g.add_argument("--strict-hash", action="store_true",
+                   help="refuse a weight file whose sha256 differs from the expected one (WEIGHTS table / <file>.sha256 "
+                        "sidecar) instead of warning")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     q = p.add_argument_group("post-processing (override the preset)")
     q.add_argument("--score-thresh", type=float)
@@ -76,7 +79,8 @@ def load_options(args: argparse.Namespace, *, regions: Optional[str] = None) -> 
     if getattr(args, "text_causal", None):
         topts["autoregressive"] = args.text_causal == "yes"
     return LoadOptions.create(args.weights, args.rpn_weights, preset=args.preset, device=args.device,
-                              strict=not args.non_strict, regions=regions, postprocess=postprocess_overrides(args),
+                              strict=not args.non_strict, strict_hash=getattr(args, "strict_hash", False),
+                              regions=regions, postprocess=postprocess_overrides(args),
                               transformer=topts)
 
 

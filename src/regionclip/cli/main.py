@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "regionclip.cli.demo",
     "regionclip.cli.index",
     "regionclip.cli.search",
+    "regionclip.cli.convert",
 ]
 
 

@@ -67,6 +67,14 @@ class ImageRecord:
     def path(self) -> Path:
         return Path(self.file_name)
 
+    @property
+    def int_box_flags(self) -> np.ndarray:
+        """[N] bool ``int_boxes``: always an array once constructed (``None`` becomes all False in __post_init__)."""
+        if self.int_boxes is None:
+            raise RuntimeError(f"image {self.image_id}: int_boxes was reset to None after construction; "
+                               "set it to an [N] bool array")
+        return self.int_boxes
+
     def region_boxes(self) -> tuple[np.ndarray, np.ndarray]:
         """GT-mode regions: ``(boxes [M, 4] XYXY float32, labels [M])`` without crowd boxes, clipped to the image,
         boxes of zero width or height removed (the original's test mapper, docs/DESIGN.md#regions)."""
@@ -90,7 +98,7 @@ class ImageRecord:
         keep = ~self.iscrowd
         sx, sy = resized_hw[1] / self.width, resized_hw[0] / self.height
         boxes = scale_boxes_like_d2(torch.from_numpy(self.boxes[keep].astype(np.float64)), sx, sy,
-                                    torch.from_numpy(self.int_boxes[keep])).double().numpy()
+                                    torch.from_numpy(self.int_box_flags[keep])).double().numpy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, resized_hw[1])
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, resized_hw[0])
         nonempty = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)  # d2 nonempty()

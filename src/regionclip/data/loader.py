@@ -85,7 +85,7 @@ def items_from_coco(json_file: PathLike, image_root: PathLike, *, with_boxes: bo
         boxes = cats = None
         if with_boxes:
             boxes, labels = rec.region_boxes()
-            if len(boxes) and bool(rec.int_boxes[~rec.iscrowd].all()):
+            if len(boxes) and bool(rec.int_box_flags[~rec.iscrowd].all()):
                 boxes = boxes.astype(np.int64)  # whole-number json boxes: truncated after scaling, as the original
             cats = np.asarray([ds.category_ids[i] for i in labels], np.int64)
         items.append(InferenceItem(key=str(rec.image_id), file_name=rec.file_name, image_id=rec.image_id,

@@ -142,7 +142,7 @@ def boxes_from_strokes(layers: Sequence[Any], width: int, height: int, *, grid: 
     gh, gw = -(-lh // step), -(-lw // step)
     padded = np.zeros((gh * step, gw * step), dtype=bool)
     padded[:lh, :lw] = mask_total
-    small = padded.reshape(gh, step, gw, step).any(axis=(1, 3))
+    small = np.asarray(padded.reshape(gh, step, gw, step).any(axis=(1, 3)))  # [gh, gw] (.any is typed bool | array)
     seen = np.zeros_like(small)
     sx, sy = width / lw, height / lh
     boxes = []
@@ -171,7 +171,7 @@ def boxes_from_strokes(layers: Sequence[Any], width: int, height: int, *, grid: 
 def _resize_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if mask.shape == shape:
         return mask
-    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.NEAREST)
     return np.asarray(im) > 0
 
 

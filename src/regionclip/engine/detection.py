@@ -82,6 +82,8 @@ class DetectionTask(nn.Module):
         export_extra: tensors copied into every exported checkpoint (e.g. ``lang_encoder.*``).
     """
 
+    train_embeddings: Tensor  # [K, D] non-persistent buffer registered in __init__, declared for typing
+
     def __init__(self, detector: RegionCLIPDetector, train_embeddings: Tensor, roi: RoIConfig = RoIConfig(), *,
                  test_embeddings: Optional[Tensor] = None, freeze_at: int = 2,
                  export_extra: Optional[dict[str, Tensor]] = None) -> None:

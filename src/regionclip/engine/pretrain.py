@@ -32,7 +32,7 @@ from ..modeling.clip_resnet import ModifiedResNet
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
 from ..modeling.rpn import build_offline_rpn
-from ..modeling.text_encoder import build_text_encoder
+from ..modeling.text_encoder import CLIPTextTransformer, build_text_encoder
 from ..pretrained import resolve_weights
 from ..text.embeddings import concept_embeddings, load_concept_embeddings
 from ..text.vocabulary import read_names_file
@@ -122,7 +122,7 @@ def load_pretrain_config(path: Optional[str | Path] = None, overrides: Sequence[
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _towers_from_file(path: str, allow_jit: bool) -> tuple[nn.Module, Optional[nn.Module]]:
+def _towers_from_file(path: str, allow_jit: bool) -> tuple[ModifiedResNet, Optional[CLIPTextTransformer]]:
 
     towers = load_clip_towers(resolve_weights(path), allow_jit=allow_jit)
     if towers.image is None:
@@ -130,7 +130,7 @@ def _towers_from_file(path: str, allow_jit: bool) -> tuple[nn.Module, Optional[n
     return towers.image, towers.text
 
 
-def _detector(backbone: nn.Module, rpn: Optional[nn.Module]) -> Any:
+def _detector(backbone: ModifiedResNet, rpn: Optional[nn.Module]) -> RegionCLIPDetector:
 
     # the pooler must be 2x the attnpool grid (14 RN50, 18 RN50x4)
     return RegionCLIPDetector(backbone, rpn, pooler_resolution=2 * backbone.attnpool.spacial_dim)
@@ -151,7 +151,7 @@ def _build_rpn(m: PretrainModelSection) -> nn.Module:
     return rpn
 
 
-def _concept_pools(cfg: PretrainConfig, text: nn.Module, teacher_text: Optional[nn.Module], dim: int,
+def _concept_pools(cfg: PretrainConfig, text: CLIPTextTransformer, teacher_text: Optional[CLIPTextTransformer], dim: int,
                    teacher_dim: int) -> tuple[Tensor, Optional[Tensor]]:
 
     c = cfg.concepts

@@ -55,7 +55,9 @@ def lr_factor(iteration: int, cfg: SolverConfig) -> float:
 def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
     """SGD over the trainable parameters; norm-layer parameters (if any were trainable) get ``weight_decay_norm``."""
     norm_types = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:

@@ -84,6 +84,8 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[dict[str, Any]]:
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()
+    if not isinstance(np_state, tuple):  # legacy=True gives a tuple unless the global generator is not MT19937
+        raise RuntimeError("numpy's global random generator is not MT19937; its state cannot be checkpointed")
     py_state = random.getstate()
     state = {"torch": torch.get_rng_state(),
              # numpy/python states as plain lists so the file loads with weights_only=True
@@ -115,7 +117,7 @@ class _MetricsWriter:
             return
         if self.path.exists():
             kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and _line_iteration(ln) is not None and _line_iteration(ln) <= start_iter]
+                    if ln.strip() and (it := _line_iteration(ln)) is not None and it <= start_iter]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
             tmp.replace(self.path)
@@ -258,7 +260,9 @@ class Trainer:
         for micro in range(s.grad_accum):
             batch = next(batches)
             sync = self.dist.distributed and micro < s.grad_accum - 1
-            ctx = self.model.no_sync() if sync else contextlib.nullcontext()  # type: ignore[operator]
+            # self.model is DistributedDataParallel exactly when distributed (see __init__)
+            ctx = (self.model.no_sync() if sync and isinstance(self.model, DistributedDataParallel)
+                   else contextlib.nullcontext())
             gen = step_generator(self.cfg.seed, self.iteration, micro, self.dist.rank)
             with ctx:
                 with torch.autocast(self.dist.device.type, dtype=amp_dtype or torch.float32,

@@ -40,6 +40,7 @@ from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..evaluation import evaluate_dataset
 from ..evaluation.inference import dataset_predictor
 from ..factory import build_detector, load_detector
+from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import MaskHead
 from ..pipeline import Pipeline, RunOptions
 from ..pretrained import resolve_weights
@@ -181,13 +182,19 @@ def _class_embeddings(path: Optional[str], names: list[str], text_weights: Optio
     return emb.float()
 
 
-def build_detector_for_training(cfg: ModelSection) -> tuple[nn.Module, dict[str, Tensor]]:
+def build_detector_for_training(cfg: ModelSection) -> tuple[RegionCLIPDetector, dict[str, Tensor]]:
     """The detector (initial weights loaded, missing heads added) and the tensors to copy into exports."""
 
     extra: dict[str, Tensor] = {}
+    det: RegionCLIPDetector
     if cfg.weights is not None:
         rpn = resolve_weights(cfg.rpn_weights) if cfg.rpn_weights else None
-        det, loaded = load_detector(resolve_weights(cfg.weights), rpn, rpn_overrides=dict(cfg.rpn_overrides))
+        loaded_det, loaded = load_detector(resolve_weights(cfg.weights), rpn, rpn_overrides=dict(cfg.rpn_overrides))
+        if not isinstance(loaded_det, RegionCLIPDetector):
+            raise ValueError(f"model.weights {cfg.weights}: fine-tuning trains the CLIP-ResNet RegionCLIP detector, "
+                             f"but this checkpoint builds a {type(loaded_det).__name__}; give a RegionCLIP ResNet "
+                             "checkpoint")
+        det = loaded_det
         if (tuple(cfg.input.pixel_mean), tuple(cfg.input.pixel_std)) != (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD):
             raise ValueError("model.input.pixel_mean/std must stay CLIP's for a CLIP backbone")
         if cfg.export_text_encoder:
@@ -207,7 +214,7 @@ def build_detector_for_training(cfg: ModelSection) -> tuple[nn.Module, dict[str,
         nn.init.normal_(det.bbox_pred.weight, std=0.001)
         nn.init.zeros_(det.bbox_pred.bias)
     if cfg.mask_head and det.mask_head is None:
-        det.mask_head = MaskHead(det.backbone.layer4[-1].conv3.out_channels)
+        det.mask_head = MaskHead(det.backbone.res5_channels)
     det.temperature = cfg.temperature
     if det.rpn is None:
         logger.warning("no offline RPN: training samples GT boxes only and evaluation uses GT boxes — this is not "
@@ -236,13 +243,12 @@ def build_task(cfg: TransferConfig, dist: Optional[DistInfo] = None) -> BuiltRun
     train_emb = _class_embeddings(cfg.data.classes.train_embeddings, train_ds.class_names, text_w, det.embed_dim,
                                   "train") if is_main else None
     test_emb = None
-    if test_ds is not None or cfg.data.classes.test_embeddings:
-        names = test_ds.class_names if test_ds is not None else []
-        if test_ds is None:  # a file without a test set: rows are taken as they are
-
-            test_emb = class_embedding_file(read_weight_file(cfg.data.classes.test_embeddings)) if is_main else None
-        elif is_main:
-            test_emb = _class_embeddings(cfg.data.classes.test_embeddings, names, text_w, det.embed_dim, "test")
+    test_file = cfg.data.classes.test_embeddings
+    if test_ds is not None:
+        if is_main:
+            test_emb = _class_embeddings(test_file, test_ds.class_names, text_w, det.embed_dim, "test")
+    elif test_file:  # a file without a test set: rows are taken as they are
+        test_emb = class_embedding_file(read_weight_file(test_file)) if is_main else None
     train_emb, test_emb = broadcast_object((train_emb, test_emb))
     records = filter_empty_records(train_ds.records) if cfg.data.filter_empty else list(train_ds.records)
     if cfg.data.filter_empty and len(records) < len(train_ds.records):
@@ -288,6 +294,7 @@ def make_evaluate(built: BuiltRun, cfg: TransferConfig) -> Optional[Callable[[in
         return None
 
     det = built.task.detector
+    test_dataset = built.test_dataset  # bound here: the closure below needs the non-None type
     regions = cfg.data.eval_regions if det.rpn is not None else "gt"
     vocab = Vocabulary.create(built.test_embeddings, built.test_dataset.class_names, built.test_dataset.category_ids,
                               embed_dim=det.embed_dim, source="test-class embeddings")
@@ -296,7 +303,7 @@ def make_evaluate(built: BuiltRun, cfg: TransferConfig) -> Optional[Callable[[in
 
     def evaluate(iteration: int) -> Optional[dict[str, Any]]:
         out = Path(cfg.train.output_dir) / f"eval_{iteration:07d}"
-        metrics = evaluate_dataset(built.test_dataset, predict, out, resume=False, progress=cfg.train.progress,
+        metrics = evaluate_dataset(test_dataset, predict, out, resume=False, progress=cfg.train.progress,
                                    meta={"iteration": iteration})
         if metrics is None:
             return None

@@ -7,17 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-import torch
 from torch import Tensor
 
 from ..checkpoint.io import CheckpointError, LoadReport, PathLike, load_into
 from ..checkpoint.openai_clip import read_clip_checkpoint, split_clip_state_dict
 from ..checkpoint.regionclip import infer_clip_resnet_config
 from ..modeling.clip_resnet import ModifiedResNet
-from ..modeling.text_encoder import build_text_encoder_from_state_dict
+from ..modeling.text_encoder import CLIPTextTransformer, build_text_encoder_from_state_dict
 
 
-def build_image_tower(sd: Mapping[str, Tensor]) -> torch.nn.Module:
+def build_image_tower(sd: Mapping[str, Tensor]) -> ModifiedResNet:
     """A randomly initialised ModifiedResNet with the architecture of ``sd`` (keys without ``visual.``), using
     :func:`regionclip.checkpoint.regionclip.infer_clip_resnet_config` (shapes -> layers/width/dims/resolution)."""
     c = infer_clip_resnet_config(sd, prefix="")
@@ -28,8 +27,8 @@ def build_image_tower(sd: Mapping[str, Tensor]) -> torch.nn.Module:
 class ClipTowers:
     """Both towers of a CLIP/RegionCLIP file, loaded, float32, eval mode."""
 
-    image: Optional[torch.nn.Module]  # regionclip.modeling.clip_resnet.ModifiedResNet, None if absent
-    text: Optional[torch.nn.Module]  # regionclip.modeling.text_encoder.CLIPTextTransformer, None if absent
+    image: Optional[ModifiedResNet]  # None if absent
+    text: Optional[CLIPTextTransformer]  # None if absent
     report: LoadReport
 
 

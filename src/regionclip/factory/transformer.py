@@ -25,7 +25,7 @@ from ..checkpoint.zeroshot_branch import (
 )
 from ..modeling.rpn import build_offline_rpn
 from ..modeling.text_encoder import build_text_encoder, text_config_from_state_dict
-from ..modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder
+from ..modeling.transformer.region_head import Trunk, TransformerRegionDetector, TransformerRegionEncoder
 from ..modeling.transformer.timm_trunks import BRANCH_CONFIGS, TimmTrunk, convert_microsoft_layout, infer_timm_config
 from ..modeling.transformer.vit import VisionTransformerTrunk, interpolate_grid_embedding
 from ..modeling.unicl_text import UniCLTextEncoder
@@ -68,18 +68,18 @@ def build_unicl_text_encoder(sd: Mapping[str, Tensor], autoregressive: bool) -> 
                             vocab_size=int(vocab), autoregressive=autoregressive)
 
 
-def _branch_trunk(split: BranchSplit, act: Optional[str]) -> tuple[nn.Module, dict[str, Tensor], list[str]]:
+def _branch_trunk(split: BranchSplit, act: Optional[str]) -> tuple[Trunk, dict[str, Tensor], list[str]]:
     """(trunk module, its state dict under ``backbone.trunk.``, unexpected trunk keys) of a branch checkpoint."""
     if split.family == "vit":
         ours, unknown = timm_vit_to_ours(split.trunk)
-        trunk = build_vit_trunk(ours, layout="branch", act=act)
+        vit = build_vit_trunk(ours, layout="branch", act=act)
         # the branch's loader resizes a checkpoint grid to the model's 14x14 (IMG_SIZE 224) before any input size
-        grid = BRANCH_VIT_IMG_SIZE // trunk.patch_size
+        grid = BRANCH_VIT_IMG_SIZE // vit.patch_size
         old = int(round((ours["positional_embedding"].shape[0] - 1) ** 0.5))
         ours["positional_embedding"] = interpolate_grid_embedding(ours["positional_embedding"], (old, old),
                                                                   (grid, grid))
-        trunk = build_vit_trunk(ours, layout="branch", act=act)
-        return trunk, {"backbone.trunk." + k: v for k, v in ours.items()}, ["backbone." + k for k in unknown]
+        vit = build_vit_trunk(ours, layout="branch", act=act)
+        return vit, {"backbone.trunk." + k: v for k, v in ours.items()}, ["backbone." + k for k in unknown]
     family = split.family
     if family == "davit":  # timm's DaViT filter is pure renaming (Microsoft -> timm; timm keys pass through)
         timm_sd = convert_microsoft_layout(family, split.trunk, None)
@@ -120,7 +120,7 @@ def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rp
     text_encoder: Optional[nn.Module] = None
     if layout == "openai_vit":
         trunk_sd, det_sd, text_sd, ignored, unexpected = split_openai_vit_state_dict(sd)
-        trunk: nn.Module = build_vit_trunk(trunk_sd, layout="openai", act=act)
+        trunk: Trunk = build_vit_trunk(trunk_sd, layout="openai", act=act)
         det_sd.update({"backbone.trunk." + k: v for k, v in trunk_sd.items()})
         if text_sd:
             text_encoder = build_text_encoder(text_config_from_state_dict(text_sd))
@@ -144,7 +144,7 @@ def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rp
         raise CheckpointError(f"{source} has {len(unexpected)} keys this model does not define, e.g. "
                               f"{unexpected[:5]}; pass strict=False (--non-strict) to load anyway")
     rpn, rpn_sd, rpn_src = _rpn(det_sd, rpn_weights, use_rpn, rpn_overrides)
-    encoder = TransformerRegionEncoder(trunk, int(det_sd["backbone.image_projection"].shape[1]))  # type: ignore[arg-type]
+    encoder = TransformerRegionEncoder(trunk, int(det_sd["backbone.image_projection"].shape[1]))
     det = TransformerRegionDetector(encoder, rpn, text_encoder=text_encoder)
     det_sd = {k: v for k, v in det_sd.items() if not k.startswith("rpn.")}
     det_sd.update({"rpn." + k: v for k, v in rpn_sd.items()})

@@ -68,8 +68,9 @@ def to_hf(det: Detections) -> list[dict]:
     boxes to int pixels) coordinates stay floats, so nothing is lost."""
     boxes = det.boxes.detach().float().cpu().reshape(-1, 4).tolist()
     scores = det.scores.detach().float().cpu().tolist()
-    out = [{"score": float(s), "label": n, "box": {"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]}}
-           for b, s, n in zip(boxes, scores, det.names)]
+    out: list[dict[str, Any]] = [
+        {"score": float(s), "label": n, "box": {"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]}}
+        for b, s, n in zip(boxes, scores, det.names)]
     order = sorted(range(len(out)), key=lambda i: -out[i]["score"])
     return [out[i] for i in order]
 

@@ -139,8 +139,8 @@ def match_boxes(items: Sequence[Union[tuple[str, str], _Item]], boxes: dict[str,
     """
     pairs = [_key_and_path(it) for it in items]
     by_base: dict[str, list[str]] = {}
-    for k in boxes:
-        by_base.setdefault(Path(k).name, []).append(k)
+    for entry in boxes:
+        by_base.setdefault(Path(entry).name, []).append(entry)
     images_by_base: dict[str, list[str]] = {}
     for _, p in pairs:
         images_by_base.setdefault(Path(p).name, []).append(p)

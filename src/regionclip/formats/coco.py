@@ -102,8 +102,9 @@ def coco_to_detections(instances: Sequence[dict], image_hw: tuple[int, int], cla
         if id2label is not None and cid not in id2label:
             raise ResultsError(f"image {image_id}: category_id {cid} is not one of the {len(id2label)} categories")
         labels.append(id2label[cid] if id2label is not None else cid - 1)
-    segs = [r.get("segmentation") for r in instances]
-    masks = decode_masks(segs, image_hw) if instances and all(s is not None for s in segs) else None
+    segs = [r["segmentation"] for r in instances if r.get("segmentation") is not None]
+    # masks only when every instance has one (segs holds exactly the non-missing segmentations)
+    masks = decode_masks(segs, image_hw) if instances and len(segs) == len(instances) else None
     return Detections(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                       torch.tensor(scores, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64),
                       (int(image_hw[0]), int(image_hw[1])), list(class_names), masks=masks, image_id=image_id,

@@ -152,6 +152,31 @@ class ModifiedResNet(nn.Module):
         mods += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
+    @property
+    def res4_channels(self) -> int:
+        """Channels of the layer3 (res4) map, e.g. 1024 for RN50: what the region head pools."""
+        return self._bottlenecks_of(self.layer3)[-1].conv3.out_channels
+
+    @property
+    def res5_channels(self) -> int:
+        """Channels of the layer4 (res5) map, e.g. 2048 for RN50: the mask head's input."""
+        return self._bottlenecks_of(self.layer4)[-1].conv3.out_channels
+
+    def _bottlenecks(self) -> list[Bottleneck]:
+        """The blocks of layer1..layer4 in order."""
+        return [blk for layer in (self.layer1, self.layer2, self.layer3, self.layer4)
+                for blk in self._bottlenecks_of(layer)]
+
+    @staticmethod
+    def _bottlenecks_of(layer: nn.Sequential) -> list[Bottleneck]:
+        """The blocks of one stage (``nn.Sequential`` iterates as plain ``nn.Module``, hence the check)."""
+        blocks: list[Bottleneck] = []
+        for blk in layer:
+            if not isinstance(blk, Bottleneck):
+                raise TypeError(f"ModifiedResNet stages must hold Bottleneck blocks, found {type(blk).__name__}")
+            blocks.append(blk)
+        return blocks
+
     def stem(self, x: Tensor) -> Tensor:
         if self.fused:
             x = F.relu_(self.conv1(x))  # BNs folded into conv1..3 (fuse_for_inference)
@@ -210,20 +235,18 @@ class ModifiedResNet(nn.Module):
         """
         self.eval()
         pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
-        for owner, conv_name, bn_name in [(self, c, b) for c, b in pairs] + [
-                (blk, c, b) for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for blk in layer
-                for c, b in pairs]:
+        owners: list[nn.Module] = [self, *self._bottlenecks()]
+        for owner, conv_name, bn_name in [(o, c, b) for o in owners for c, b in pairs]:
             bn = getattr(owner, bn_name)
             if isinstance(bn, FrozenBatchNorm2d):
                 setattr(owner, conv_name, fold_frozen_bn(getattr(owner, conv_name), bn))
                 setattr(owner, bn_name, nn.Identity())
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for blk in layer:
-                ds = blk.downsample  # children named "-1" (pool), "0" (conv), "1" (BN) as in OpenAI's checkpoint
-                if ds is not None and isinstance(getattr(ds, "1"), FrozenBatchNorm2d):
-                    setattr(ds, "0", fold_frozen_bn(getattr(ds, "0"), getattr(ds, "1")))
-                    setattr(ds, "1", nn.Identity())
-                blk.fused = True
+        for blk in self._bottlenecks():
+            ds = blk.downsample  # children named "-1" (pool), "0" (conv), "1" (BN) as in OpenAI's checkpoint
+            if ds is not None and isinstance(getattr(ds, "1"), FrozenBatchNorm2d):
+                setattr(ds, "0", fold_frozen_bn(getattr(ds, "0"), getattr(ds, "1")))
+                setattr(ds, "1", nn.Identity())
+            blk.fused = True
         self.fused = True
         self.attnpool.fold_kv = fold_attnpool_kv
         if channels_last:
@@ -233,7 +256,8 @@ class ModifiedResNet(nn.Module):
 
     def freeze(self, freeze_at: int = 2) -> None:
         """detectron2 FREEZE_AT semantics: 1 = stem, 2 = stem + res2 (layer1), ..."""
-        stages = [[self.conv1, self.conv2, self.conv3], [self.layer1], [self.layer2], [self.layer3]]
+        stages: list[list[nn.Module]] = [[self.conv1, self.conv2, self.conv3], [self.layer1], [self.layer2],
+                                         [self.layer3]]
         for group in stages[:freeze_at]:
             for m in group:
                 for p in m.parameters():

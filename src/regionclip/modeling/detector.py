@@ -54,6 +54,9 @@ class RegionCLIPDetector(nn.Module):
     """The CLIP-ResNet region detector. Implements :class:`regionclip.modeling.recognizer.RegionRecognizer`."""
 
     has_background = True  # classify() returns [R, K+1], background last
+    # non-persistent buffers registered in __init__, declared for typing ([3, 1, 1] each)
+    pixel_mean: Tensor
+    pixel_std: Tensor
 
     def __init__(self, backbone: ModifiedResNet, rpn: Optional[nn.Module] = None, *,
                  bbox_pred: Optional[nn.Linear] = None, mask_head: Optional[MaskHead] = None,

@@ -35,6 +35,7 @@ class MaskHead(nn.Module):
         super().__init__()
         self.deconv = nn.ConvTranspose2d(in_channels, conv_dim, 2, stride=2)
         self.predictor = nn.Conv2d(conv_dim, 1, 1)
+        assert self.deconv.bias is not None and self.predictor.bias is not None  # both built with bias=True
         nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.deconv.bias)
         nn.init.normal_(self.predictor.weight, std=0.001)

@@ -20,6 +20,12 @@ class FrozenBatchNorm2d(nn.Module):
     contains it.
     """
 
+    # buffers registered in __init__ (declared so that attribute access is typed as Tensor, not Tensor | Module)
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_features = num_features
@@ -53,6 +59,14 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d attribute (``kernel_size``, ``stride``, ...; typed ``tuple[int, ...]`` by torch) as the 2-tuple
+    the Conv2d constructor is typed to take."""
+    if len(values) != 2:
+        raise ValueError(f"expected a 2-d convolution attribute, got {values}")
+    return values[0], values[1]
+
+
 @torch.no_grad()
 def fold_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
     """A new conv computing ``bn(conv(x))`` in one op: ``W' = W * scale[:, None, None, None]``,
@@ -66,9 +80,11 @@ def fold_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
     scale, shift = bn.scale_shift(torch.float64)
     w = conv.weight.double() * scale.view(-1, 1, 1, 1)
     b = shift if conv.bias is None else conv.bias.double() * scale + shift
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), stride=_pair(conv.stride),
+                      padding=padding, dilation=_pair(conv.dilation), groups=conv.groups, bias=True,
                       padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    assert fused.bias is not None  # bias=True above
     fused.weight.copy_(w.to(conv.weight.dtype))
     fused.bias.copy_(b.to(conv.weight.dtype))
     fused.requires_grad_(False)

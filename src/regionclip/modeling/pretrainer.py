@@ -83,6 +83,10 @@ class RegionTextPretrainer(nn.Module):
             train).
     """
 
+    # non-persistent buffers registered in __init__, declared for typing
+    concept_embeddings: Tensor  # [C, D]
+    teacher_concept_embeddings: Tensor  # [C, D_t]
+
     def __init__(self, student: RegionCLIPDetector, teacher: RegionCLIPDetector, text_encoder: CLIPTextTransformer,
                  concept_embeddings: Tensor, teacher_concept_embeddings: Optional[Tensor] = None,
                  cfg: RegionTextConfig = RegionTextConfig(), freeze_at: int = 2) -> None:
@@ -112,9 +116,18 @@ class RegionTextPretrainer(nn.Module):
     def train(self, mode: bool = True) -> "RegionTextPretrainer":
         super().train(mode)
         # frozen parts always run in inference mode (the RPN also keeps its test-time top-k)
-        for module in (self.teacher, self.text_encoder, self.student.rpn):
+        for module in (self.teacher, self.text_encoder, self.offline_rpn):
             module.eval()
         return self
+
+    @property
+    def offline_rpn(self) -> nn.Module:
+        """The student's offline RPN (checked present in ``__init__``)."""
+        rpn = self.student.rpn
+        if rpn is None:
+            raise RuntimeError("the student detector's offline RPN was removed after construction (student.rpn is "
+                               "None); region-text pretraining needs it")
+        return rpn
 
     # ------------------------------------------------------------------ checkpoints in the original layout
     def export_state_dict(self) -> dict[str, Tensor]:
@@ -123,7 +136,7 @@ class RegionTextPretrainer(nn.Module):
         out = {"backbone." + k: v for k, v in self.student.backbone.state_dict().items()}
         out.update({"teacher_backbone." + k: v for k, v in self.teacher.backbone.state_dict().items()})
         out.update({"lang_encoder." + k: v for k, v in self.text_encoder.state_dict().items()})
-        for key, value in self.student.rpn.state_dict().items():
+        for key, value in self.offline_rpn.state_dict().items():
             src, dst = next((s, d) for s, d in _RPN_RENAMES if key.startswith(s))
             out[dst + key[len(src):]] = value
         return out
@@ -143,7 +156,7 @@ class RegionTextPretrainer(nn.Module):
         if unknown:
             raise ValueError(f"pretraining checkpoint has unknown keys, e.g. {unknown[:5]}")
         for module, part in ((self.student.backbone, "backbone."), (self.teacher.backbone, "teacher_backbone."),
-                             (self.text_encoder, "lang_encoder."), (self.student.rpn, "offline_")):
+                             (self.text_encoder, "lang_encoder."), (self.offline_rpn, "offline_")):
             try:
                 module.load_state_dict(parts[part], strict=True)
             except RuntimeError as e:

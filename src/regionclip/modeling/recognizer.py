@@ -25,10 +25,19 @@ class RegionRecognizer(Protocol):
     path). Use :func:`foreground_probs` rather than slicing ``[:, :-1]``.
     """
 
-    has_background: bool
-    rpn: Optional[nn.Module]
-    bbox_pred: Optional[nn.Module]
-    mask_head: Optional[nn.Module]
+    # read-only members (properties in the protocol), so that implementations may declare narrower types
+    # (``Optional[nn.Linear]``, ``Optional[MaskHead]``, a class-level ``None``) and still conform
+    @property
+    def has_background(self) -> bool: ...
+
+    @property
+    def rpn(self) -> Optional[nn.Module]: ...
+
+    @property
+    def bbox_pred(self) -> Optional[nn.Module]: ...
+
+    @property
+    def mask_head(self) -> Optional[nn.Module]: ...
 
     @property
     def embed_dim(self) -> int: ...

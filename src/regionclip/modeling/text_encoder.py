@@ -76,6 +76,15 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.resblocks(x)
 
+    def blocks(self) -> list[ResidualAttentionBlock]:
+        """The blocks in order (``nn.Sequential`` iterates as plain ``nn.Module``)."""
+        out: list[ResidualAttentionBlock] = []
+        for block in self.resblocks:
+            if not isinstance(block, ResidualAttentionBlock):
+                raise TypeError(f"text Transformer blocks must be ResidualAttentionBlock, found {type(block).__name__}")
+            out.append(block)
+        return out
+
 
 @dataclass(frozen=True)
 class PrefixStates:
@@ -258,7 +267,7 @@ class CLIPTextTransformer(nn.Module):
         lay = _PackedLayout.build(lengths, torch.zeros_like(lengths), 0)
         x = self._embed(tokens.reshape(-1)[_row_major(tokens, lengths)], lay.positions)
         kv = []
-        blocks = list(self.transformer.resblocks)
+        blocks = self.transformer.blocks()
         for i, block in enumerate(blocks):
             a, own = _attend(block, x, lay, None, last_only=False)
             kv.append(own.contiguous())
@@ -278,7 +287,7 @@ class CLIPTextTransformer(nn.Module):
         lay = _PackedLayout.build(lengths, plen, span)
         idx = batch.prefix_index.to(tokens.device)
         x = self._embed(tokens.reshape(-1)[_row_major(tokens, lengths)], lay.positions)
-        blocks = list(self.transformer.resblocks)
+        blocks = self.transformer.blocks()
         inplace = not (torch.is_grad_enabled() and x.requires_grad)  # x is ours: update it in place when allowed
         for i, block in enumerate(blocks):
             last = i + 1 == len(blocks)  # the final block only matters at the pooled (last) token of each row

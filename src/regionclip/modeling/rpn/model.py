@@ -47,6 +47,10 @@ class OfflineRPN(nn.Module):
     as the original runs its offline RPN.
     """
 
+    # non-persistent buffers registered in __init__, declared for typing ([3, 1, 1] each)
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
     def __init__(self, cfg: RPNConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -44,7 +44,11 @@ def pool_regions(feature_map: Tensor, rois: Tensor, stride: int, output_size: in
 def apply_layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """Apply a LayerNorm-like module (``nn.LayerNorm`` or timm's ``LayerNorm2d``) over the last dim of [R, C]."""
     eps = float(getattr(norm, "eps", 1e-5))
-    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, eps)
+    weight, bias = norm.weight, norm.bias
+    if isinstance(weight, nn.Module) or isinstance(bias, nn.Module):
+        raise TypeError(f"{type(norm).__name__}: weight and bias must be tensors (or None) to be applied as a "
+                        "LayerNorm, found submodules")
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 class TransformerRegionEncoder(nn.Module):
@@ -99,6 +103,9 @@ class TransformerRegionDetector(nn.Module):
     has_background = False
     bbox_pred = None  # the zero-shot branch has no box regression and no mask head
     mask_head = None
+    # non-persistent buffers registered in __init__, declared for typing ([3, 1, 1] each)
+    pixel_mean: Tensor
+    pixel_std: Tensor
 
     def __init__(self, encoder: TransformerRegionEncoder, rpn: Optional[nn.Module] = None, *,
                  text_encoder: Optional[nn.Module] = None, pooler_resolution: int = 14, sampling_ratio: int = 0,

@@ -159,10 +159,18 @@ def convert_microsoft_layout(family: str, sd: Mapping[str, Tensor], trunk: Optio
     Non-persistent buffers (``relative_position_index``, ``attn_mask``) are dropped by it. ``trunk`` (the target
     model, whose key names and shapes Swin's and FocalNet's filters read) may be None for DaViT only."""
     require("timm", "transformers", f"converting {family} weights")
+    if family == "davit":
+        from timm.models.davit import checkpoint_filter_fn as davit_filter
+
+        # Microsoft -> timm renaming reads no model (only timm's Florence-2 conversion would)
+        return dict(davit_filter(dict(sd), trunk.model if trunk is not None else None))
+    if trunk is None:
+        raise ValueError(f"converting {family} weights needs the target trunk: timm's {family} filter reads its "
+                         "key names and shapes")
     if family == "swin":
-        from timm.models.swin_transformer import checkpoint_filter_fn
-    elif family == "davit":
-        from timm.models.davit import checkpoint_filter_fn
-    else:
-        from timm.models.focalnet import checkpoint_filter_fn
-    return dict(checkpoint_filter_fn(dict(sd), trunk.model if trunk is not None else None))
+        from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
+
+        return dict(swin_filter(dict(sd), trunk.model))
+    from timm.models.focalnet import checkpoint_filter_fn as focalnet_filter
+
+    return dict(focalnet_filter(dict(sd), trunk.model))

@@ -67,6 +67,14 @@ def interpolate_grid_embedding(pos: Tensor, old_grid: tuple[int, int], new_grid:
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(-1, width)], dim=0)
 
 
+class _BlockStack(nn.Module):
+    """The ``transformer`` container of the checkpoints: only holds ``resblocks`` (keys ``transformer.resblocks.N.*``)."""
+
+    def __init__(self, blocks: list[ResidualAttentionBlock]) -> None:
+        super().__init__()
+        self.resblocks = nn.Sequential(*blocks)
+
+
 class VisionTransformerTrunk(nn.Module):
     """ViT image tower up to the last block, returning the patch grid as a feature map.
 
@@ -101,9 +109,8 @@ class VisionTransformerTrunk(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
         self.positional_embedding = nn.Parameter(torch.randn(grid_size * grid_size + 1, width) * width ** -0.5)
         self.ln_pre = nn.LayerNorm(width, eps=ln_eps) if ln_pre else None
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, mlp_ratio, act, ln_eps) for _ in range(layers)])
+        self.transformer = _BlockStack(
+            [ResidualAttentionBlock(width, heads, mlp_ratio, act, ln_eps) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width, eps=ln_eps)
 
     @property
