@@ -85,7 +85,7 @@ def test_batched_equals_one_at_a_time(same_size, regions: str) -> None:
         for k in a:
             if a[k].is_floating_point():
                 tol = F32_BOXES if k in ("boxes", "objectness") and regions != "boxes" else F32
-                torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{regions}/{k}: {m}")
+                torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m, k=k: f"{regions}/{k}: {m}")
             else:
                 assert torch.equal(a[k], b[k]), k
 

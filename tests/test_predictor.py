@@ -78,7 +78,7 @@ def test_chunked_equals_unchunked(setup) -> None:
     full = pred.encode_boxes(boxes, chunk_size=10_000)
     for chunk in (1, 5, 22):
         torch.testing.assert_close(pred.encode_boxes(boxes, chunk_size=chunk), full, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"chunk {chunk}: {m}")
+                                   msg=lambda m, chunk=chunk: f"chunk {chunk}: {m}")
 
 
 def test_roi_head_never_sees_more_than_a_chunk(setup) -> None:

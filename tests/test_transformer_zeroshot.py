@@ -47,7 +47,7 @@ def tiny_detector(family: str, seed: int = 0) -> TransformerRegionDetector:
     det = TransformerRegionDetector(TransformerRegionEncoder(trunk, 32), text_encoder=text)
     with torch.no_grad():
         det.logit_scale.fill_(3.0)
-        for name, p in det.named_parameters():  # timm zero-inits some biases / LN shifts; make every weight count
+        for _, p in det.named_parameters():  # timm zero-inits some biases / LN shifts; make every weight count
             p.add_(0.02 * torch.randn_like(p))
     return det.eval()
 

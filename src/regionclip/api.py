@@ -27,6 +27,7 @@ from .checkpoint.regionclip import class_embedding_file
 from .config import InputConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import InferenceItem
+from .export import make_backend
 from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_detector, read_checkpoint
 from .modeling.detector import RegionCLIPDetector
 from .modeling.recognizer import RegionRecognizer
@@ -223,5 +224,16 @@ class RegionCLIP:
         ``boxes_source``: the file the items' boxes came from (named in bad-box errors)."""
         return self.pipeline.run(items, self.require_vocabulary(vocabulary), options or self.run_options(),
                                  boxes_source=boxes_source)
+
+    def with_backend(self, backend: str, export_dir: Optional[PathLike] = None, **backend_options: Any
+                     ) -> "RegionCLIP":
+        """A new :class:`RegionCLIP` (same settings, weights and vocabulary) whose pipeline runs on ``backend``:
+        ``torch`` (this model), or ``onnxruntime`` / ``openvino`` / ``torch-export`` over the graphs that
+        ``regionclip export`` wrote to ``export_dir``; ``backend_options``: ``int8``, ``providers``, ``threads``,
+        ``verify`` (:func:`regionclip.export.make_backend`). This model is not changed."""
+        other = RegionCLIP(make_backend(self, backend, export_dir, **backend_options), self.loaded, self.settings,
+                           self.options, self.pipeline.input_cfg)
+        other.vocabulary = self.vocabulary
+        return other
 
     __call__ = detect

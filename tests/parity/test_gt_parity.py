@@ -16,35 +16,37 @@ from _compare import (EMB_ATOL, EMB_RTOL, EMB_UNIT_ATOL, EMB_UNIT_RTOL, PROB_ATO
 from torch import Tensor
 
 from regionclip.checkpoint.io import read_weight_file
-from regionclip.config import PostprocessConfig
+from regionclip.config import InputConfig, PostprocessConfig
 from regionclip.factory import load_detector
-from regionclip.modeling.detector import PreparedImage, RegionCLIPDetector
-from regionclip.structures import Proposals
+from regionclip.pipeline import Pipeline, RunOptions
+from regionclip.structures import PreparedImage, Proposals
+from regionclip.vocab import Vocabulary
 
 pytestmark = pytest.mark.parity
 NAMES = ["sample_img1.jpg", "sample_img2.jpg"]
 GT_POSTPROCESS = PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100)
 
 
-def build_gt_detector(ckpts: dict[str, Path]) -> RegionCLIPDetector:
-    """The RN50 detector without RPN, vocabulary = the 65 random concept embeddings."""
+def build_gt_detector(ckpts: dict[str, Path]) -> tuple[Pipeline, Vocabulary]:
+    """The RN50 detector without RPN in the pipeline, vocabulary = the 65 random concept embeddings."""
     det, _ = load_detector(ckpts["regionclip"], use_rpn=False)
-    det.set_vocabulary(read_weight_file(ckpts["concept_emb"]))
-    return det
+    return Pipeline(det, InputConfig()), Vocabulary.create(read_weight_file(ckpts["concept_emb"]))
 
 
-def gt_outputs(detector: RegionCLIPDetector, inp: dict, resized_hw: tuple[int, int]) -> dict[str, Tensor]:
+def gt_outputs(detector: tuple[Pipeline, Vocabulary], inp: dict, resized_hw: tuple[int, int]) -> dict[str, Tensor]:
     """Every GT-mode quantity compared with the original, for one image of ``inputs.pt``.
 
     Returns res4 [1, C, H, W]; region_emb_raw / region_emb_norm [R, D]; cls_probs [R, K+1]; final detections
     (final_boxes [N, 4] original pixels, final_scores, final_classes, det_region_index [N]).
     """
+    pipe, vocab = detector
     p = PreparedImage(inp["image_uint8_rgb_chw"], tuple(inp["orig_hw"]), tuple(resized_hw))
+    opts = RunOptions(postprocess=GT_POSTPROCESS)
     with torch.no_grad():
-        res4 = detector.compute_res4([p.image])
-        emb = detector.encode_regions(res4, [inp["gt_boxes_resized"]])
-        probs = detector.classify(emb)
-        dets = detector.detect_prepared([p], [Proposals(inp["gt_boxes_resized"])], postprocess=GT_POSTPROCESS)[0]
+        res4 = pipe.features([p], opts)
+        emb = pipe.encode(res4, [inp["gt_boxes_resized"]], opts)
+        probs = pipe.classify(emb, vocab)
+        dets = pipe.detect_prepared([p], vocab, opts, regions=[Proposals(inp["gt_boxes_resized"])])[0]
     return {"res4": res4, "region_emb_raw": emb, "region_emb_norm": torch.nn.functional.normalize(emb),
             "cls_probs": probs, "final_boxes": dets.boxes, "final_scores": dets.scores,
             "final_classes": dets.labels, "det_region_index": dets.region_index}
@@ -62,7 +64,7 @@ def assert_gt_outputs_match(out: dict[str, Tensor], ref: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def detector(rn50_ckpts: dict[str, Path]) -> RegionCLIPDetector:
+def detector(rn50_ckpts: dict[str, Path]) -> tuple[Pipeline, Vocabulary]:
     return build_gt_detector(rn50_ckpts)
 
 
@@ -72,7 +74,7 @@ def test_resized_input_matches_original(detector, parity_inputs):
     from regionclip.assets import demo_image_paths
 
     for path in demo_image_paths():
-        resized = detector.prepare(path).image
+        resized = detector[0].prepare(path).image
         assert torch.equal(resized, parity_inputs[path.name]["image_uint8_rgb_chw"]), f"{path.name} differs"
 
 

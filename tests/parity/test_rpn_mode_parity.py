@@ -16,36 +16,42 @@ from _compare import (EMB_ATOL, EMB_NORM_ATOL, EMB_NORM_RTOL, EMB_RTOL, PROB_ATO
 from torch import Tensor
 
 from regionclip.checkpoint.io import read_weight_file
-from regionclip.config import PostprocessConfig
+from regionclip.config import InputConfig, PostprocessConfig
 from regionclip.factory import load_detector
-from regionclip.modeling.detector import PreparedImage, RegionCLIPDetector
+from regionclip.pipeline import Pipeline, RunOptions
+from regionclip.structures import PreparedImage
+from regionclip.vocab import Vocabulary
 
 pytestmark = pytest.mark.parity
 NAMES = ["sample_img1.jpg", "sample_img2.jpg"]
 RPN_POSTPROCESS = PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100, rpn_score="raw")
 
 
-def build_rpn_detector(ckpts: dict[str, Path]) -> RegionCLIPDetector:
-    """RN50 detector + the random R50-FPN RPN (NMS 0.9, 1000 proposals), vocabulary = 65 random embeddings."""
+def build_rpn_detector(ckpts: dict[str, Path]) -> tuple[Pipeline, Vocabulary]:
+    """RN50 detector + the random R50-FPN RPN (NMS 0.9, 1000 proposals) in the pipeline, vocabulary = 65 random
+    embeddings."""
     det, _ = load_detector(ckpts["regionclip"], ckpts["rpn"], rpn_overrides={"nms_thresh": 0.9, "post_nms_topk": 1000})
-    det.set_vocabulary(read_weight_file(ckpts["concept_emb"]))
-    return det
+    return Pipeline(det, InputConfig()), Vocabulary.create(read_weight_file(ckpts["concept_emb"]))
 
 
-def rpn_mode_outputs(detector: RegionCLIPDetector, inp: dict, resized_hw: tuple[int, int]) -> dict[str, Tensor]:
+def rpn_mode_outputs(detector: tuple[Pipeline, Vocabulary], inp: dict, resized_hw: tuple[int, int]
+                     ) -> dict[str, Tensor]:
     """Every RPN-mode quantity compared with the original, for one image of ``inputs.pt``.
 
     Returns proposal_boxes [R, 4] / proposal_objectness_logits [R] (our order), region_emb_raw [R, D] (all R, our
     order), cls_probs [R, K+1], final detections (final_boxes [N, 4] original pixels, final_scores,
     final_classes, det_region_index [N] into our proposal rows).
     """
+    pipe, vocab = detector
     p = PreparedImage(inp["image_uint8_rgb_chw"], tuple(inp["orig_hw"]), tuple(resized_hw))
+    # every region is encoded here (the reference holds all 1000 rows); detection skips the unreachable ones
+    opts = RunOptions(postprocess=RPN_POSTPROCESS)
     with torch.no_grad():
-        props = detector.propose([p.image])[0]
-        res4 = detector.compute_res4([p.image])
-        emb = detector.encode_regions(res4, [props.boxes])
-        probs = detector.classify(emb)
-        dets = detector.detect_prepared([p], None, postprocess=RPN_POSTPROCESS, res4=res4)[0]
+        props = pipe.proposals([p], opts)[0]
+        res4 = pipe.features([p], opts)
+        emb = pipe.encode(res4, [props.boxes], opts)
+        probs = pipe.classify(emb, vocab)
+        dets = pipe.detect_prepared([p], vocab, opts, features=res4)[0]
     return {"proposal_boxes": props.boxes, "proposal_objectness_logits": props.objectness_logits,
             "region_emb_raw": emb, "cls_probs": probs, "final_boxes": dets.boxes, "final_scores": dets.scores,
             "final_classes": dets.labels, "det_region_index": dets.region_index}
@@ -67,7 +73,7 @@ def assert_rpn_mode_outputs_match(out: dict[str, Tensor], ref: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def detector(rn50_ckpts: dict[str, Path]) -> RegionCLIPDetector:
+def detector(rn50_ckpts: dict[str, Path]) -> tuple[Pipeline, Vocabulary]:
     return build_rpn_detector(rn50_ckpts)
 
 
@@ -81,7 +87,8 @@ def test_batched_rpn_mode_equals_single(detector, parity_inputs, parity_rpn):
     """Two images in one padded batch give the original's one-image-at-a-time detections."""
     prepared = [PreparedImage(parity_inputs[n]["image_uint8_rgb_chw"], tuple(parity_inputs[n]["orig_hw"]), (750, 1333))
                 for n in NAMES]
-    batched = detector.detect_prepared(prepared, None, postprocess=RPN_POSTPROCESS)
+    pipe, vocab = detector
+    batched = pipe.detect_prepared(prepared, vocab, RunOptions(postprocess=RPN_POSTPROCESS))
     for n, d in zip(NAMES, batched):
         ref = parity_rpn["images"][n]
         assert_detections_match(d.boxes, d.scores, d.labels, ref["final_boxes"], ref["final_scores"],

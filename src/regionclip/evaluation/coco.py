@@ -128,7 +128,7 @@ def evaluate_coco(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
         ev.accumulate()
         ev.summarize()
     if verbose:
-        print(out.getvalue())
+        logger.info("pycocotools summary:\n%s", out.getvalue())
     # pycocotools reports -1 where nothing was valid; detectron2 turns that into NaN.
     metrics = {k: float(v * 100) if v >= 0 else float("nan") for k, v in zip(COCO_SUMMARY_KEYS, ev.stats[:6])}
     precision = ev.eval["precision"]  # [T, R, K, A, M]

@@ -126,7 +126,7 @@ def evaluate_lvis(gt: Union[PathLike, dict], results: Union[PathLike, list[dict]
             if verbose:
                 ev.print_results()
         if verbose:
-            print(log.getvalue())
+            logger.info("lvis-api summary:\n%s", log.getvalue())
         raw = ev.get_results()
         out[iou_type] = {k: float(raw[k] * 100) if raw[k] >= 0 else float("nan") for k in LVIS_KEYS}
     return out

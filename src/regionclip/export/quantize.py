@@ -62,8 +62,10 @@ def calibration_pairs(res4_list: Sequence[Tensor], boxes_list: Sequence[Tensor],
 
 
 def quantize_region_head(fp32_path: PathLike, int8_path: PathLike,
-                         calibration: Optional[Sequence[tuple[Tensor, Tensor]]] = None) -> dict[str, Any]:
+                         calibration: Optional[Sequence[tuple[Tensor, Tensor]]] = None, *,
+                         op_types: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Write an int8 copy of the float32 region-head ONNX graph; ``calibration`` -> static QDQ, else dynamic.
+    ``op_types``: the ONNX op types to quantise (default: ONNX Runtime's, i.e. convs and the attnpool's GEMMs).
 
     Returns ``{"file": <int8 file name>, "method": "static-qdq-minmax" | "dynamic"}``.
     """
@@ -74,9 +76,11 @@ def quantize_region_head(fp32_path: PathLike, int8_path: PathLike,
             quant.quantize_static(str(fp32_path), str(tmp), _CalibrationReader(calibration),
                                   quant_format=quant.QuantFormat.QDQ, per_channel=True,
                                   activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
-                                  calibrate_method=quant.CalibrationMethod.MinMax)
+                                  calibrate_method=quant.CalibrationMethod.MinMax,
+                                  op_types_to_quantize=list(op_types) if op_types else None)
             method = "static-qdq-minmax"
         else:
-            quant.quantize_dynamic(str(fp32_path), str(tmp), weight_type=quant.QuantType.QInt8)
+            quant.quantize_dynamic(str(fp32_path), str(tmp), weight_type=quant.QuantType.QInt8,
+                                   op_types_to_quantize=list(op_types) if op_types else None)
             method = "dynamic"
     return {"file": int8_path.name, "method": method}

@@ -1,4 +1,4 @@
-"""CLIP text transformer (RegionCLIP's ``lang_encoder``), spec §1.5.
+"""CLIP text transformer (RegionCLIP's ``lang_encoder``), docs/DESIGN.md#text-encoder.
 
 State-dict keys equal the released checkpoints' ``lang_encoder.*`` keys without the prefix, which are also
 OpenAI CLIP's top-level text keys: ``token_embedding.weight``, ``positional_embedding``,

@@ -21,6 +21,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from ..utils import require
+
 BACKENDS = ("exact", "faiss")
 VECTORS_FILE = "vectors.npy"
 FAISS_FILE = "faiss.index"
@@ -42,8 +44,6 @@ class FaissOptions:
 
 def _faiss() -> Any:
     import logging
-
-    from ..utils import require
 
     # faiss's loader logs at INFO that it tried a per-ISA module first; the dynamic-dispatch build it then loads
     # has the AVX2 kernels, so that message is only noise in the CLI output

@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from ..utils import atomic_path
 from .index import Hit
 
 PathLike = Union[str, os.PathLike]
@@ -93,8 +94,6 @@ def contact_sheet(hits: Sequence[Hit], out: PathLike, *, title: str = "regioncli
     """Write an HTML page with one card per hit (crop, rank, cosine score, image name, box); returns its path.
 
     Images that cannot be found get a card saying so (the page still shows all hits). Written atomically."""
-    from ..utils import atomic_path
-
     cards = []
     for h in hits:
         crop = hit_crop(h, image_root, thumb=thumb)

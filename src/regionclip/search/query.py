@@ -13,6 +13,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..api import RegionCLIP
+from ..predictor import RegionPredictor
+from ..text.vocabulary import checkpoint_fingerprint
 from .features import weights_fingerprint_of
 
 PathLike = Union[str, os.PathLike]
@@ -53,8 +56,6 @@ def load_query_embedding(path: PathLike) -> Tensor:
 
 def load_model(weights: PathLike, device: str = "cpu", **kwargs: Any) -> Any:
     """``RegionCLIP.from_pretrained(weights)`` without an RPN (queries need only the text tower / RoI head)."""
-    from ..api import RegionCLIP
-
     return RegionCLIP.from_pretrained(weights, device=device, **kwargs)
 
 
@@ -65,8 +66,6 @@ def check_same_checkpoint(model: Any, source_meta: dict[str, Any]) -> None:
     wpath = getattr(model, "weights_path", None)
     if not recorded or wpath is None:
         return
-    from ..text.vocabulary import checkpoint_fingerprint
-
     if checkpoint_fingerprint(wpath)[:len(recorded)] != recorded:
         logger.warning("query checkpoint %s differs from the one the regions were extracted with (%s); "
                        "similarities are only meaningful within one checkpoint's embedding space",
@@ -93,8 +92,6 @@ def parse_box(spec: Union[str, Sequence[float]]) -> list[float]:
 def embed_image_region(model: Any, image: Any, box: Optional[Sequence[float]] = None) -> Tensor:
     """[D] unit embedding of ``box`` (XYXY original pixels; None: the whole image) of ``image`` (path / PIL /
     array), computed by the RoI head exactly as the indexed regions were."""
-    from ..predictor import RegionPredictor
-
     p = RegionPredictor(model)
     p.set_image(image)
     if box is None:

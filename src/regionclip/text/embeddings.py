@@ -1,4 +1,4 @@
-"""Concept / class embeddings exactly as RegionCLIP's ``tools/extract_concept_features.py`` (spec §5, §3.7).
+"""Concept / class embeddings exactly as RegionCLIP's ``tools/extract_concept_features.py`` (docs/DESIGN.md#class-embeddings).
 
 For each concept: fill it into every template (commas removed, ``+`` -> space), tokenize (77, EOT may be cut),
 encode with the text tower (EOT pooling + projection, no normalisation) and take the plain mean over the
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regionclip.checkpoint.io import CheckpointError, PathLike, read_weight_file, save_file_atomic
+from regionclip.checkpoint.openai_clip import read_clip_checkpoint, text_state_dict
 from regionclip.modeling.text_encoder import (
     CLIPTextTransformer,
     PrefixedTokens,
@@ -52,8 +53,6 @@ def load_text_encoder(weights: PathLike, *, allow_jit: bool = False,
     Raises:
         CheckpointError: unreadable file, no text weights, or shapes that do not form a CLIP text tower.
     """
-    from regionclip.checkpoint.openai_clip import read_clip_checkpoint, text_state_dict
-
     sd = text_state_dict(read_clip_checkpoint(weights, allow_jit=allow_jit), source=str(weights))
     try:
         encoder = build_text_encoder_from_state_dict(sd, source=str(weights))
