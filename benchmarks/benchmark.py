@@ -1,15 +1,23 @@
-"""Throughput and peak memory of region feature extraction: batched pipeline vs one image at a time.
+"""Throughput and peak memory of region feature extraction (or detection): streamed/batched vs one image at a time.
 
 Prints images/s and peak memory for GT mode (user boxes) and RPN mode (top-100 / top-1000 proposals), RN50 and
-RN50x4, batch 1 and 4, against the straightforward path of the same code (decode in the main process, one image
-per backbone pass, the whole RoI head in one call). Then the RoI-head peak memory as the number of boxes grows
-(chunked vs unchunked). Every measurement runs in its own subprocess so peak memory is not polluted by earlier
-runs. Weights are random official-format checkpoints (tests/conftest.py::random_checkpoints); speed does not
-depend on the weight values.
+RN50x4, for three paths of the same pipeline (:class:`regionclip.pipeline.Pipeline`, loaded with
+``RegionCLIP.from_pretrained``):
 
+* one-at-a-time: decode in the main process, one image per backbone pass, the whole region head in one call;
+* batch 1 with decode workers: :meth:`Pipeline.iter_batches` (``--task detect``: ``RegionCLIP.run``) with
+  ``num_workers`` DataLoader processes, chunked region head;
+* batch B: the same with B equal-size images per backbone pass.
+
+Then the region-head peak memory as the number of boxes grows (chunked vs unchunked, ``RegionPredictor``). Every
+measurement runs in its own subprocess so peak memory is not polluted by earlier runs. Weights are random
+official-format checkpoints (tests/conftest.py::random_checkpoints); speed does not depend on the weight values.
+
+    python benchmarks/benchmark.py --quick                           # smoke run: RN50, 1 image, GT mode (minutes)
     python benchmarks/benchmark.py                                   # defaults: modest CPU settings
     python benchmarks/benchmark.py --device cuda --images 8 --repeats 3
     python benchmarks/benchmark.py --variants rn50 --modes gt rpn100 --sweep 100 1000 5000
+    python benchmarks/benchmark.py --task detect --modes gt          # RegionCLIP.detect / RegionCLIP.run
 """
 from __future__ import annotations
 
@@ -89,16 +97,22 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
 
 # ---------------------------------------------------------------------------------------------- worker side
 def _load(task: dict) -> Any:
+    """The model of one measurement, through the public front door (load options as a user gives them)."""
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import random_checkpoints  # generates the random files once per machine
 
-    from regionclip.factory import load_detector
+    from regionclip import RegionCLIP
 
     ckpts = random_checkpoints(task["variant"], 0)
     rpn = MODES.get(task.get("mode", "gt")) is not None
-    det, _ = load_detector(ckpts["regionclip"], ckpts["rpn"] if rpn else None, use_rpn=rpn, device=task["device"],
-                           rpn_overrides={"nms_thresh": 0.9, "post_nms_topk": 1000} if rpn else None)
-    return det
+    model = RegionCLIP.from_pretrained(
+        ckpts["regionclip"], ckpts["rpn"] if rpn else None, preset="lvis-rpn" if rpn else "lvis-gt",
+        device=task["device"], fuse=not task.get("unfused", False),
+        rpn_overrides={"nms_thresh": 0.9, "post_nms_topk": 1000} if rpn else None)
+    if task.get("task") == "detect":
+        # random [65, D] class embeddings of the same checkpoint family (names are numbered)
+        model.set_vocabulary(class_embeddings=ckpts["concept_emb"])
+    return model
 
 
 def _images(n: int) -> list[Path]:
@@ -109,59 +123,76 @@ def _images(n: int) -> list[Path]:
 
 
 def run_throughput(task: dict) -> dict:
-    """One (variant, mode, path, batch size) measurement: images/s over ``images`` images, peak memory."""
-    from regionclip.data.loader import InferenceItem, batch_by_size, make_loader
+    """One (variant, mode, path, batch size) measurement: images/s over ``images`` images, peak memory, and the
+    regions (extract) or detections (detect) per image."""
+    from regionclip.data.loader import InferenceItem
     from regionclip.engine.extract import ExtractConfig, extract_batch
+    from regionclip.pipeline import ItemError
 
     sys.path.insert(0, str(REPO / "tests"))
     from _region_helpers import random_boxes
 
-    det = _load(task)
+    model = _load(task)
+    pipe = model.pipeline
     files = _images(task["images"])
     topk = MODES[task["mode"]]
-    regions = "boxes" if topk is None else "rpn"
-    boxes = {str(f): random_boxes(task["boxes"], 1080, 1920, seed=i) for i, f in enumerate(files)}
+    gt = topk is None
+    # the demo images are 1920x1080 (original pixels); the boxes are given in that frame
+    boxes = [random_boxes(task["boxes"], 1080, 1920, seed=i).numpy() for i in range(len(files))]
     baseline = task["path"] == "baseline"
-    cfg = ExtractConfig(regions=regions, topk=topk, batch_size=task["batch"], dtype=task["dtype"],
-                        chunk_size=10**9 if baseline else task["chunk"])
-    n_regions: list[int] = []
+    chunk = 10**9 if baseline else task["chunk"]
+    cfg = ExtractConfig(regions="boxes" if gt else "rpn", topk=topk, batch_size=task["batch"],
+                        num_workers=0 if baseline else task["workers"], dtype=task["dtype"], chunk_size=chunk)
+    options = model.run_options(batch_size=task["batch"], dtype=task["dtype"], chunk_size=chunk, max_proposals=topk,
+                                num_workers=0 if baseline else task["workers"])
+    items = [InferenceItem(key=str(i), file_name=str(f), boxes=boxes[i] if gt else None) for i, f in enumerate(files)]
+    counts: list[int] = []
 
     def one_at_a_time() -> None:
-        for f in files:
-            p = det.prepare(f)
-            out = extract_batch(det, [p], cfg, boxes=[boxes[str(f)]] if regions == "boxes" else None)
-            n_regions.append(len(out[0]["feats"]))
+        for i, f in enumerate(files):
+            if task["task"] == "detect":
+                counts.append(len(model.detect([f], boxes=[boxes[i]] if gt else None, options=options)[0].boxes))
+                continue
+            p = pipe.prepare(f)
+            regions = [pipe.user_regions(boxes[i], p, image_name=str(f))] if gt else None
+            counts.append(len(extract_batch(pipe, [p], cfg, regions=regions)[0]["feats"]))
 
-    def batched() -> None:
-        items = [InferenceItem(key=str(i), file_name=str(f)) for i, f in enumerate(files)]
-        loader = make_loader(items, det.input_cfg, num_workers=task["workers"])
-        for batch in batch_by_size(iter(loader), task["batch"], lambda x: x.prepared.resized_hw):
-            bx = [boxes[items[b.index].file_name] for b in batch] if regions == "boxes" else None
-            for rec in extract_batch(det, [b.prepared for b in batch], cfg, boxes=bx):
-                n_regions.append(len(rec["feats"]))
+    def streamed() -> None:
+        if task["task"] == "detect":
+            for res in model.run(items, options):
+                if res.error is not None:
+                    raise RuntimeError(f"{res.item.file_name}: {res.error}")
+                counts.append(len(res.detections.boxes))
+            return
+        for batch in pipe.iter_batches(items, options):
+            if isinstance(batch, ItemError):
+                raise RuntimeError(f"{batch.item.file_name}: {batch.error}")
+            counts.extend(len(r["feats"]) for r in extract_batch(pipe, batch.prepared, cfg, regions=batch.regions))
 
-    run = one_at_a_time if baseline else batched
-    # warm-up on one image (allocator, oneDNN primitives); not timed
-    extract_batch(det, [det.prepare(files[0])], ExtractConfig(regions="boxes", dtype=task["dtype"]),
-                  boxes=[boxes[str(files[0])][:8]])
+    run = one_at_a_time if baseline else streamed
+    if task.get("warmup", True):  # one image with 8 boxes (allocator, oneDNN primitives); not timed
+        p0 = pipe.prepare(files[0])
+        extract_batch(pipe, [p0], ExtractConfig(regions="boxes", dtype=task["dtype"]),
+                      regions=[pipe.user_regions(boxes[0][:8], p0)])
     times, peaks = [], []
     for _ in range(task["repeats"]):
+        counts.clear()
         with PeakMemory(task["device"]) as mem:
             times.append(_timed(run, task["device"]))
         peaks.append(mem.peak_mb)
     return {"images_per_s": len(files) / statistics.median(times), "peak_mb": max(peaks),
-            "regions_per_image": statistics.mean(n_regions) if n_regions else 0.0}
+            "per_image": statistics.mean(counts) if counts else 0.0}
 
 
 def run_sweep(task: dict) -> dict:
-    """RoI-head peak memory (and time) for R boxes on one image with the res4 map already cached."""
+    """Region-head peak memory (and time) for R boxes on one image with the res4 map already cached."""
     sys.path.insert(0, str(REPO / "tests"))
     from _region_helpers import random_boxes
 
     from regionclip.predictor import RegionPredictor
 
-    det = _load(task)
-    pred = RegionPredictor(det, chunk_size=task["chunk"]).set_image(_images(1)[0])
+    model = _load(task)
+    pred = RegionPredictor(model, chunk_size=task["chunk"], dtype=task["dtype"]).set_image(_images(1)[0])
     pred.encode_boxes(random_boxes(8, 1080, 1920, seed=1))  # warm-up
     boxes = random_boxes(task["boxes"], 1080, 1920, seed=0)
     with PeakMemory(task["device"]) as mem:
@@ -204,6 +235,12 @@ def machine_info(device: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: RN50, GT mode, 1 image, 8 boxes, batch 1, no warm-up, no sweep (checks that "
+                    "every path runs; the numbers are not measurements)")
+    ap.add_argument("--task", default="extract", choices=["extract", "detect"],
+                    help="extract: region features (extract-regions' path); detect: RegionCLIP.detect / .run "
+                    "(classify + post-process, 65 random classes)")
     ap.add_argument("--variants", nargs="+", default=["rn50", "rn50x4"], choices=["rn50", "rn50x4"])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
@@ -212,9 +249,10 @@ def main() -> None:
     ap.add_argument("--boxes", type=int, default=20, help="user boxes per image in GT mode")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--chunk", type=int, default=256, help="RoI-head chunk of the batched path")
-    ap.add_argument("--workers", type=int, default=2, help="decoding workers of the batched path")
+    ap.add_argument("--chunk", type=int, default=256, help="region-head chunk of the streamed paths")
+    ap.add_argument("--workers", type=int, default=2, help="decoding workers of the streamed paths")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--unfused", action="store_true", help="load without inference fusion (fuse=False)")
     ap.add_argument("--sweep", nargs="*", type=int, default=[100, 500, 1000, 2000, 5000],
                     help="box counts of the memory sweep (RN50, GT mode); empty to skip")
     ap.add_argument("--sweep-unchunked-max", type=int, default=2000,
@@ -226,16 +264,28 @@ def main() -> None:
     if args.worker:
         worker_main(json.loads(args.worker))
         return
+    if args.quick:
+        args.variants, args.modes, args.batch_sizes, args.images, args.repeats = ["rn50"], ["gt"], [1], 1, 1
+        args.boxes, args.sweep = 8, []
+    if args.dtype == "float16" and not args.device.startswith("cuda"):
+        ap.error("--dtype float16 needs --device cuda (CPU autocast has no fast float16; use bfloat16)")
+    if max(args.batch_sizes) > args.images:
+        ap.error(f"--images {args.images} is smaller than the largest batch size {max(args.batch_sizes)}")
+
+    from regionclip.runtime import cpu_flags_line
 
     print(f"# machine: {machine_info(args.device)}")
-    print(f"# device {args.device}, dtype {args.dtype}, {args.images} images (the two 1920x1080 demo images, "
-          f"cycled; resized to 1333x750), {args.repeats} repeat(s), GT mode = {args.boxes} random boxes/image")
+    print(f"# {cpu_flags_line()}")
+    print(f"# task {args.task}, device {args.device}, dtype {args.dtype}, {'unfused' if args.unfused else 'fused'} "
+          f"model, {args.images} images (the two 1920x1080 demo images, cycled; resized to 1333x750), "
+          f"{args.repeats} repeat(s), GT mode = {args.boxes} random boxes/image" + (" [--quick]" if args.quick else ""))
     base = {"device": args.device, "dtype": args.dtype, "threads": args.threads, "images": args.images,
-            "repeats": args.repeats, "boxes": args.boxes, "chunk": args.chunk, "workers": args.workers}
+            "repeats": args.repeats, "boxes": args.boxes, "chunk": args.chunk, "workers": args.workers,
+            "task": args.task, "unfused": args.unfused, "warmup": not args.quick}
+    per = "regions/img" if args.task == "extract" else "dets/img"
     results: list[dict] = []
     if not args.skip_throughput:
-        print(f"\n{'variant':8} {'mode':8} {'path':28} {'regions/img':>11} {'images/s':>9} {'speed-up':>8} "
-              f"{'peak MB':>9}")
+        print(f"\n{'variant':8} {'mode':8} {'path':30} {per:>11} {'images/s':>9} {'speed-up':>8} {'peak MB':>9}")
         for variant in args.variants:
             for mode in args.modes:
                 rows = [("baseline", 1)] + [("batched", b) for b in args.batch_sizes]
@@ -248,31 +298,36 @@ def main() -> None:
                     label = "one-at-a-time, unchunked" if path == "baseline" else \
                         f"batch {bs}, chunk {args.chunk}, {args.workers} workers"
                     if "error" in r:
-                        print(f"{variant:8} {mode:8} {label:28} error: {r['error']}")
+                        print(f"{variant:8} {mode:8} {label:30} error: {r['error']}")
                         continue
                     ref = r["images_per_s"] if path == "baseline" else ref
                     up = f"{r['images_per_s'] / ref:.2f}x" if ref else "-"
-                    print(f"{variant:8} {mode:8} {label:28} {r['regions_per_image']:11.0f} {r['images_per_s']:9.3f} "
+                    print(f"{variant:8} {mode:8} {label:30} {r['per_image']:11.0f} {r['images_per_s']:9.3f} "
                           f"{up:>8} {r['peak_mb']:9.0f}", flush=True)
     if args.sweep:
-        print(f"\nRoI-head peak memory vs number of boxes (RN50, one image, res4 cached, {args.device})")
-        print(f"{'boxes':>6} {'chunk 256 MB':>13} {'s':>7} {'unchunked MB':>13} {'s':>7}")
+        print(f"\nRegion-head peak memory vs number of boxes (RN50, one image, res4 cached, {args.device})")
+        print(f"{'boxes':>6} {f'chunk {args.chunk} MB':>13} {'s':>7} {'unchunked MB':>13} {'s':>7}")
         for n in args.sweep:
             row = []
             for chunk in (args.chunk, 10**9):
                 if chunk == 10**9 and n > args.sweep_unchunked_max:
                     row.append(None)
                     continue
-                task = {**base, "kind": "sweep", "variant": "rn50", "boxes": n, "chunk": chunk}
+                task = {**base, "kind": "sweep", "variant": "rn50", "mode": "gt", "boxes": n, "chunk": chunk}
                 r = {**task, **spawn(task)}
                 results.append(r)
                 row.append(r)
             cells = [f"{'-':>13} {'-':>7}" if r is None else (f"{'error':>13} {'':>7}" if "error" in r else
                      f"{r['peak_mb']:13.0f} {r['seconds']:7.1f}") for r in row]
             print(f"{n:6d} {' '.join(cells)}", flush=True)
+            for r in row:
+                if r is not None and "error" in r:
+                    print(f"       error: {r['error']}")
     print(f"\n# finished; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        from regionclip.utils import write_json_atomic
+
+        write_json_atomic(results, args.json, indent=1)
 
 
 def _cuda() -> bool:

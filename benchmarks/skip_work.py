@@ -36,9 +36,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ck = random_checkpoints("rn50", 0, rpn_objectness_shift=args.shift)
     model = RegionCLIP.from_pretrained(ck["regionclip"], ck["rpn"], preset="lvis-rpn")
-    model.set_vocabulary(torch.randn(1203, 1024, generator=torch.Generator().manual_seed(0)))
+    model.set_vocabulary(class_embeddings=torch.randn(1203, 1024, generator=torch.Generator().manual_seed(0)))
     print(f"# {cpu_flags_line()}; torch threads {torch.get_num_threads()}; RN50 random official-format weights, "
-          f"RPN objectness shift {args.shift}, preset lvis-rpn (score > 0.02, raw-logit multiplication)")
+          f"RPN objectness shift {args.shift}, preset lvis-rpn (score > 0.02, raw-logit multiplication)", flush=True)
     pipe, vocab = model.pipeline, model.vocabulary
     assert vocab is not None
     print("image  proposals  skipped  t_full_s  t_skip_s  speedup  identical")
@@ -60,7 +60,7 @@ def main() -> None:
                    for f in ("boxes", "scores", "labels", "region_index"))
         tf, ts = statistics.median(times[False]), statistics.median(times[True])
         print(f"{path.name:14s} {n:5d}  {skipped:5d} ({100 * skipped / max(n, 1):.0f}%)  {tf:8.1f}  {ts:8.1f}  "
-              f"{tf / max(ts, 1e-9):5.2f}x  {same}")
+              f"{tf / max(ts, 1e-9):5.2f}x  {same}", flush=True)
 
 
 if __name__ == "__main__":

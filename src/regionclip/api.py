@@ -118,6 +118,8 @@ class RegionCLIP:
         from ``vocab`` or numbered) or names, embedded once with this checkpoint's own text encoder and cached on
         disk. With neither, the settings' default vocabulary (and its released embedding file, when it is in the
         weights folder and the preset's own weights are used)."""
+        if isinstance(vocab, Tensor):  # a [K, D] tensor given where names were expected
+            vocab, class_embeddings = None, vocab
         if vocab is None and class_embeddings is None:
             vocab = self.settings.vocabulary
             class_embeddings = self._default_embedding_file()
@@ -128,6 +130,8 @@ class RegionCLIP:
             src = "class embeddings" if isinstance(class_embeddings, Tensor) else str(class_embeddings)
             emb = class_embeddings if isinstance(class_embeddings, Tensor) else \
                 class_embedding_file(read_weight_file(class_embeddings), src)
+            if names is None:  # rows without names: the settings' vocabulary when the row count says it is that one
+                names, ids = self._default_names(int(emb.reshape(-1, emb.shape[-1]).shape[0]))
             return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
                                      source=f"{src} (for model {self.weights_path})")
         assert names is not None
@@ -175,14 +179,14 @@ class RegionCLIP:
         except WeightsNotFound:
             return None
 
+    def _default_names(self, rows: int) -> tuple[Optional[list[str]], Optional[list[int]]]:
+        """(names, category ids) of the settings' vocabulary if it has ``rows`` classes (e.g. coco_65_cls_emb with
+        preset coco-gt gets the COCO names and ids), else (None, None): numbered classes."""
+        cand_names, cand_ids = resolve_names(self.settings.vocabulary)
+        return (cand_names, cand_ids) if len(cand_names) == rows else (None, None)
+
     def _embedded_vocabulary(self, emb: Tensor) -> Vocabulary:
-        names = ids = None
-        try:
-            cand_names, cand_ids = resolve_names(self.settings.vocabulary)
-            if len(cand_names) == emb.reshape(-1, emb.shape[-1]).shape[0]:
-                names, ids = cand_names, cand_ids
-        except ValueError:
-            pass
+        names, ids = self._default_names(int(emb.reshape(-1, emb.shape[-1]).shape[0]))
         return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
                                  source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
 

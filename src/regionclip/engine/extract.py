@@ -73,7 +73,7 @@ class ExtractConfig:
     dtype: compute dtype of the CLIP backbone and RoI head (autocast); the RPN always runs in float32 because
         box decoding in 16-bit loses pixels.
     save_dtype: dtype of the stored ``feats``/``probs``.
-    chunk_size: regions per RoI-head call (None: the detector's ``region_chunk_size``); never changes results.
+    chunk_size: regions per RoI-head call (None: 256); never changes results.
     pad_mixed_sizes: batch images of different sizes with the original's zero padding (changes features near
         the bottom/right border of the smaller images); default batches only equal sizes.
     shard_mb / shard_images: a shard is written when either is reached (bounds memory and lost work on a kill).

@@ -24,7 +24,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 import torchvision
@@ -33,6 +33,8 @@ from torchvision.ops import roi_align
 
 from ..modeling.clip_resnet import ModifiedResNet, fused_copy
 from ..modeling.detector import RES4_STRIDE, RegionCLIPDetector
+from ..modeling.rpn.model import OfflineRPN
+from ..modeling.rpn.rpn import RPN, StandardRPNHead
 from ..text.vocabulary import checkpoint_fingerprint
 from ..utils import atomic_path, require, write_json_atomic
 from .quantize import quantize_region_head
@@ -77,11 +79,12 @@ class RPNGraph(nn.Module):
     """The offline RPN's backbone + head: [B, 3, Hp, Wp] (its own normalisation, padded to its size divisibility)
     -> (logits level 0..L-1 [B, A, Hi, Wi], then deltas level 0..L-1 [B, 4A, Hi, Wi])."""
 
-    def __init__(self, rpn: nn.Module) -> None:
+    def __init__(self, rpn: OfflineRPN) -> None:
         super().__init__()
+        pg = cast(RPN, rpn.proposal_generator)
         self.backbone = rpn.backbone
-        self.head = rpn.proposal_generator.rpn_head
-        self.in_features = list(rpn.proposal_generator.in_features)
+        self.head = cast(StandardRPNHead, pg.rpn_head)
+        self.in_features = list(pg.in_features)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         feats = self.backbone(images)
@@ -90,7 +93,7 @@ class RPNGraph(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
-def state_fingerprint(detector: nn.Module) -> str:
+def state_fingerprint(detector: RegionCLIPDetector) -> str:
     """sha256 identifying the weights an export was made from, so a runtime cannot silently pair graphs with
     another checkpoint's classifier / box head. 64 hex chars.
 
@@ -99,8 +102,9 @@ def state_fingerprint(detector: nn.Module) -> str:
     ``mask_head``; so a fused and an unfused load of the same file have the same fingerprint.
     """
     parts: list[tuple[str, Tensor]] = []
-    for prefix, mod in (("attnpool", detector.backbone.attnpool), ("rpn", detector.rpn),
-                        ("bbox_pred", detector.bbox_pred), ("mask_head", detector.mask_head)):
+    mods: tuple[tuple[str, Optional[nn.Module]], ...] = (("attnpool", detector.backbone.attnpool), ("rpn", detector.rpn),
+                        ("bbox_pred", detector.bbox_pred), ("mask_head", detector.mask_head))
+    for prefix, mod in mods:
         if mod is not None:
             parts += [(f"{prefix}.{k}", v) for k, v in mod.state_dict().items()]
     h = hashlib.sha256()
@@ -122,7 +126,7 @@ def _check_detector(detector: Any) -> RegionCLIPDetector:
 
 def _example_inputs(detector: RegionCLIPDetector) -> dict[str, tuple[Tensor, ...]]:
     """Small example inputs for tracing: sizes are dynamic in the exported graphs, so any valid ones do."""
-    c4 = detector.backbone.layer3[-1].conv3.out_channels
+    c4 = cast(nn.Conv2d, cast(nn.Module, detector.backbone.layer4[0]).conv1).in_channels
     g = torch.Generator().manual_seed(0)
     rois = torch.tensor([[0.0, 4.0, 6.0, 100.0, 90.0], [1.0, 0.0, 0.0, 127.0, 95.0], [0.0, 30.0, 20.0, 34.5, 22.0]])
     # batch 2: torch.export specialises a dimension whose example size is 1
@@ -148,9 +152,9 @@ def _graph_specs(detector: RegionCLIPDetector) -> dict[str, dict[str, Any]]:
                                    "rois": ["regions", 5]},
                         "outputs": {"embeddings": ["regions", detector.embed_dim]}},
     }
-    rpn = detector.rpn
-    if rpn is not None and hasattr(rpn, "proposal_generator"):
-        levels = len(rpn.proposal_generator.in_features)
+    if isinstance(detector.rpn, OfflineRPN):
+        rpn = detector.rpn
+        levels = len(cast(RPN, rpn.proposal_generator).in_features)
         outs = {f"logits_{i}": ["batch", "anchors", f"h{i}", f"w{i}"] for i in range(levels)}
         outs.update({f"deltas_{i}": ["batch", "anchors_x4", f"h{i}", f"w{i}"] for i in range(levels)})
         specs["rpn"] = {"module": RPNGraph(rpn), "inputs": {"images": ["batch", 3, "height", "width"]},
@@ -257,8 +261,8 @@ def export_model(detector: Any, output_dir: PathLike, *, fmt: str = "onnx", int8
 def _manifest(det: RegionCLIPDetector, fmt: str, graphs: dict[str, Any], weights_path: Optional[PathLike],
               opset: int) -> dict[str, Any]:
     rpn_info = None
-    if "rpn" in graphs and det.rpn is not None:
-        pg = det.rpn.proposal_generator
+    if "rpn" in graphs and isinstance(det.rpn, OfflineRPN):
+        pg = cast(RPN, det.rpn.proposal_generator)
         rpn_info = {"in_features": list(pg.in_features), "strides": list(pg.strides),
                     "size_divisibility": int(det.rpn.size_divisibility), "input_format": det.rpn.cfg.input_format}
     return {

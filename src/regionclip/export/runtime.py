@@ -22,16 +22,17 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..modeling.detector import boxes_to_rois, normalize_and_pad
+from ..modeling.detector import RegionCLIPDetector, boxes_to_rois, normalize_and_pad
 from ..modeling.recognizer import RegionRecognizer
 from ..modeling.rpn.anchors import anchors_for_features
-from ..modeling.rpn.rpn import find_top_rpn_proposals
+from ..modeling.rpn.model import OfflineRPN
+from ..modeling.rpn.rpn import RPN, find_top_rpn_proposals
 from ..ops.box_coder import decode_boxes
 from ..structures import Proposals
 from ..utils import require
@@ -142,12 +143,15 @@ class ExportedRegionModel:
         use_rpn_graph: run the RPN backbone + head from its graph when exported (False: the torch RPN).
     """
 
-    def __init__(self, detector: nn.Module, export_dir: PathLike, *, backend: str = "onnxruntime",
+    def __init__(self, detector: RegionCLIPDetector, export_dir: PathLike, *, backend: str = "onnxruntime",
                  int8: bool = False, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
                  verify: bool = True, use_rpn_graph: bool = True) -> None:
         if backend not in BACKENDS or backend == "torch":
             raise ValueError(f"unknown graph backend {backend!r}: choose onnxruntime, openvino or torch-export")
-        if getattr(detector, "device", torch.device("cpu")).type != "cpu":
+        if not isinstance(detector, RegionCLIPDetector):
+            raise TypeError(f"exported graphs exist for the CLIP-ResNet RegionCLIPDetector, got "
+                            f"{type(detector).__name__}: run this model with the torch backend")
+        if detector.device.type != "cpu":
             raise ValueError("exported graphs run on the CPU: load the model with device='cpu'")
         self.detector = detector
         self.export_dir = Path(export_dir)
@@ -166,11 +170,12 @@ class ExportedRegionModel:
         self.trunk = open_graph(export_dir, self.manifest, "trunk", backend, **kw)
         self.region_head = open_graph(export_dir, self.manifest, head, backend, **kw)
         self.rpn_graph = (open_graph(export_dir, self.manifest, "rpn", backend, **kw)
-                          if use_rpn_graph and "rpn" in self.manifest["graphs"] and detector.rpn is not None else None)
-        self.has_background = bool(detector.has_background)
-        self.rpn = detector.rpn
-        self.bbox_pred = detector.bbox_pred
-        self.mask_head = detector.mask_head
+                          if use_rpn_graph and "rpn" in self.manifest["graphs"]
+                          and isinstance(detector.rpn, OfflineRPN) else None)
+        self.has_background: bool = bool(detector.has_background)
+        self.rpn: Optional[nn.Module] = detector.rpn
+        self.bbox_pred: Optional[nn.Module] = detector.bbox_pred
+        self.mask_head: Optional[nn.Module] = detector.mask_head
         self._warned_dtype = False
 
     def __repr__(self) -> str:
@@ -217,8 +222,8 @@ class ExportedRegionModel:
         the same padded size run as one batch; backbone + head in the graph, selection in torch (float32)."""
         if self.rpn_graph is None:
             return self.detector.propose(images)
-        rpn = self.detector.rpn
-        pg = rpn.proposal_generator
+        rpn = cast(OfflineRPN, self.detector.rpn)
+        pg = cast(RPN, rpn.proposal_generator)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault(rpn.padded_size(int(img.shape[-2]), int(img.shape[-1])), []).append(i)
@@ -242,7 +247,7 @@ class ExportedRegionModel:
         return self.detector.predict_masks(features, boxes, chunk_size=chunk_size)
 
 
-def proposals_from_head(pg: nn.Module, logits: Sequence[Tensor], deltas: Sequence[Tensor],
+def proposals_from_head(pg: RPN, logits: Sequence[Tensor], deltas: Sequence[Tensor],
                         image_sizes: Sequence[tuple[int, int]]) -> list[tuple[Tensor, Tensor]]:
     """The RPN's test-time selection from raw head outputs (per level logits [N, A, Hi, Wi], deltas
     [N, 4A, Hi, Wi]); the same steps as :meth:`regionclip.modeling.rpn.rpn.RPN.forward` after its head."""

@@ -1,4 +1,5 @@
-"""Concept / class embeddings exactly as RegionCLIP's ``tools/extract_concept_features.py`` (docs/DESIGN.md#class-embeddings).
+"""Concept / class embeddings exactly as RegionCLIP's ``tools/extract_concept_features.py``
+(docs/DESIGN.md#class-embeddings).
 
 For each concept: fill it into every template (commas removed, ``+`` -> space), tokenize (77, EOT may be cut),
 encode with the text tower (EOT pooling + projection, no normalisation) and take the plain mean over the
