@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {"gt": None, "rpn100": 100, "rpn1000": 1000}
@@ -308,7 +308,7 @@ def main() -> None:
         print(f"\nRegion-head peak memory vs number of boxes (RN50, one image, res4 cached, {args.device})")
         print(f"{'boxes':>6} {f'chunk {args.chunk} MB':>13} {'s':>7} {'unchunked MB':>13} {'s':>7}")
         for n in args.sweep:
-            row = []
+            row: list[Optional[dict]] = []
             for chunk in (args.chunk, 10**9):
                 if chunk == 10**9 and n > args.sweep_unchunked_max:
                     row.append(None)
@@ -320,9 +320,9 @@ def main() -> None:
             cells = [f"{'-':>13} {'-':>7}" if r is None else (f"{'error':>13} {'':>7}" if "error" in r else
                      f"{r['peak_mb']:13.0f} {r['seconds']:7.1f}") for r in row]
             print(f"{n:6d} {' '.join(cells)}", flush=True)
-            for r in row:
-                if r is not None and "error" in r:
-                    print(f"       error: {r['error']}")
+            for cell in row:
+                if cell is not None and "error" in cell:
+                    print(f"       error: {cell['error']}")
     print(f"\n# finished; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         from regionclip.utils import write_json_atomic

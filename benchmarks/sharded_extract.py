@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts (regionclip, torchrun) sit beside its python
@@ -107,7 +107,8 @@ def same_regions(dir_a: Path, dir_b: Path) -> str:
 
     from regionclip.engine.extract import load_regions
 
-    a, b = load_regions(dir_a), load_regions(dir_b)
+    Records = dict[str, dict[str, torch.Tensor]]  # {image key: {field: tensor}} (no key given)
+    a, b = cast(Records, load_regions(dir_a)), cast(Records, load_regions(dir_b))
     if set(a) != set(b):
         return f"DIFFERENT image sets ({len(a)} vs {len(b)})"
     worst, n = 0.0, 0

@@ -29,6 +29,7 @@ from _region_helpers import TINY_CLIP, TINY_RPN, tiny_options, tiny_pipeline, ti
 from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig
 from regionclip.distributed import DistInfo, init_distributed
 from regionclip.factory import build_detector
+from regionclip.modeling.detector import RegionCLIPDetector
 from regionclip.pipeline import Pipeline, RunOptions
 from regionclip.runtime import resolve_dtype
 from regionclip.sharding import rank_device
@@ -102,16 +103,17 @@ def test_init_distributed_cuda_without_cuda_fails_clearly(monkeypatch: pytest.Mo
 
 # ------------------------------------------------------------------------------------------- 2. meta-device shapes
 @pytest.fixture(scope="module", params=["rn50", "rn50x4"])
-def meta_detector(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, ClipResNetConfig]:
+def meta_detector(request: pytest.FixtureRequest) -> tuple[RegionCLIPDetector, ClipResNetConfig]:
     """A full-size, fused (the inference path) detector whose parameters live on ``meta`` (no memory, no values)."""
     clip = ClipResNetConfig() if request.param == "rn50" else ClipResNetConfig.rn50x4()
     with torch.device("meta"):
         det = build_detector(DetectorConfig(clip=clip)).eval()
+    assert isinstance(det, RegionCLIPDetector)
     det.backbone.fuse_for_inference()
     return det, clip
 
 
-def test_meta_full_size_region_head_shapes(meta_detector: tuple[torch.nn.Module, ClipResNetConfig]) -> None:
+def test_meta_full_size_region_head_shapes(meta_detector: tuple[RegionCLIPDetector, ClipResNetConfig]) -> None:
     det, clip = meta_detector
     images = [torch.empty(3, 750, 1333, dtype=torch.uint8, device="meta"),
               torch.empty(3, 704, 1333, dtype=torch.uint8, device="meta")]
@@ -126,7 +128,7 @@ def test_meta_full_size_region_head_shapes(meta_detector: tuple[torch.nn.Module,
     assert res5 is not None and res5.shape == (3, clip.res5_channels, grid, grid)
 
 
-def test_meta_float16_region_head_keeps_float16(meta_detector: tuple[torch.nn.Module, ClipResNetConfig]) -> None:
+def test_meta_float16_region_head_keeps_float16(meta_detector: tuple[RegionCLIPDetector, ClipResNetConfig]) -> None:
     """layer4 + attnpool of a float16 model: float16 in, float16 out (the dtypes CUDA float16 work feeds them)."""
     det, clip = meta_detector
     s = clip.pooler_resolution

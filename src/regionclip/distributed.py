@@ -47,7 +47,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None,
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --set train.device=cpu")
+        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --device cpu (training: --set train.device=cpu)")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

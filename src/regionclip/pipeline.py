@@ -224,9 +224,10 @@ class Pipeline:
             out = rescale_to_original(dets, p.resized_hw, p.original_hw)
             masks = None
             if self.model.mask_head is not None:
-                logits_m = self.model.predict_masks(features[img_i:img_i + 1], [dets["boxes"][out["keep"]]],
-                                                    chunk_size=options.chunk_size)[0]
-                masks = paste_masks(logits_m, out["boxes"], *p.original_hw)
+                with autocast_context(self.device, options.dtype):  # res4 is 16-bit under a 16-bit dtype
+                    logits_m = self.model.predict_masks(features[img_i:img_i + 1], [dets["boxes"][out["keep"]]],
+                                                        chunk_size=options.chunk_size)[0]
+                masks = paste_masks(logits_m.float(), out["boxes"], *p.original_hw)
             rows = out["region_index"]
             results.append(Detections(
                 boxes=out["boxes"], scores=out["scores"], labels=out["labels"], image_size=p.original_hw,

@@ -137,6 +137,9 @@ def rank_device(device: str, dist: DistInfo) -> str:
     """``cuda`` -> this rank's ``cuda:<LOCAL_RANK>`` in a sharded run; anything else unchanged."""
     if dist.distributed and device == "cuda":
         return f"cuda:{dist.local_rank}"
+    if dist.distributed and device.startswith("cuda:"):
+        raise ValueError(f"--device {device} under torchrun would put every rank on the same GPU; pass --device cuda "
+                         "(each rank then takes cuda:LOCAL_RANK) or restrict GPUs with CUDA_VISIBLE_DEVICES")
     return device
 
 

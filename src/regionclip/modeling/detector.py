@@ -107,12 +107,16 @@ class RegionCLIPDetector(nn.Module):
             return_res5: also return the [R, C5, S, S] res5 maps (mask head).
         Returns ([sum R_i, D] raw (unnormalized) embeddings in input order, res5 maps or None).
         """
-        rois = boxes_to_rois(boxes, features)
+        # RoIs in float32 always: a 16-bit res4 (autocast) would round box coordinates by up to 1 px (float16) or
+        # 8 px (bfloat16) at 1000+ px; RoIAlign then pools a float32 map (as torchvision's autocast rule does)
+        pool_in = features if features.dtype == torch.float32 else features.float()
+        rois = boxes_to_rois(boxes, pool_in)
         chunk = max(1, int(chunk_size))
         embs, res5s = [], []
         for start in range(0, rois.shape[0], chunk):
-            pooled = roi_align(features, rois[start:start + chunk], output_size=self.pooler_resolution,
-                               spatial_scale=1.0 / RES4_STRIDE, sampling_ratio=self.sampling_ratio, aligned=True)
+            pooled = roi_align(pool_in, rois[start:start + chunk], output_size=self.pooler_resolution,
+                               spatial_scale=1.0 / RES4_STRIDE, sampling_ratio=self.sampling_ratio,
+                               aligned=True).to(features.dtype)
             res5 = self.backbone.layer4(pooled)
             embs.append(self.backbone.attnpool(res5))
             if return_res5:

@@ -144,10 +144,12 @@ class TransformerRegionDetector(nn.Module):
                        return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Region embeddings [sum R_i, D] (raw, unnormalised, input order) for per-image [R_i, 4] XYXY boxes in
         resized-image pixels; no res5 maps on this path (second element None)."""
-        rois = boxes_to_rois(boxes, features)
+        # RoIs (and the pooled map) in float32 always: 16-bit box coordinates would move by up to several pixels
+        pool_in = features if features.dtype == torch.float32 else features.float()
+        rois = boxes_to_rois(boxes, pool_in)
         chunk = max(1, int(chunk_size))
-        embs = [self.backbone.project(pool_regions(features, rois[s:s + chunk], self.backbone.stride,
-                                                   self.pooler_resolution, self.sampling_ratio))
+        embs = [self.backbone.project(pool_regions(pool_in, rois[s:s + chunk], self.backbone.stride,
+                                                   self.pooler_resolution, self.sampling_ratio).to(features.dtype))
                 for s in range(0, rois.shape[0], chunk)]
         emb = torch.cat(embs) if embs else features.new_zeros(0, self.embed_dim)
         return emb, None
