@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .evaluation.results import ResultsError, load_results, validate_results
 from .structures import Detections
+from .utils import atomic_path
 
 PathLike = Union[str, os.PathLike]
 Color = tuple[int, int, int]
@@ -233,12 +234,11 @@ def render_results(results: Union[PathLike, Sequence[dict], Sequence[Union[PathL
 
 def _save(image: Image.Image, path: Path) -> Path:
     """Save via a temp name + rename so an interrupted run leaves no truncated image under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"unsupported output format {path.suffix!r}; use jpg, png, webp or bmp")
-    image.save(tmp, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
     return path
 
 

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..text.prompts import resolve_templates
 from ..text.tokenizer import default_tokenizer
+from ..utils import atomic_path
 
 __all__ = ["CaptionSource", "JsonlCaptions", "TarShardCaptions", "TsvCaptions", "ConcatCaptions", "CaptionSample",
            "CaptionDataset", "parse_text_value", "choose_caption", "caption_resized_shape", "write_lineidx",
@@ -229,9 +230,8 @@ def write_lineidx(tsv_path: PathLike, output: Optional[PathLike] = None) -> Path
             if line.strip():
                 offsets.append(pos)
             pos += len(line)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{o}\n" for o in offsets), encoding="ascii")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(f"{o}\n" for o in offsets), encoding="ascii")
     return out
 
 

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint.io import read_weight_file, save_file_atomic
 from ..config import to_dict
 from ..distributed import DistInfo, all_gather_object, barrier, reduce_dict_mean
-from ..utils import write_json_atomic
+from ..utils import atomic_path, write_json_atomic
 from .schedule import SolverConfig, build_lr_scheduler, build_optimizer
 
 __all__ = ["EngineConfig", "Trainer", "step_generator", "latest_checkpoint", "TrainingInterrupted"]
@@ -118,9 +118,8 @@ class _MetricsWriter:
         if self.path.exists():
             kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and (it := _line_iteration(ln)) is not None and it <= start_iter]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-            tmp.replace(self.path)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

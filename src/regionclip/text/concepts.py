@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from ..utils import require
+from ..utils import atomic_path, require
 
 __all__ = ["extract_concepts", "count_concepts", "build_concept_pool", "singularize", "rule_based_nouns",
            "nouns_from_spacy_doc", "load_spacy", "write_concepts", "BACKENDS", "DEFAULT_EXCLUDE"]
@@ -212,7 +212,6 @@ def extract_concepts(captions: Iterable[str], backend: str = "auto", *, min_coun
 def write_concepts(names: Sequence[str], path: Union[str, Path], counts: Optional[Counter] = None) -> Path:
     """One concept per line (the format ``embed-concepts`` reads); with ``counts`` a ``name\\tcount`` TSV is also
     written next to it (``<path>.counts.tsv``). Atomic writes."""
-    import os
 
     if not names:
         raise ValueError("the concept pool is empty: lower --min-count or give more captions")
@@ -222,7 +221,6 @@ def write_concepts(names: Sequence[str], path: Union[str, Path], counts: Optiona
     if counts is not None:
         outputs.append((path.with_name(path.name + ".counts.tsv"), "".join(f"{n}\t{counts[n]}\n" for n in names)))
     for target, text in outputs:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return path
