@@ -32,7 +32,7 @@ def test_three_formats_round_trip_to_the_same_samples(formats):
         assert sorted(src.key(i).rsplit("/", 1)[-1] for i in range(len(src))) == [k for k, _, _ in pairs]
     datasets = {n: CaptionDataset(s, min_size=64, max_size=96) for n, s in sources.items()}
     order = {n: {s.key(i).rsplit("/", 1)[-1]: i for i in range(len(s))} for n, s in sources.items()}
-    for key, img, cap in pairs:
+    for key, _img, cap in pairs:
         samples = {n: d[(order[n][key], 123)] for n, d in datasets.items()}
         ref = samples["jsonl"]
         assert ref.caption in (cap, cap.replace("a ", "one ", 1))

@@ -156,7 +156,7 @@ def test_skipping_unreachable_proposals_is_exact() -> None:
         encoded = []
         orig = pipe.encode
 
-        def spy(features, boxes, options):
+        def spy(features, boxes, options, encoded=encoded, orig=orig):
             encoded.append(sum(len(b) for b in boxes))
             return orig(features, boxes, options)
 
