@@ -160,3 +160,25 @@ def test_cheap_argument_errors_come_before_the_model_loads(tmp_path, capsys, mon
     assert "empty name" in capsys.readouterr().err
     assert main(["detect", str(img), "--vocab", "a", "--concept-emb", str(tmp_path / "nope.pth")]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+class _Custom:
+    """A class weights_only loading refuses to import (pickled by reference to this module)."""
+
+
+def test_bad_checkpoint_messages_say_the_right_thing(tmp_path):
+    from regionclip.checkpoint.io import CheckpointError, read_weight_file
+
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"model": _Custom()}, unsafe)  # a pickled object weights_only refuses
+    with pytest.raises(CheckpointError) as e:
+        read_weight_file(unsafe)
+    msg = str(e.value)
+    assert "weights_only=True" in msg and "re-download" in msg
+    assert "weights_only=False" not in msg and "TorchScript" in msg  # never the advice to run code from the file
+    truncated = tmp_path / "truncated.pth"
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.zeros(100)}, good)
+    truncated.write_bytes(good.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch weight file"):
+        read_weight_file(truncated)

@@ -42,10 +42,25 @@ def read_weight_file(path: PathLike) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, a pickled object that needs code execution, ...
-        raise CheckpointError(
-            f"could not read {path} as a PyTorch weight file with weights_only=True ({type(e).__name__}: {e}). "
-            "If it is an OpenAI CLIP TorchScript archive, pass it to regionclip.checkpoint.openai_clip instead; "
-            "otherwise re-download the file.") from e
+        raise CheckpointError(_unreadable_message(path, e)) from None
+
+
+def _unreadable_message(path: Path, error: Exception) -> str:
+    """What to tell a user whose file ``torch.load(weights_only=True)`` refused. PyTorch's own text advises retrying
+    with ``weights_only=False`` (running code from the file) - the opposite of what to do with a file of unknown
+    origin - so it is not repeated."""
+    text = str(error)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return (f"{path} holds pickled Python objects besides tensors, so reading it could run code from the file; "
+                "regionclip reads weight files with weights_only=True and refuses it. A released RegionCLIP, RPN or "
+                "embedding file never needs more: re-download it. If you made this file yourself and trust it, "
+                "save its state dict instead (torch.save(obj['model'] or obj.state_dict(), 'clean.pth')) or use "
+                "`regionclip convert` on a trusted machine; OpenAI's TorchScript CLIP archives are read by "
+                "`regionclip embed-concepts --allow-jit`.")
+    if isinstance(error, (EOFError, RuntimeError)) and ("zip" in text or "archive" in text or "EOF" in text
+                                                       or "Ran out of input" in text):
+        return f"{path} is truncated or not a PyTorch weight file ({type(error).__name__}); re-download it."
+    return f"could not read {path} as a PyTorch weight file ({type(error).__name__}); re-download it."
 
 
 def state_dict_from(obj: Any, path: PathLike = "<memory>") -> dict[str, Tensor]:
