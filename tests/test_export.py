@@ -214,3 +214,38 @@ def test_rn50_cli_export_matches_eager(rn50_ckpts: dict[str, Path], tmp_path: Pa
     assert rel_err(fast.pipeline.encode(feats, boxes, opts), model.pipeline.encode(feats, boxes, opts)) < EMB_RTOL
     assert_same_detections(fast.pipeline.detect_prepared(prep, vocab, opts, regions=regions)[0],
                            model.pipeline.detect_prepared(prep, vocab, opts, regions=regions)[0])
+
+
+def test_detect_cli_with_onnxruntime_backend_equals_torch(tmp_path, demo_images):
+    """`regionclip export` then `regionclip detect --backend onnxruntime --export-dir ...` gives the torch results
+    (GT boxes; the same classes in the same order, scores within float rounding)."""
+    import json
+
+    from regionclip.cli.main import main
+    from regionclip.modeling.clip_resnet import ModifiedResNet
+    from regionclip.modeling.text_encoder import CLIPTextTransformer
+
+    torch.manual_seed(0)
+    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
+    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)
+    sd = {"backbone." + k: v for k, v in vis.state_dict().items()}
+    sd.update({"lang_encoder." + k: v for k, v in txt.state_dict().items()})
+    ckpt = tmp_path / "tiny.pth"
+    torch.save({"model": sd}, ckpt)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({demo_images[0].name: [[100, 100, 900, 700], [1000, 200, 1500, 900]]}))
+    emb = tmp_path / "emb.pth"
+    torch.save(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), emb)
+    assert main(["export", "--weights", str(ckpt), "--format", "onnx", "-o", str(tmp_path / "exp")]) == 0
+    common = [str(demo_images[0]), "--weights", str(ckpt), "--boxes", str(boxes), "--preset", "coco-gt",
+              "--concept-emb", str(emb), "--vocab", "a,b,c", "--score-thresh", "0", "--num-workers", "0", "--no-vis",
+              "--quiet"]
+    assert main(["detect", *common, "-o", str(tmp_path / "t")]) == 0
+    assert main(["detect", *common, "--backend", "onnxruntime", "--export-dir", str(tmp_path / "exp"),
+                 "-o", str(tmp_path / "o")]) == 0
+    a = json.loads((tmp_path / "t" / "results.json").read_text())
+    b = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert len(a) == len(b) > 0
+    assert [r["category_id"] for r in a] == [r["category_id"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["bbox"] == pytest.approx(rb["bbox"], abs=1e-3) and ra["score"] == pytest.approx(rb["score"], abs=1e-5)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from ..api import RegionCLIP
 from ..config import to_dict
 from ..data.images import DEFAULT_MAX_PIXELS
+from ..export import read_manifest
 from ..pipeline import RunOptions
 from ..presets import PRESETS, LoadOptions
 from ..pretrained import WeightsNotFound, resolve_weights
@@ -63,6 +64,11 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: int = 2) -> None:
     r.add_argument("--num-workers", type=int, default=workers, help="decoding worker processes (0: in the main one)")
     r.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"skip images with more decoded pixels than this (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
+    r.add_argument("--backend", choices=["torch", "onnxruntime", "openvino", "torch-export"], default="torch",
+                   help="run the trunk, region head and RPN head from graphs written by `regionclip export` "
+                        "(docs/EXPORT.md); CPU only")
+    r.add_argument("--export-dir", help="the folder written by `regionclip export` (needed by --backend)")
+    r.add_argument("--int8", action="store_true", help="with --backend onnxruntime: the int8 region head")
     r.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
 
 
@@ -99,12 +105,22 @@ def check_cheap_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if getattr(args, "num_workers", 0) < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if getattr(args, "backend", "torch") != "torch":
+        if not args.export_dir:
+            raise ValueError(f"--backend {args.backend} needs --export-dir (make one with `regionclip export`)")
+        if not str(args.device).startswith("cpu"):
+            raise ValueError(f"--backend {args.backend} runs on the CPU; use --device cpu or --backend torch")
+        read_manifest(args.export_dir)  # a missing or foreign export folder fails before the model loads
 
 
 def load_model(args: argparse.Namespace, *, regions: Optional[str] = None, verbose: bool = True) -> RegionCLIP:
     """Load the model once, print what was loaded and the resolved settings in one line each."""
     check_cheap_args(args)
     model = RegionCLIP.load(load_options(args, regions=regions))
+    if getattr(args, "backend", "torch") != "torch":
+        model = model.with_backend(args.backend, args.export_dir, int8=args.int8)
+        if verbose:
+            log(f"backend: {model.detector!r}")
     if verbose:
         log(model.loaded.report.summary(max_items=4))
         log(model.settings.describe())

@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "regionclip.cli.index",
     "regionclip.cli.search",
     "regionclip.cli.convert",
+    "regionclip.cli.export",
 ]
 
 
