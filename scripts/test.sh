@@ -16,10 +16,19 @@ export REGIONCLIP_NO_SKIPS=${REGIONCLIP_NO_SKIPS-1}  # a skip in CI is a missing
 echo "== ruff"; .venv/bin/ruff check src tests
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest (default CPU kernels)"
-.venv/bin/python -m pytest -q -rs "$@"
-if [ "$#" -eq 0 ]; then
-  # the parity tests again with the kernels of an AVX2-only CPU: tolerances must hold on other CPUs' rounding
-  # (docs/DESIGN.md#numerics); a no-op where the CPU has no more than AVX2 anyway
-  echo "== pytest parity (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)"
-  ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q -rs -m parity tests/parity
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q -rs "$@"
 fi
+# one pytest process per test file: native libraries (ONNX Runtime, OpenVINO, faiss, gradio's servers, Chromium)
+# keep threads and state for the life of a process; isolating the files keeps one file's leftovers from another's
+# run (a segfault was seen once deep into a single-process run, not reproduced in smaller combinations)
+failed=0
+for f in tests/parity/test_*.py tests/test_*.py; do
+  echo "-- $f"
+  .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$f" || { rc=$?; [ "$rc" -eq 5 ] || failed=1; }
+done
+[ "$failed" -eq 0 ] || { echo "some test files failed"; exit 1; }
+# the parity tests again with the kernels of an AVX2-only CPU: tolerances must hold on other CPUs' rounding
+# (docs/DESIGN.md#numerics); a no-op where the CPU has no more than AVX2 anyway
+echo "== pytest parity (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)"
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q -rs -m parity tests/parity
