@@ -9,15 +9,11 @@ import numpy as np
 import torch
 
 from ..structures import Detections
+from ..utils import require
 
 
 def _supervision() -> Any:
-    try:
-        import supervision as sv
-    except ImportError as e:
-        raise ImportError("supervision is needed for to_supervision / from_supervision: pip install supervision "
-                          "(or pip install 'regionclip[dev]')") from e
-    return sv
+    return require("supervision", "supervision", "to_supervision / from_supervision")
 
 
 def to_supervision(det: Detections) -> Any:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..structures import Detections
+from ..utils import require
 
 
 class ResultsError(ValueError):
@@ -19,12 +20,7 @@ class ResultsError(ValueError):
 
 
 def _mask_util() -> Any:
-    try:
-        import pycocotools.mask as mask_util
-    except ImportError as e:
-        raise ImportError("pycocotools is needed to write or read instance masks (RLE): pip install pycocotools "
-                          "(or pip install 'regionclip[eval]')") from e
-    return mask_util
+    return require("pycocotools.mask", "eval", "writing or reading instance masks (RLE)")
 
 
 def encode_masks(masks: Any) -> list[dict]:
