@@ -159,7 +159,7 @@ def test_int8_region_head_is_quantised_and_close(tiny_rpn: torch.nn.Module, imag
     props = [eager.proposals([p], opts)[0].boxes for p in prep]
     manifest = export_model(tiny_rpn, tmp_path, fmt="onnx", int8=True,
                             calibration=calibration_pairs(res4, props, regions_per_call=16, max_calls=4))
-    assert manifest["graphs"]["region_head_int8"]["quantization"] == "static-qdq-minmax"
+    assert manifest["graphs"]["region_head_int8"]["quantization"] == "static-qdq-conv-percentile"
     ops = {n.op_type for n in onnx.load(str(tmp_path / "region_head.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     q8 = make_backend(tiny_rpn, "onnxruntime", tmp_path, int8=True)

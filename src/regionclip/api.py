@@ -191,7 +191,7 @@ class RegionCLIP:
                                  source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
 
     # ------------------------------------------------------------------ inference
-    def run_options(self, *, batch_size: int = 1, dtype: str = "float32", chunk_size: int = 256,
+    def run_options(self, *, batch_size: int = 1, dtype: str = "float32", chunk_size: Optional[int] = None,
                     max_proposals: Optional[int] = None, skip_unreachable: bool = True, keep_probs: bool = False,
                     keep_features: bool = False, num_workers: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                     pad_mixed_sizes: bool = False, **postprocess_overrides: Any) -> RunOptions:

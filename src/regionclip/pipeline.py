@@ -35,6 +35,7 @@ from .formats.boxes import BadBoxesError, validate_user_boxes
 from .modeling.heads import paste_masks
 from .modeling.recognizer import RegionRecognizer
 from .ops.boxes import clip_boxes, scale_boxes_like_d2
+from .runtime import default_chunk_size
 from .postprocess import combine_rpn_scores, postprocess_detections, reachable_by_rpn_score, rescale_to_original
 from .structures import Detections, PreparedImage, Proposals
 from .utils import COMPUTE_DTYPES, autocast_context
@@ -47,7 +48,8 @@ class RunOptions:
 
     postprocess: thresholds, NMS, RPN-score multiplication, box deltas (:class:`PostprocessConfig`).
     dtype: compute dtype of the backbone and region head (autocast); the RPN and the classifier stay float32.
-    chunk_size: regions per region-head call; bounds memory, never changes a result.
+    chunk_size: regions per region-head call; bounds memory, never changes a result. None: the measured best for
+        the device (:func:`regionclip.runtime.default_chunk_size`).
     batch_size: images per backbone pass (:meth:`Pipeline.run` / :meth:`Pipeline.detect`).
     max_proposals: keep only the k best RPN proposals per image (None = all the RPN returns).
     skip_unreachable: with raw-logit multiplication, do not encode proposals whose score can never pass the
@@ -61,7 +63,7 @@ class RunOptions:
 
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     dtype: str = "float32"
-    chunk_size: int = 256
+    chunk_size: Optional[int] = None
     batch_size: int = 1
     max_proposals: Optional[int] = None
     skip_unreachable: bool = True
@@ -75,7 +77,7 @@ class RunOptions:
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         for name in ("chunk_size", "batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_proposals is not None and self.max_proposals < 1:
             raise ValueError(f"max_proposals must be >= 1, got {self.max_proposals}")
@@ -165,6 +167,10 @@ class Pipeline:
         return top_proposals(self.model.propose([p.image for p in prepared]), options.max_proposals)
 
     # ------------------------------------------------------------------ 3-4. features and region embeddings
+    def chunk_size(self, options: RunOptions) -> int:
+        """Regions per region-head call: the option, or the measured best for this model's device."""
+        return options.chunk_size or default_chunk_size(self.device)
+
     @torch.no_grad()
     def features(self, prepared: Sequence[PreparedImage], options: RunOptions = RunOptions()) -> Tensor:
         with autocast_context(self.device, options.dtype):
@@ -174,7 +180,7 @@ class Pipeline:
     def encode(self, features: Tensor, boxes: Sequence[Tensor], options: RunOptions = RunOptions()) -> Tensor:
         """[sum R_i, D] raw float32 region embeddings of per-image resized-frame boxes, in input order."""
         with autocast_context(self.device, options.dtype):
-            emb, _ = self.model.encode_regions(features, boxes, chunk_size=options.chunk_size)
+            emb, _ = self.model.encode_regions(features, boxes, chunk_size=self.chunk_size(options))
         return emb.float()
 
     def classify(self, region_emb: Tensor, vocabulary: Vocabulary) -> Tensor:
@@ -226,7 +232,7 @@ class Pipeline:
             if self.model.mask_head is not None:
                 with autocast_context(self.device, options.dtype):  # res4 is 16-bit under a 16-bit dtype
                     logits_m = self.model.predict_masks(features[img_i:img_i + 1], [dets["boxes"][out["keep"]]],
-                                                        chunk_size=options.chunk_size)[0]
+                                                        chunk_size=self.chunk_size(options))[0]
                 masks = paste_masks(logits_m.float(), out["boxes"], *p.original_hw)
             rows = out["region_index"]
             results.append(Detections(

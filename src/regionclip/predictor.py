@@ -69,11 +69,12 @@ class RegionPredictor:
     Args:
         model: a :class:`regionclip.api.RegionCLIP` (class names are embedded with the checkpoint's own text
             encoder, and the model's resolved settings are used for :meth:`detect`).
-        chunk_size: regions per region-head call. Peak memory grows with the chunk, not with the number of boxes.
+        chunk_size: regions per region-head call (None: the device default). Peak memory grows with the chunk, not
+            with the number of boxes.
         dtype: compute dtype of the backbone and region head (``float32``, ``bfloat16``, ``float16``).
     """
 
-    def __init__(self, model: RegionCLIP, *, chunk_size: int = 256, dtype: str = "float32") -> None:
+    def __init__(self, model: RegionCLIP, *, chunk_size: Optional[int] = None, dtype: str = "float32") -> None:
         if not isinstance(model, RegionCLIP):
             raise TypeError(f"RegionPredictor needs a RegionCLIP (RegionCLIP.from_pretrained(...)), got "
                             f"{type(model).__name__}")

@@ -58,8 +58,8 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: int = 2) -> None:
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
                    help="compute dtype of the backbone and region head (RPN and classifier stay float32); auto = "
                         "bfloat16 only where the hardware runs it natively. Accuracy cost: docs/BENCHMARKS.md")
-    r.add_argument("--chunk-size", type=int, default=256, help="regions per region-head call (memory bound; results "
-                   "unchanged)")
+    r.add_argument("--chunk-size", type=int, default=None, help="regions per region-head call (bounds memory; results "
+                   "unchanged; default: 64 on CPU, 256 on GPUs)")
     r.add_argument("--max-proposals", type=int, help="keep only the k best RPN proposals per image")
     r.add_argument("--num-workers", type=int, default=workers, help="decoding worker processes (0: in the main one)")
     r.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

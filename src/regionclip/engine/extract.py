@@ -73,7 +73,8 @@ class ExtractConfig:
     dtype: compute dtype of the CLIP backbone and RoI head (autocast); the RPN always runs in float32 because
         box decoding in 16-bit loses pixels.
     save_dtype: dtype of the stored ``feats``/``probs``.
-    chunk_size: regions per RoI-head call (None: 256); never changes results.
+    chunk_size: regions per RoI-head call (None: the device default, regionclip.runtime.default_chunk_size); never
+        changes results.
     pad_mixed_sizes: batch images of different sizes with the original's zero padding (changes features near
         the bottom/right border of the smaller images); default batches only equal sizes.
     shard_mb / shard_images: a shard is written when either is reached (bounds memory and lost work on a kill).
@@ -104,7 +105,7 @@ class ExtractConfig:
 def run_options_for(cfg: ExtractConfig, postprocess: Optional[PostprocessConfig] = None) -> RunOptions:
     """The pipeline settings of an extraction run. Proposals are never skipped: extraction encodes every region
     it is asked for (work skipping is a detection-only optimisation)."""
-    return RunOptions(postprocess=postprocess or PostprocessConfig(), dtype=cfg.dtype, chunk_size=cfg.chunk_size or 256,
+    return RunOptions(postprocess=postprocess or PostprocessConfig(), dtype=cfg.dtype, chunk_size=cfg.chunk_size,
                       batch_size=cfg.batch_size, max_proposals=cfg.topk, skip_unreachable=False, keep_probs=True,
                       keep_features=True, num_workers=cfg.num_workers, pad_mixed_sizes=cfg.pad_mixed_sizes)
 

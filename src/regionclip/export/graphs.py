@@ -72,7 +72,7 @@ class RegionHeadGraph(nn.Module):
     def forward(self, res4: Tensor, rois: Tensor) -> Tensor:
         pooled = roi_align(res4, rois, output_size=self.pooler_resolution, spatial_scale=1.0 / RES4_STRIDE,
                            sampling_ratio=self.sampling_ratio, aligned=True)
-        return self.backbone.attnpool(self.backbone.layer4(pooled))
+        return self.backbone.forward_res5_pooled(pooled)
 
 
 class RPNGraph(nn.Module):
@@ -142,7 +142,7 @@ def _graph_specs(detector: RegionCLIPDetector) -> dict[str, dict[str, Any]]:
     folded into its single query: ~20x fewer attnpool FLOPs; exact up to float rounding, ~1e-6 relative) in NCHW
     (the runtimes choose their own layouts); ``detector`` itself is not changed."""
     bb = detector.backbone
-    fused = (copy.deepcopy(bb).to(memory_format=torch.contiguous_format) if bb.fused
+    fused = (copy.deepcopy(bb).use_channels_last(False) if bb.fused
              else fused_copy(bb, channels_last=False))
     specs: dict[str, dict[str, Any]] = {
         "trunk": {"module": TrunkGraph(detector, fused), "inputs": {"images": ["batch", 3, "height", "width"]},

@@ -3,8 +3,12 @@
 Two methods:
 
 * ``static`` (when calibration regions are given): QDQ format, int8 per-channel weights, uint8 activations whose
-  ranges come from running the float32 graph on a few (res4, RoIs) pairs (MinMax). Convolutions and GEMMs then run
-  as integer kernels (QLinearConv / QGemm).
+  ranges come from running the float32 graph on a few (res4, RoIs) pairs (99.999th percentile of the observed
+  values). Only the convolutions are quantised (they are ~99 % of the folded head's FLOPs); the attention pool's
+  small products stay float32. Measured on RN50 (random weights, 1000 RPN proposals, top-100 detections against
+  float32 eager, docs/EXPORT.md#int8): all op types + MinMax ranges: embedding cosine >= 0.9976, same (class,
+  source proposal) 63 %; convs only + MinMax: cosine >= 0.9987, 71 %; convs only + percentile (the default):
+  cosine >= 0.9983 (mean 0.9995), 78 % same source proposal and 95 % same class at box IoU >= 0.5.
 * ``dynamic`` (no calibration data): int8 weights, activation ranges computed per call (``quantize_dynamic``).
   No data needed, but ONNX Runtime's dynamic ``ConvInteger`` path is not its fast one, so on CPUs it may be slower
   than float32 (measured: benchmarks/results/export_cpu.txt).
@@ -26,6 +30,8 @@ from torch import Tensor
 from ..utils import atomic_path, require
 
 PathLike = Union[str, os.PathLike]
+DEFAULT_OP_TYPES = ("Conv",)
+CALIBRATION_PERCENTILE = 99.999
 
 
 class _CalibrationReader:
@@ -65,9 +71,9 @@ def quantize_region_head(fp32_path: PathLike, int8_path: PathLike,
                          calibration: Optional[Sequence[tuple[Tensor, Tensor]]] = None, *,
                          op_types: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Write an int8 copy of the float32 region-head ONNX graph; ``calibration`` -> static QDQ, else dynamic.
-    ``op_types``: the ONNX op types to quantise (default: ONNX Runtime's, i.e. convs and the attnpool's GEMMs).
+    ``op_types``: the ONNX op types to quantise (default: ``Conv`` only, see the module docstring).
 
-    Returns ``{"file": <int8 file name>, "method": "static-qdq-minmax" | "dynamic"}``.
+    Returns ``{"file": <int8 file name>, "method": "static-qdq-conv-percentile" | "dynamic"}``.
     """
     quant = require("onnxruntime.quantization", "onnx", "int8 quantisation")
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
@@ -76,11 +82,12 @@ def quantize_region_head(fp32_path: PathLike, int8_path: PathLike,
             quant.quantize_static(str(fp32_path), str(tmp), _CalibrationReader(calibration),
                                   quant_format=quant.QuantFormat.QDQ, per_channel=True,
                                   activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
-                                  calibrate_method=quant.CalibrationMethod.MinMax,
-                                  op_types_to_quantize=list(op_types) if op_types else None)
-            method = "static-qdq-minmax"
+                                  calibrate_method=quant.CalibrationMethod.Percentile,
+                                  extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
+                                  op_types_to_quantize=list(op_types or DEFAULT_OP_TYPES))
+            method = "static-qdq-conv-percentile"
         else:
             quant.quantize_dynamic(str(fp32_path), str(tmp), weight_type=quant.QuantType.QInt8,
-                                   op_types_to_quantize=list(op_types) if op_types else None)
+                                   op_types_to_quantize=list(op_types or DEFAULT_OP_TYPES))
             method = "dynamic"
     return {"file": int8_path.name, "method": method}

@@ -82,10 +82,10 @@ class AttentionPool2d(nn.Module):
             raise ValueError(f"attention pool expects a {self.spacial_dim}x{self.spacial_dim} map, got {h}x{w}; "
                              "the RoI pooler resolution must be 2x the attnpool grid (14 for RN50, 18 for RN50x4)")
         tokens = x.flatten(2).permute(0, 2, 1)  # [N, HW, C] (a free view when x is channels_last)
-        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [N, HW+1, C]
-        tokens = tokens + self.positional_embedding.to(tokens.dtype)
         if self.fold_kv:
             return self._forward_folded(tokens)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [N, HW+1, C]
+        tokens = tokens + self.positional_embedding.to(tokens.dtype)
         head_dim = c // self.num_heads
         q = self.q_proj(tokens[:, :1]).view(n, 1, self.num_heads, head_dim).transpose(1, 2)
         k = self.k_proj(tokens).view(n, -1, self.num_heads, head_dim).transpose(1, 2)
@@ -93,28 +93,37 @@ class AttentionPool2d(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, 1, head_dim]
         return self.c_proj(out.transpose(1, 2).reshape(n, c))
 
-    def _forward_folded(self, tokens: Tensor) -> Tensor:
+    def _forward_folded(self, pixels: Tensor) -> Tensor:
         """The same first-query attention with the K and V projections folded into the query side.
 
         With one query per head, ``score_j = q_h . (Wk_h t_j + bk_h) = (Wk_h^T q_h) . t_j + q_h . bk_h``; the last
         term is the same for every token j and cancels in the softmax. Since the weights sum to 1,
         ``sum_j a_j (Wv_h t_j + bv_h) = Wv_h (sum_j a_j t_j) + bv_h``. So instead of projecting all HW+1 tokens
         (2 (HW+1) C^2 multiply-adds per region: ~0.84 GFLOP for RN50, ~2.1 for RN50x4) we project one query
-        and one mixed token per head (2 C^2) plus two [heads x (HW+1) x C] products. Exact in real arithmetic;
-        in floating point only the summation order differs.
+        and one mixed token per head (2 C^2) plus two [heads x (HW+1) x C] products.
 
-        tokens: [N, L, C] (mean token first, positional embedding added) -> [N, output_dim].
+        The tokens ``t_0 = mean_j x_j + pe_0``, ``t_j = x_j + pe_j`` are never materialised (a concatenation and
+        an add over [N, HW+1, C]: memory-bound passes that cost ~3 % of the region head): with ``u = Wk_h^T q_h``,
+        ``u . t_j = u . x_j + u . pe_j`` and ``u . t_0 = mean_j (u . x_j) + u . pe_0``; and the mixed token is
+        ``sum_j a_j t_j = sum_{j>=1} (a_j + a_0 / HW) x_j + sum_j a_j pe_j``.
+        Exact in real arithmetic; in floating point only the summation order differs.
+
+        pixels: [N, HW, C] (the map's pixels, no mean token, no positional embedding) -> [N, output_dim].
         """
-        n, _, c = tokens.shape
+        n, hw, c = pixels.shape
         heads = self.num_heads
         d = c // heads
-        q = self.q_proj(tokens[:, 0]) * d ** -0.5  # [N, C], SDPA's default scale
+        pe = self.positional_embedding.to(pixels.dtype)  # [HW+1, C]
+        q = self.q_proj(pixels.mean(dim=1) + pe[0]) * d ** -0.5  # [N, C], SDPA's default scale
         wk = self.k_proj.weight.view(heads, d, c)  # rows of head h: its d output features
-        qk = torch.bmm(q.view(n, heads, d).transpose(0, 1), wk.to(q.dtype))  # [H, N, C] = per-head Wk_h^T q_h
-        scores = torch.bmm(qk.transpose(0, 1), tokens.transpose(1, 2))  # [N, H, L]
+        qk = torch.bmm(q.view(n, heads, d).transpose(0, 1), wk.to(q.dtype)).transpose(0, 1)  # [N, H, C]: u per head
+        px_scores = torch.bmm(qk, pixels.transpose(1, 2))  # [N, H, HW]
+        # [N, H, HW+1] (small): pixel part (the mean token's is the mean) + positional part of every token's score
+        scores = torch.cat([px_scores.mean(dim=-1, keepdim=True), px_scores], dim=-1) + torch.matmul(qk, pe.t())
         # softmax in float32 also under bf16 autocast (N*H*L values: negligible cost)
-        attn = torch.softmax(scores, dim=-1, dtype=torch.float32).to(tokens.dtype)
-        mixed = torch.bmm(attn, tokens)  # [N, H, C]: per-head attention-weighted token
+        attn = torch.softmax(scores, dim=-1, dtype=torch.float32).to(pixels.dtype)
+        px_weights = attn[:, :, 1:] + attn[:, :, :1] / hw  # [N, H, HW]
+        mixed = torch.baddbmm(torch.matmul(attn, pe), px_weights, pixels)  # [N, H, C]: per-head mixed token
         wv_t = self.v_proj.weight.view(heads, d, c).transpose(1, 2)  # [H, C, d]
         out = torch.bmm(mixed.transpose(0, 1), wv_t.to(mixed.dtype))  # [H, N, d]
         out = out.transpose(0, 1).reshape(n, c) + self.v_proj.bias.to(out.dtype)
@@ -145,6 +154,7 @@ class ModifiedResNet(nn.Module):
         self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
         self.fused = False
+        self.channels_last = False  # set by fuse_for_inference
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         mods = [Bottleneck(self._inplanes, planes, stride)]
@@ -195,9 +205,19 @@ class ModifiedResNet(nn.Module):
         # every call, so convert once per image here rather than once per region chunk (no-op when NCHW)
         return res4.contiguous()
 
+    def forward_res5(self, x: Tensor) -> Tensor:
+        """RoI features [N, 16*width, P, P] -> res5 maps [N, 32*width, P/2, P/2] (layer4).
+
+        A channels_last (fused) model converts its input once here: RoIAlign returns NCHW, and left as is, the first
+        block's downsample branch would average-pool the NCHW map and convert the pooled map again (~2 % of the
+        region head, measured)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.layer4(x)
+
     def forward_res5_pooled(self, x: Tensor) -> Tensor:
         """RoI features [N, 16*width, P, P] -> region embeddings [N, output_dim] (layer4 + attnpool)."""
-        return self.attnpool(self.layer4(x))
+        return self.attnpool(self.forward_res5(x))
 
     def encode_image(self, x: Tensor) -> Tensor:
         """Whole-image CLIP embedding (the OpenAI ``encode_image`` of the visual tower), for cross-checks."""
@@ -249,10 +269,19 @@ class ModifiedResNet(nn.Module):
             blk.fused = True
         self.fused = True
         self.attnpool.fold_kv = fold_attnpool_kv
-        if channels_last:
-            self.to(memory_format=torch.channels_last)  # 4-D conv weights only; the attnpool's are 1-D/2-D
+        self.use_channels_last(channels_last)
         self.requires_grad_(False)
         return self
+
+    def use_channels_last(self, enabled: bool) -> "ModifiedResNet":
+        """Switch a fused model between NHWC (conv weights channels_last, region inputs converted once: what CPU
+        oneDNN runs fastest) and plain NCHW (what graph export wants: the runtimes choose their own layouts).
+        Layout only: results differ by rounding at most."""
+        if not self.fused:
+            raise RuntimeError("use_channels_last applies to a fused model (fuse_for_inference)")
+        self.channels_last = enabled
+        # 4-D conv weights only; the attnpool's are 1-D/2-D
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def freeze(self, freeze_at: int = 2) -> None:
         """detectron2 FREEZE_AT semantics: 1 = stem, 2 = stem + res2 (layer1), ..."""

@@ -117,7 +117,7 @@ class RegionCLIPDetector(nn.Module):
             pooled = roi_align(pool_in, rois[start:start + chunk], output_size=self.pooler_resolution,
                                spatial_scale=1.0 / RES4_STRIDE, sampling_ratio=self.sampling_ratio,
                                aligned=True).to(features.dtype)
-            res5 = self.backbone.layer4(pooled)
+            res5 = self.backbone.forward_res5(pooled)
             embs.append(self.backbone.attnpool(res5))
             if return_res5:
                 res5s.append(res5)
