@@ -108,3 +108,35 @@ def tiny_model(seed: int = 0, *, rpn: bool = False, min_size: int = 96, max_size
     cfg = DetectorConfig(clip=TINY_CLIP, rpn=TINY_RPN if rpn else None, input=input_cfg)
     return as_regionclip(tiny_detector(seed, rpn=rpn, min_size=min_size, max_size=max_size), input_cfg,
                          postprocess or TINY_POST, cfg)
+
+
+def tiny_checkpoint_state(seed: int = 0, *, rpn: bool = False, finetuned_rows: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny checkpoint in the released key layout: ``backbone.*`` (CLIP RN, 16-d embeddings), ``lang_encoder.*``,
+    with ``rpn`` the ``offline_*`` RPN, with ``finetuned_rows`` a fine-tuned box predictor of that many test classes.
+    The CLI tests write it with :func:`write_tiny_checkpoint` and load it like a released file."""
+    from regionclip.modeling.clip_resnet import ModifiedResNet
+    from regionclip.modeling.rpn import build_offline_rpn
+    from regionclip.modeling.text_encoder import CLIPTextTransformer
+
+    torch.manual_seed(seed)
+    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
+    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)
+    sd = {"backbone." + k: v for k, v in vis.state_dict().items()}
+    sd.update({"lang_encoder." + k: v for k, v in txt.state_dict().items()})
+    if rpn:
+        for k, v in build_offline_rpn(TINY_RPN).state_dict().items():
+            sd[("offline_" + k) if k.startswith(("backbone.", "proposal_generator.")) else k] = v
+    if finetuned_rows:
+        sd["roi_heads.box_predictor.bbox_pred.weight"] = torch.randn(4, 16) * 1e-3
+        sd["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(4)
+        sd["roi_heads.box_predictor.cls_score.weight"] = torch.randn(866, 16)
+        sd["roi_heads.box_predictor.test_cls_score.weight"] = torch.randn(finetuned_rows, 16)
+        sd["roi_heads.box_predictor.cls_bg_score.weight"] = torch.zeros(1, 16)
+    return sd
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, **kw: int) -> Path:
+    """:func:`tiny_checkpoint_state` saved as ``{"model": ...}`` (the released files' wrapping) at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": tiny_checkpoint_state(seed, **kw)}, path)
+    return path

@@ -6,22 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from _region_helpers import write_tiny_checkpoint
 from regionclip.cli.main import main
-from regionclip.modeling.clip_resnet import ModifiedResNet
-from regionclip.modeling.text_encoder import CLIPTextTransformer
 
 
 @pytest.fixture
 def tiny_ckpt_with_text(tmp_path):
     """A tiny RegionCLIP-layout checkpoint: backbone.* (CLIP ResNet, 16-d) and lang_encoder.* (CLIP text tower)."""
-    torch.manual_seed(0)
-    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
-    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)  # heads = width // 64 on load
-    sd = {"backbone." + k: v for k, v in vis.state_dict().items()}
-    sd.update({"lang_encoder." + k: v for k, v in txt.state_dict().items()})
-    p = tmp_path / "tiny_regionclip.pth"
-    torch.save({"model": sd}, p)
-    return p
+    return write_tiny_checkpoint(tmp_path / "tiny_regionclip.pth")
 
 
 def _boxes_file(tmp_path, demo_images):

@@ -6,30 +6,16 @@ Playwright's own browser download cannot work offline, so the system Chromium is
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from _browser import ARTIFACTS, chromium, sync_api
 from test_demo import demo_image, free_port, name_embeddings, tiny_model
 
-CHROMIUM = os.environ.get("REGIONCLIP_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("REGIONCLIP_ARTIFACTS", Path(__file__).resolve().parent / "artifacts"))
-# headless, no sandbox (root in CI), and nothing that would try to reach the network
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
 TIMEOUT_MS = 120_000  # generous: 2 shared CPU cores
 
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium, or run .ci/install-browser.sh)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright; "
-                               "see .ci/install-browser.sh)")
 pytest.importorskip("gradio", reason="gradio not installed (pip install 'regionclip[demo]')")
 
 
@@ -47,15 +33,8 @@ def app_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    profile = tempfile.mkdtemp(prefix="regionclip-chromium-")  # fresh profile: no state from earlier runs
-    with sync_api.sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                    args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1100})
-        try:
-            yield ctx
-        finally:
-            ctx.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    with chromium(1400, 1100) as ctx:
+        yield ctx
 
 
 def _open_with_image(browser: Any, url: str) -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _region_helpers import random_boxes, tiny_detector, tiny_options, tiny_vocab, write_images
+from _region_helpers import random_boxes, tiny_detector, tiny_options, tiny_vocab, write_images, write_tiny_checkpoint
 
 from regionclip.config import InputConfig
 from regionclip.export import export_model, make_backend, read_manifest
@@ -222,16 +222,7 @@ def test_detect_cli_with_onnxruntime_backend_equals_torch(tmp_path, demo_images)
     import json
 
     from regionclip.cli.main import main
-    from regionclip.modeling.clip_resnet import ModifiedResNet
-    from regionclip.modeling.text_encoder import CLIPTextTransformer
-
-    torch.manual_seed(0)
-    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
-    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)
-    sd = {"backbone." + k: v for k, v in vis.state_dict().items()}
-    sd.update({"lang_encoder." + k: v for k, v in txt.state_dict().items()})
-    ckpt = tmp_path / "tiny.pth"
-    torch.save({"model": sd}, ckpt)
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.pth")
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({demo_images[0].name: [[100, 100, 900, 700], [1000, 200, 1500, 900]]}))
     emb = tmp_path / "emb.pth"

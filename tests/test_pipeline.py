@@ -9,46 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from _region_helpers import TINY_RPN, tiny_options, tiny_pipeline, tiny_vocab, write_images
+from _region_helpers import tiny_checkpoint_state, tiny_options, tiny_pipeline, tiny_vocab, write_images, write_tiny_checkpoint
 from regionclip.api import RegionCLIP
 from regionclip.assets import coco_ovd_categories
 from regionclip.cli.main import main
 from regionclip.config import PostprocessConfig
 from regionclip.data.datasets import load_annotations
 from regionclip.evaluation.inference import dataset_predictor
-from regionclip.modeling.clip_resnet import ModifiedResNet
 from regionclip.modeling.detector import RegionCLIPDetector
-from regionclip.modeling.rpn import build_offline_rpn
-from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.ops.boxes import scale_boxes_like_d2
 from regionclip.pipeline import RunOptions
 from regionclip.structures import Detections
 
 
-def _tiny_state_dict(seed: int = 0, *, rpn: bool = True, finetuned_rows: int = 0) -> dict:
-    torch.manual_seed(seed)
-    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
-    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)
-    sd = {"backbone." + k: v for k, v in vis.state_dict().items()}
-    sd.update({"lang_encoder." + k: v for k, v in txt.state_dict().items()})
-    if rpn:
-        r = build_offline_rpn(TINY_RPN)
-        for k, v in r.state_dict().items():
-            sd[("offline_" + k) if k.startswith(("backbone.", "proposal_generator.")) else k] = v
-    if finetuned_rows:
-        sd["roi_heads.box_predictor.bbox_pred.weight"] = torch.randn(4, 16) * 1e-3
-        sd["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(4)
-        sd["roi_heads.box_predictor.cls_score.weight"] = torch.randn(866, 16)
-        sd["roi_heads.box_predictor.test_cls_score.weight"] = torch.randn(finetuned_rows, 16)
-        sd["roi_heads.box_predictor.cls_bg_score.weight"] = torch.zeros(1, 16)
-    return sd
-
-
 @pytest.fixture
 def tiny_rpn_ckpt(tmp_path: Path) -> Path:
-    p = tmp_path / "tiny_pretrained_rpn.pth"
-    torch.save({"model": _tiny_state_dict()}, p)
-    return p
+    return write_tiny_checkpoint(tmp_path / "tiny_pretrained_rpn.pth", rpn=True)
 
 
 def test_defaults_without_preset_follow_the_checkpoint_kind(tmp_path, tiny_rpn_ckpt) -> None:
@@ -60,7 +36,7 @@ def test_defaults_without_preset_follow_the_checkpoint_kind(tmp_path, tiny_rpn_c
     assert "NMS 0.9" not in m.settings.describe() or "nms_thresh=0.9" in m.settings.describe()
     # a fine-tuned LVIS checkpoint: the LVIS test settings, not COCO's
     ft = tmp_path / "ft_lvis.pth"
-    torch.save({"model": _tiny_state_dict(finetuned_rows=1203)}, ft)
+    torch.save({"model": tiny_checkpoint_state(rpn=True, finetuned_rows=1203)}, ft)
     m2 = RegionCLIP.from_pretrained(ft)
     pp = m2.settings.postprocess
     assert m2.settings.kind == "finetuned-lvis"

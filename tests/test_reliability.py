@@ -8,25 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from _region_helpers import write_images
+from _region_helpers import write_images, write_tiny_checkpoint
 from regionclip.api import RegionCLIP
 from regionclip.cli.main import main
-from regionclip.modeling.clip_resnet import ModifiedResNet
-from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.pipeline import Pipeline
 from regionclip.predictor import RegionPredictor
 
 
 @pytest.fixture
 def tiny_ckpt(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
-    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)
-    sd = {"backbone." + k: v for k, v in vis.state_dict().items()}
-    sd.update({"lang_encoder." + k: v for k, v in txt.state_dict().items()})
-    p = tmp_path / "tiny.pth"
-    torch.save({"model": sd}, p)
-    return p
+    return write_tiny_checkpoint(tmp_path / "tiny.pth")
 
 
 @pytest.fixture

@@ -5,42 +5,21 @@ Needs the Debian ``chromium`` package and ``playwright`` (Python), both installe
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from _browser import ARTIFACTS, chromium, sync_api
 from test_search import make_store, _regions
 from regionclip.search import RegionIndex
 from regionclip.search.html import contact_sheet
 
-CHROMIUM = os.environ.get("REGIONCLIP_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("REGIONCLIP_ARTIFACTS", Path(__file__).resolve().parent / "artifacts"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--allow-file-access-from-files"]
-
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium, or run .ci/install-browser.sh)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright; "
-                               "see .ci/install-browser.sh)")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    profile = tempfile.mkdtemp(prefix="regionclip-chromium-")
-    with sync_api.sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                    args=CHROMIUM_ARGS, viewport={"width": 1200, "height": 900})
-        try:
-            yield ctx
-        finally:
-            ctx.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    with chromium(1200, 900, "--allow-file-access-from-files") as ctx:
+        yield ctx
 
 
 def test_contact_sheet_opens_from_disk_with_all_crops(tmp_path: Path, browser: Any) -> None:

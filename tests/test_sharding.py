@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _region_helpers import write_images
+from _region_helpers import write_images, write_tiny_checkpoint
 from regionclip.data.loader import InferenceItem
 from regionclip.engine.extract import load_regions
-from regionclip.modeling.clip_resnet import ModifiedResNet
-from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.sharding import shard_items
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -42,12 +40,7 @@ def test_shard_items_is_a_deterministic_balanced_partition() -> None:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("shard")
-    torch.manual_seed(0)
-    vis = ModifiedResNet((1, 1, 1, 1), 16, 2, 64, 8)
-    txt = CLIPTextTransformer(width=64, heads=1, layers=1, embed_dim=16)
-    sd = {"backbone." + k: v for k, v in vis.state_dict().items()}
-    sd.update({"lang_encoder." + k: v for k, v in txt.state_dict().items()})
-    torch.save({"model": sd}, d / "tiny.pth")
+    write_tiny_checkpoint(d / "tiny.pth")
     sizes = [(60, 80), (70, 90), (64, 64), (90, 100), (50, 50), (80, 60), (66, 77), (88, 44)]
     imgs = write_images(d / "imgs", sizes)
     boxes = {p.name: [[2, 3, 40, 30], [10, 10, 45, 45]][: 1 + i % 2] for i, p in enumerate(imgs)}

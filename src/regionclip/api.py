@@ -31,6 +31,7 @@ from .export import make_backend
 from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_detector, read_checkpoint
 from .modeling.detector import RegionCLIPDetector
 from .modeling.recognizer import RegionRecognizer
+from .modeling.rpn.model import OfflineRPN
 from .pipeline import ImageResult, Pipeline, RunOptions
 from .presets import LoadOptions, Settings, resolve_settings
 from .pretrained import WeightsNotFound, resolve_weights
@@ -107,6 +108,8 @@ class RegionCLIP:
         loaded.report.source = loaded.report.source.replace("<state dict>", str(wpath))
         if options.fuse and isinstance(det, RegionCLIPDetector):
             det.backbone.fuse_for_inference()
+        if options.fuse and isinstance(det.rpn, OfflineRPN):
+            det.rpn.fuse_for_inference()
         input_cfg = loaded.config.input if loaded.config is not None else InputConfig()
         return cls(det, loaded, settings, options, input_cfg)
 

@@ -97,12 +97,12 @@ def state_fingerprint(detector: RegionCLIPDetector) -> str:
     """sha256 identifying the weights an export was made from, so a runtime cannot silently pair graphs with
     another checkpoint's classifier / box head. 64 hex chars.
 
-    It hashes what inference-time fusion (:meth:`ModifiedResNet.fuse_for_inference`: BN folding, channels_last)
-    leaves unchanged: the attention pool's parameters (checkpoint-specific), the RPN, ``bbox_pred`` and
-    ``mask_head``; so a fused and an unfused load of the same file have the same fingerprint.
+    It hashes what inference-time fusion (``fuse_for_inference`` of the CLIP trunk and of the RPN: BN folding,
+    channels_last) leaves unchanged: the attention pool's parameters (checkpoint-specific), the RPN's head,
+    ``bbox_pred`` and ``mask_head``; so a fused and an unfused load of the same file have the same fingerprint.
     """
     parts: list[tuple[str, Tensor]] = []
-    mods: tuple[tuple[str, Optional[nn.Module]], ...] = (("attnpool", detector.backbone.attnpool), ("rpn", detector.rpn),
+    mods: tuple[tuple[str, Optional[nn.Module]], ...] = (("attnpool", detector.backbone.attnpool), ("rpn", _rpn_head(detector)),
                         ("bbox_pred", detector.bbox_pred), ("mask_head", detector.mask_head))
     for prefix, mod in mods:
         if mod is not None:
@@ -113,6 +113,12 @@ def state_fingerprint(detector: RegionCLIPDetector) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _rpn_head(detector: RegionCLIPDetector) -> Optional[nn.Module]:
+    """The RPN's head (its BN-free, checkpoint-specific part), or the whole RPN module if it is not an OfflineRPN."""
+    rpn = detector.rpn
+    return rpn.proposal_generator if isinstance(rpn, OfflineRPN) else rpn
 
 
 def _check_detector(detector: Any) -> RegionCLIPDetector:

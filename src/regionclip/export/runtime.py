@@ -30,10 +30,8 @@ from torch import Tensor, nn
 
 from ..modeling.detector import RegionCLIPDetector, boxes_to_rois, normalize_and_pad
 from ..modeling.recognizer import RegionRecognizer
-from ..modeling.rpn.anchors import anchors_for_features
 from ..modeling.rpn.model import OfflineRPN
-from ..modeling.rpn.rpn import RPN, find_top_rpn_proposals
-from ..ops.box_coder import decode_boxes
+from ..modeling.rpn.rpn import RPN
 from ..structures import Proposals
 from ..utils import require
 from .graphs import MANIFEST, MANIFEST_VERSION, state_fingerprint
@@ -232,7 +230,7 @@ class ExportedRegionModel:
             batch, sizes = rpn.preprocess([images[i].float() for i in idx])
             outs = self.rpn_graph({"images": batch})
             levels = len(pg.in_features)
-            for i, (boxes, logits) in zip(idx, proposals_from_head(pg, outs[:levels], outs[levels:], sizes)):
+            for i, (boxes, logits) in zip(idx, pg.select_proposals(outs[:levels], outs[levels:], sizes)):
                 out[i] = Proposals(boxes=boxes.float(), objectness_logits=logits)
         return [p for p in out if p is not None]
 
@@ -245,22 +243,6 @@ class ExportedRegionModel:
 
     def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256) -> list[Tensor]:
         return self.detector.predict_masks(features, boxes, chunk_size=chunk_size)
-
-
-def proposals_from_head(pg: RPN, logits: Sequence[Tensor], deltas: Sequence[Tensor],
-                        image_sizes: Sequence[tuple[int, int]]) -> list[tuple[Tensor, Tensor]]:
-    """The RPN's test-time selection from raw head outputs (per level logits [N, A, Hi, Wi], deltas
-    [N, 4A, Hi, Wi]); the same steps as :meth:`regionclip.modeling.rpn.rpn.RPN.forward` after its head."""
-    grid_sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in logits]
-    anchors = anchors_for_features(pg.cell_anchors, grid_sizes, pg.strides, pg.anchor_offset)
-    n = int(logits[0].shape[0])
-    flat_logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
-    flat_deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
-                   for x in deltas]
-    proposals = [decode_boxes(d.reshape(-1, 4), a.unsqueeze(0).expand(n, -1, -1).reshape(-1, 4)).view(n, -1, 4)
-                 for a, d in zip(anchors, flat_deltas)]
-    return find_top_rpn_proposals(proposals, flat_logits, image_sizes, pg.nms_thresh, pg.pre_nms_topk,
-                                  pg.post_nms_topk, pg.min_size)
 
 
 def make_backend(model: Any, backend: str = "torch", export_dir: Optional[PathLike] = None, *, int8: bool = False,

@@ -83,7 +83,10 @@ class AttentionPool2d(nn.Module):
                              "the RoI pooler resolution must be 2x the attnpool grid (14 for RN50, 18 for RN50x4)")
         tokens = x.flatten(2).permute(0, 2, 1)  # [N, HW, C] (a free view when x is channels_last)
         if self.fold_kv:
-            return self._forward_folded(tokens)
+            # the mean over the map's own spatial axes, not over the token view: OpenVINO 2026.4's CPU plugin
+            # computes a ReduceMean over the transposed token axis feeding a linear layer wrongly (errors of
+            # order 1 in the exported graph, found by tests/test_export.py); both are the same mean in torch
+            return self._forward_folded(tokens, x.mean(dim=(2, 3)))
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [N, HW+1, C]
         tokens = tokens + self.positional_embedding.to(tokens.dtype)
         head_dim = c // self.num_heads
@@ -93,7 +96,7 @@ class AttentionPool2d(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, 1, head_dim]
         return self.c_proj(out.transpose(1, 2).reshape(n, c))
 
-    def _forward_folded(self, pixels: Tensor) -> Tensor:
+    def _forward_folded(self, pixels: Tensor, pixel_mean: Tensor) -> Tensor:
         """The same first-query attention with the K and V projections folded into the query side.
 
         With one query per head, ``score_j = q_h . (Wk_h t_j + bk_h) = (Wk_h^T q_h) . t_j + q_h . bk_h``; the last
@@ -108,13 +111,14 @@ class AttentionPool2d(nn.Module):
         ``sum_j a_j t_j = sum_{j>=1} (a_j + a_0 / HW) x_j + sum_j a_j pe_j``.
         Exact in real arithmetic; in floating point only the summation order differs.
 
-        pixels: [N, HW, C] (the map's pixels, no mean token, no positional embedding) -> [N, output_dim].
+        pixels: [N, HW, C] (the map's pixels, no mean token, no positional embedding), pixel_mean: [N, C] their
+        mean -> [N, output_dim].
         """
         n, hw, c = pixels.shape
         heads = self.num_heads
         d = c // heads
         pe = self.positional_embedding.to(pixels.dtype)  # [HW+1, C]
-        q = self.q_proj(pixels.mean(dim=1) + pe[0]) * d ** -0.5  # [N, C], SDPA's default scale
+        q = self.q_proj(pixel_mean + pe[0]) * d ** -0.5  # [N, C], SDPA's default scale
         wk = self.k_proj.weight.view(heads, d, c)  # rows of head h: its d output features
         qk = torch.bmm(q.view(n, heads, d).transpose(0, 1), wk.to(q.dtype)).transpose(0, 1)  # [N, H, C]: u per head
         px_scores = torch.bmm(qk, pixels.transpose(1, 2))  # [N, H, HW]

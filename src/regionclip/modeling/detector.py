@@ -29,6 +29,15 @@ BOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # detectron2 ROI_BOX_HEAD.BBOX_REG_WEI
 RES4_STRIDE = 16  # declared res4 stride: RoIAlign always uses exactly 1/16 even though res4 is floor-divided
 
 
+def run_rpn(rpn: Optional[nn.Module], images: Sequence[Tensor], device: torch.device) -> list[Proposals]:
+    """A recognizer's ``propose``: the offline RPN on uint8 resized images, in float32 on ``device`` (its boxes
+    must stay exact; it has its own BGR / caffe-mean preprocessing). Shared by both recognizers."""
+    if rpn is None:
+        raise RuntimeError("this model has no region proposal network: pass boxes (GT/user-box mode), or load "
+                           "RPN weights (e.g. --rpn-weights rpn_lvis_866.pth)")
+    return rpn([x.to(device).float() for x in images])
+
+
 def normalize_and_pad(images: Sequence[Tensor], mean: Tensor, std: Tensor) -> Tensor:
     """uint8 [3, h_i, w_i] images -> CLIP-normalised float batch [B, 3, H, W] (/255, -mean, /std), zero padded at
     the bottom/right to the largest size, as the original's ImageList (docs/DESIGN.md#preprocessing)."""
@@ -89,10 +98,7 @@ class RegionCLIPDetector(nn.Module):
     def propose(self, images: Sequence[Tensor]) -> list[Proposals]:
         """Offline-RPN proposals per image (resized frame, sorted by objectness). The RPN has its own
         preprocessing (BGR, caffe mean) and always runs in float32: its boxes must stay exact."""
-        if self.rpn is None:
-            raise RuntimeError("this model has no region proposal network: pass boxes (GT/user-box mode), or load "
-                               "RPN weights (e.g. --rpn-weights rpn_lvis_866.pth)")
-        return self.rpn([x.to(self.device).float() for x in images])
+        return run_rpn(self.rpn, images, self.device)
 
     def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
                        return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from regionclip.config import RPNConfig
 from regionclip.structures import Proposals
 
+from ..layers import fold_frozen_bn
 from .fpn import FPN
-from .resnet import ResNet
+from .resnet import Conv2dNorm, FrozenBatchNorm2d, ResNet
 from .rpn import RPN
 
 __all__ = ["OfflineRPN", "build_offline_rpn", "C4Backbone"]
@@ -54,6 +55,7 @@ class OfflineRPN(nn.Module):
     def __init__(self, cfg: RPNConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.fused = False  # set by fuse_for_inference
         if cfg.input_format not in ("BGR", "RGB"):
             raise ValueError(f"input_format must be 'BGR' or 'RGB', got {cfg.input_format!r}")
         if cfg.arch == "fpn":
@@ -153,6 +155,26 @@ class OfflineRPN(nn.Module):
             for i, (boxes, logits) in zip(idx, self.proposal_generator(features, sizes)):
                 out[i] = Proposals(boxes=boxes.float(), objectness_logits=logits)
         return out
+
+    @torch.no_grad()
+    def fuse_for_inference(self, *, channels_last: bool = True) -> "OfflineRPN":
+        """Fold every frozen BatchNorm of the backbone into the conv before it and (``channels_last``) store the
+        conv weights NHWC; returns ``self``. The same rewrite as the CLIP trunk's
+        (:meth:`regionclip.modeling.clip_resnet.ModifiedResNet.fuse_for_inference`): exact in real arithmetic,
+        float32 rounding differs by ~1e-6 relative, so only proposals whose logits tie within that can swap
+        order (docs/DESIGN.md#numerics). The RPN head (no BN) is unchanged. The state-dict keys change
+        (``*.norm.*`` disappear): fuse a loaded model, never one that is saved afterwards."""
+        for conv in self.backbone.modules():
+            if isinstance(conv, Conv2dNorm) and isinstance(conv.norm, FrozenBatchNorm2d):
+                folded = fold_frozen_bn(conv, conv.norm)
+                conv.weight = nn.Parameter(folded.weight.detach(), requires_grad=False)
+                conv.bias = nn.Parameter(folded.bias.detach(), requires_grad=False) if folded.bias is not None \
+                    else None
+                conv.norm = None
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.fused = True
+        return self
 
     def padded_size(self, h: int, w: int) -> Tuple[int, int]:
         """Size (Hp, Wp) the backbone sees for an (h, w) image."""

@@ -157,19 +157,25 @@ class RPN(nn.Module):
         Returns:
             per image (boxes [R, 4] float32 XYXY, raw objectness logits [R]), logits descending.
         """
-        feats = [features[f] for f in self.in_features]
-        grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+        logits, deltas = self.rpn_head([features[f] for f in self.in_features])
+        return self.select_proposals(logits, deltas, image_sizes)
+
+    def select_proposals(self, logits: Sequence[Tensor], deltas: Sequence[Tensor],
+                         image_sizes: Sequence[Tuple[int, int]]) -> List[Tuple[Tensor, Tensor]]:
+        """Test-time selection from the head's raw outputs (per level logits [N, A, Hi, Wi], deltas
+        [N, 4A, Hi, Wi]): anchors, box decoding, top-k + NMS. Shared with the exported-graph backends, whose RPN
+        graph stops at the head (regionclip.export.runtime)."""
+        grid_sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in logits]
         anchors = anchors_for_features(self.cell_anchors, grid_sizes, self.strides, self.anchor_offset)
-        logits, deltas = self.rpn_head(feats)
-        n = feats[0].shape[0]
+        n = int(logits[0].shape[0])
         # [N, A, Hi, Wi] -> [N, Hi*Wi*A]: location-major, anchor-minor, same order as the anchors.
-        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
+        flat_logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
         # [N, 4A, Hi, Wi] -> [N, A, 4, Hi, Wi] -> [N, Hi, Wi, A, 4] -> [N, Hi*Wi*A, 4]
-        deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
-                  for x in deltas]
+        flat_deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+                       for x in deltas]
         proposals = []
-        for anchors_i, deltas_i in zip(anchors, deltas):
+        for anchors_i, deltas_i in zip(anchors, flat_deltas):
             anchors_rep = anchors_i.unsqueeze(0).expand(n, -1, -1).reshape(-1, 4)
             proposals.append(decode_boxes(deltas_i.reshape(-1, 4), anchors_rep).view(n, -1, 4))
-        return find_top_rpn_proposals(proposals, logits, image_sizes, self.nms_thresh, self.pre_nms_topk,
+        return find_top_rpn_proposals(proposals, flat_logits, image_sizes, self.nms_thresh, self.pre_nms_topk,
                                       self.post_nms_topk, self.min_size)

@@ -20,7 +20,7 @@ from torchvision.ops import roi_align
 
 from ...config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from ...structures import Proposals
-from ..detector import boxes_to_rois, normalize_and_pad
+from ..detector import boxes_to_rois, normalize_and_pad, run_rpn
 from .timm_trunks import TimmTrunk
 from .vit import VisionTransformerTrunk
 
@@ -135,10 +135,7 @@ class TransformerRegionDetector(nn.Module):
         return self.backbone.forward_dense(normalize_and_pad(images, self.pixel_mean, self.pixel_std))
 
     def propose(self, images: Sequence[Tensor]) -> list[Proposals]:
-        if self.rpn is None:
-            raise RuntimeError("this model has no region proposal network: pass boxes (GT/user-box mode), or load "
-                               "RPN weights (e.g. --rpn-weights rpn_lvis_866.pth)")
-        return self.rpn([x.to(self.device).float() for x in images])
+        return run_rpn(self.rpn, images, self.device)
 
     def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
                        return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
