@@ -2,7 +2,7 @@
 
 ``resolve_dtype("auto", device)`` picks reduced precision only where the hardware runs it natively (it pays there);
 everywhere else reduced precision is emulated and slower than float32, so "auto" stays float32 and an explicit
-``bfloat16`` request on such a CPU is honoured with one warning (measurements: benchmarks/results/compare_cpu.txt).
+``bfloat16`` request on such a CPU is honoured with one warning (measurements: benchmarks/results/fusion_steps_cpu.txt).
 
 Native bfloat16 on a CPU means dot-product instructions that take bf16 operands:
 

@@ -6,9 +6,9 @@ Two methods:
   ranges come from running the float32 graph on a few (res4, RoIs) pairs (99.999th percentile of the observed
   values). Only the convolutions are quantised (they are ~99 % of the folded head's FLOPs); the attention pool's
   small products stay float32. Measured on RN50 (random weights, 1000 RPN proposals, top-100 detections against
-  float32 eager, docs/EXPORT.md#int8): all op types + MinMax ranges: embedding cosine >= 0.9976, same (class,
-  source proposal) 63 %; convs only + MinMax: cosine >= 0.9987, 71 %; convs only + percentile (the default):
-  cosine >= 0.9983 (mean 0.9995), 78 % same source proposal and 95 % same class at box IoU >= 0.5.
+  float32 eager; benchmarks/int8_variants.py, docs/EXPORT.md#int8): all op types + MinMax ranges: same (class,
+  source proposal) 71 %, same class at box IoU >= 0.5 93 %; convs only + MinMax: 71 % / 97 %; convs only +
+  99.999th percentile (the default): 81 % / 96 %.
 * ``dynamic`` (no calibration data): int8 weights, activation ranges computed per call (``quantize_dynamic``).
   No data needed, but ONNX Runtime's dynamic ``ConvInteger`` path is not its fast one, so on CPUs it may be slower
   than float32 (measured: benchmarks/results/export_cpu.txt).

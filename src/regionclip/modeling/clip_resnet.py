@@ -255,7 +255,7 @@ class ModifiedResNet(nn.Module):
           (:meth:`AttentionPool2d._forward_folded`): ~20x fewer attnpool FLOPs, ~6x less attnpool time, about
           -18% of the whole RN50 region head.
 
-        Measured gains of each rewrite: benchmarks/results/compare_cpu.txt.
+        Measured gains of each rewrite: docs/DESIGN.md#cpu-speed, benchmarks/results/fusion_steps_cpu.txt.
         """
         self.eval()
         pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
