@@ -17,6 +17,7 @@ from ..presets import PRESETS, LoadOptions
 from ..pretrained import WeightsNotFound, resolve_weights
 from ..runtime import resolve_dtype
 from ..vocab import Vocabulary, resolve_names
+from .argtypes import fraction, nonneg_int, positive_int
 
 
 def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "custom") -> None:
@@ -41,9 +42,9 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
                         "sidecar) instead of warning")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     q = p.add_argument_group("post-processing (override the preset)")
-    q.add_argument("--score-thresh", type=float)
-    q.add_argument("--nms-thresh", type=float)
-    q.add_argument("--max-dets", type=int, dest="detections_per_image")
+    q.add_argument("--score-thresh", type=fraction, help="keep detections scoring at least this (0..1)")
+    q.add_argument("--nms-thresh", type=fraction, help="IoU above which NMS removes a box (0..1)")
+    q.add_argument("--max-dets", type=positive_int, dest="detections_per_image", help="detections kept per image")
     q.add_argument("--rpn-score", choices=["none", "raw", "sigmoid"],
                    help="RPN objectness multiplication: raw = the original's sqrt(p*logit)")
     q.add_argument("--soft-nms", choices=["gaussian", "linear", "hard"])
@@ -54,15 +55,15 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
 def add_run_args(p: argparse.ArgumentParser, *, workers: int = 2) -> None:
     """Per-run inference settings (:class:`regionclip.pipeline.RunOptions`), shared by every inference command."""
     r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, default=1, help="images per backbone pass (equal sizes batch together)")
+    r.add_argument("--batch-size", type=positive_int, default=1, help="images per backbone pass (equal sizes batch together)")
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
                    help="compute dtype of the backbone and region head (RPN and classifier stay float32); auto = "
                         "bfloat16 only where the hardware runs it natively. Accuracy cost: docs/BENCHMARKS.md")
-    r.add_argument("--chunk-size", type=int, default=None, help="regions per region-head call (bounds memory; results "
+    r.add_argument("--chunk-size", type=positive_int, default=None, help="regions per region-head call (bounds memory; results "
                    "unchanged; default: 64 on CPU, 256 on GPUs)")
-    r.add_argument("--max-proposals", type=int, help="keep only the k best RPN proposals per image")
-    r.add_argument("--num-workers", type=int, default=workers, help="decoding worker processes (0: in the main one)")
-    r.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    r.add_argument("--max-proposals", type=positive_int, help="keep only the k best RPN proposals per image")
+    r.add_argument("--num-workers", type=nonneg_int, default=workers, help="decoding worker processes (0: in the main one)")
+    r.add_argument("--max-pixels", type=nonneg_int, default=DEFAULT_MAX_PIXELS,
                    help=f"skip images with more decoded pixels than this (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
     r.add_argument("--backend", choices=["torch", "onnxruntime", "openvino", "torch-export"], default="torch",
                    help="run the trunk, region head and RPN head from graphs written by `regionclip export` "

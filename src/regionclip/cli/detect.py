@@ -20,6 +20,7 @@ from ..formats import FORMATS, export_journal, match_boxes, read_boxes_file
 from ..sharding import ShardedResults, rank_device, shard_items
 from ..utils import atomic_path
 from ..visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
+from .argtypes import fraction, nonneg_float, nonneg_int
 from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, run_options, vocabulary_from_args
 
 
@@ -34,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="results format besides the COCO results.json: jsonl, csv or yolo (labels/ + classes.txt)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an earlier run")
     p.add_argument("--no-vis", action="store_true", help="do not write annotated images")
-    p.add_argument("--vis-conf-threshold", type=float, default=0.05)
-    p.add_argument("--vis-max-boxes", type=int, default=25)
-    p.add_argument("--vis-small-region-px", type=float, default=8100.0, help="skip boxes smaller than this area")
+    p.add_argument("--vis-conf-threshold", type=fraction, default=0.05)
+    p.add_argument("--vis-max-boxes", type=nonneg_int, default=25)
+    p.add_argument("--vis-small-region-px", type=nonneg_float, default=8100.0, help="skip boxes smaller than this area")
     add_model_args(p)
     add_run_args(p)
     return p

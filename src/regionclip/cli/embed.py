@@ -19,6 +19,8 @@ from regionclip.pretrained import resolve_weights  # a path as is, or a released
 from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings, load_text_encoder, save_concept_embeddings
 from regionclip.text.vocabulary import parse_vocabulary
 
+from .argtypes import positive_int
+
 NAME = "embed-concepts"
 
 
@@ -45,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--average", choices=("mean", "normalized"), default="mean",
                    help="mean: plain mean of unnormalised template features (the original, default); "
                         "normalized: normalise, average, renormalise")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"prompts per forward pass; they span names (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--allow-jit", action="store_true",

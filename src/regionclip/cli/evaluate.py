@@ -17,6 +17,7 @@ from ..evaluation.scenarios import SCENARIOS, get_scenario
 from ..presets import get_preset
 from ..sharding import rank_device
 from ..vocab import resolve_names
+from .argtypes import positive_int
 from .common import (
     add_model_args,
     add_run_args,
@@ -41,7 +42,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     d.add_argument("--data-root", default="datasets", help="root of the registered datasets ($DETECTRON2_DATASETS)")
     d.add_argument("--image-root", help="image folder for a --dataset json path")
     d.add_argument("--regions", choices=["gt", "rpn"], help="GT boxes or RPN proposals (default: the preset's)")
-    d.add_argument("--limit", type=int, help="only the first N images (scored on those images only)")
+    d.add_argument("--limit", type=positive_int, help="only the first N images (scored on those images only)")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--output-dir", help="default output/inference/<dataset>")
     r.add_argument("--no-resume", action="store_true", help="start over instead of skipping finished images")

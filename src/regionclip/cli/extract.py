@@ -23,6 +23,7 @@ from ..formats import match_boxes, read_boxes_file
 from ..runtime import resolve_dtype
 from ..sharding import rank_device
 from ..text.vocabulary import checkpoint_fingerprint
+from .argtypes import positive_float, positive_int
 from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, vocabulary_from_args
 
 
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="rpn: top-k RPN proposals; detections: classified + post-processed (needs a vocabulary); "
                    "boxes: user boxes from --boxes or --coco-json (default rpn)")
     p.add_argument("--boxes", help="user boxes: CSV file_name,x1,y1,x2,y2 / JSON {file: [[x1,y1,x2,y2]]} / COCO json")
-    p.add_argument("--topk", type=int, help="RPN proposals kept per image (the original's README uses 100)")
+    p.add_argument("--topk", type=positive_int, help="RPN proposals kept per image (the original's README uses 100)")
     p.add_argument("-o", "--output-dir", default="output/regions")
     p.add_argument("--format", choices=["shards", "original"], default="shards",
                    help="original: also write the original tool's per-image <name>.pth dicts to OUTPUT/original/")
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--pad-mixed-sizes", action="store_true",
                    help="batch images of different sizes with zero padding as the original's batched eval "
                    "(changes border features); default: only equal sizes share a batch")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="write a shard every this many MB")
+    p.add_argument("--shard-mb", type=positive_float, default=256.0, help="write a shard every this many MB")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output folder's results first")
     add_model_args(p, default_preset=None)
     add_run_args(p)

@@ -15,6 +15,7 @@ import argparse
 import time
 
 from ..search import FaissOptions, RegionIndex
+from .argtypes import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "faiss-cpu); exact: brute-force matmul over memory-mapped vectors (default faiss)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="exact back-end: stored vector dtype (float16 halves disk and memory; cosine error < 1e-3)")
-    p.add_argument("--nlist", type=int, help="faiss: inverted lists per segment (default 2*sqrt(N), power of two)")
-    p.add_argument("--nprobe", type=int, help="faiss: lists scanned per query by default (default max(16, nlist/16))")
-    p.add_argument("--ivf-min-rows", type=int, default=50_000,
+    p.add_argument("--nlist", type=positive_int, help="faiss: inverted lists per segment (default 2*sqrt(N), power of two)")
+    p.add_argument("--nprobe", type=positive_int, help="faiss: lists scanned per query by default (default max(16, nlist/16))")
+    p.add_argument("--ivf-min-rows", type=positive_int, default=50_000,
                    help="faiss: segments with fewer regions use an exact flat index (default 50000)")
     p.add_argument("--rebuild", action="store_true", help="index everything again (the old index stays usable "
                    "until the new one is complete)")

@@ -21,6 +21,7 @@ from ..search import RegionIndex
 from ..search import query as q
 from ..search.html import contact_sheet
 from ..utils import write_json_atomic
+from .argtypes import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--image", help="image-as-query: the image file (with --box; without: the whole image)")
     p.add_argument("--box", help="image-as-query: the region x1,y1,x2,y2 in original pixels")
     p.add_argument("--query-embedding", help="a saved [D] tensor (torch.save / .safetensors) as the query")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--nprobe", type=int, help="faiss IVF: lists scanned (more: slower, better recall)")
+    p.add_argument("--top-k", type=positive_int, default=50)
+    p.add_argument("--nprobe", type=positive_int, help="faiss IVF: lists scanned (more: slower, better recall)")
     p.add_argument("--html", help="write an HTML contact sheet of the hits (opens from disk, no server)")
     p.add_argument("--json", help="write the hits as JSON")
     p.add_argument("--image-root", help="folder the images' file names are relative to (for --html crops)")

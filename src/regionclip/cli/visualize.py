@@ -8,6 +8,8 @@ from regionclip.assets import BUILTIN_VOCABULARIES, lvis_categories, vocabulary
 from regionclip.data.datasets import load_annotations, load_image_folder, load_registered
 from regionclip.visualize import render_results
 
+from .argtypes import fraction, nonneg_float, nonneg_int, positive_int
+
 NAME = "visualize"
 
 
@@ -28,15 +30,15 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p.add_argument("--image-root", help="image folder for --dataset given as a json path")
     p.add_argument("--vocab", default="lvis1203",
                    help="class names for --images: built-in (lvis1203, coco65, ...), 'a,b,c' or a text file")
-    p.add_argument("--conf-threshold", type=float, default=0.5, help="draw predictions with score > this")
+    p.add_argument("--conf-threshold", type=fraction, default=0.5, help="draw predictions with score > this")
     p.add_argument("--show-unique-boxes", action="store_true",
                    help="each box once (first = best class), from the first --max-boxes predictions")
-    p.add_argument("--max-boxes", type=int, default=30, help="with --show-unique-boxes only")
-    p.add_argument("--small-region-px", type=float, default=0.0,
+    p.add_argument("--max-boxes", type=nonneg_int, default=30, help="with --show-unique-boxes only")
+    p.add_argument("--small-region-px", type=nonneg_float, default=0.0,
                    help="with --show-unique-boxes: skip boxes with w*h below this (8100 = 90x90 in the scripts)")
     p.add_argument("--format", dest="image_format", choices=["png", "jpg", "webp"],
                    help="output format (default: the input image's)")
-    p.add_argument("--grid", type=int, metavar="COLUMNS", help="also write grid.<ext> with all images")
+    p.add_argument("--grid", type=positive_int, metavar="COLUMNS", help="also write grid.<ext> with all images")
     p.set_defaults(func=run)
     return p
 

@@ -1,0 +1,87 @@
+"""Issue 22, robustness of the front ends: no silent loss, clear one-line errors naming the item and the fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _region_helpers import write_images, write_tiny_checkpoint
+from regionclip.api import RegionCLIP
+from regionclip.cli.main import main
+from regionclip.formats import read_boxes_file
+from regionclip.formats.boxes import BoxesFileError
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path: Path) -> Path:
+    return write_tiny_checkpoint(tmp_path / "tiny.pth")
+
+
+@pytest.fixture
+def emb_file(tmp_path: Path) -> Path:
+    p = tmp_path / "emb.pth"
+    torch.save(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), p)
+    return p
+
+
+def _detect_args(tmp_path: Path, ckpt: Path, emb: Path, out: str = "out", *extra: str) -> list[str]:
+    return ["detect", str(tmp_path / "imgs"), "--weights", str(ckpt), "--concept-emb", str(emb), "--vocab", "a,b,c",
+            "--boxes", str(tmp_path / "boxes.json"), "--score-thresh", "0", "--num-workers", "0", "--no-vis",
+            "--quiet", "-o", str(tmp_path / out), *extra]
+
+
+def _images_and_boxes(tmp_path: Path, n: int = 3) -> list[Path]:
+    imgs = write_images(tmp_path / "imgs", [(60, 80), (64, 64), (70, 50), (50, 90)][:n])
+    (tmp_path / "boxes.json").write_text(json.dumps({p.name: [[2, 3, 40, 30], [10, 10, 45, 45]] for p in imgs}))
+    return imgs
+
+
+# ---------------------------------------------------------------------------------------------- boxes CSV header
+def test_csv_typo_in_first_row_is_an_error_not_a_header(tmp_path):
+    f = tmp_path / "b.csv"
+    f.write_text("a.jpg,1,2,45O,40\nb.jpg,1,2,3,4\n")
+    with pytest.raises(BoxesFileError, match=r"b\.csv line 1, column x2: '45O' is not a number"):
+        read_boxes_file(f)
+    f.write_text("b.jpg,1,2,3,4\na.jpg,1,x,3,4\n")
+    with pytest.raises(BoxesFileError, match=r"line 2, column y1: 'x'"):
+        read_boxes_file(f)
+    f.write_text("name,left,top,right,bottom\na.jpg,1,2,45,40\n")  # a real header (known names): skipped
+    assert read_boxes_file(f)["a.jpg"].tolist() == [[1, 2, 45, 40]]
+    f.write_text("File_Name, X1, Y1, X2, Y2\na.jpg,1,2,45,40\n")
+    assert list(read_boxes_file(f)) == ["a.jpg"]
+    f.write_text("img,x,y,w,h\na.jpg,1,2,45,40\n")  # x,y,w,h is not this file's layout: refused, not guessed
+    with pytest.raises(BoxesFileError, match="column x1: 'x'"):
+        read_boxes_file(f)
+
+
+# ---------------------------------------------------------------------------------------------- option ranges
+@pytest.mark.parametrize("cmd,flag,value,want", [
+    ("detect", "--score-thresh", "2", "between 0.0 and 1.0"),
+    ("detect", "--score-thresh", "nan", "finite"),
+    ("detect", "--max-dets", "0", ">= 1"),
+    ("detect", "--nms-thresh", "1.5", "between 0.0 and 1.0"),
+    ("detect", "--batch-size", "-2", ">= 1"),
+    ("detect", "--chunk-size", "0", ">= 1"),
+    ("detect", "--num-workers", "-1", ">= 0"),
+    ("detect", "--vis-conf-threshold", "-0.1", "between 0.0 and 1.0"),
+    ("extract-regions", "--topk", "0", ">= 1"),
+    ("extract-regions", "--shard-mb", "0", "> 0.0"),
+    ("evaluate", "--limit", "0", ">= 1"),
+    ("index", "--nprobe", "0", ">= 1"),
+    ("search", "--top-k", "-5", ">= 1"),
+])
+def test_option_ranges_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys, cmd, flag, value, want):
+    def boom(*a, **k):
+        raise AssertionError("the model must not load for a bad option")
+
+    monkeypatch.setattr(RegionCLIP, "load", boom)
+    img = write_images(tmp_path, [(40, 40)])[0]
+    positional = {"detect": [str(img)], "extract-regions": [str(img)], "evaluate": [],
+                  "index": [str(tmp_path), "-o", str(tmp_path / "ix")], "search": [str(tmp_path), "cat"]}[cmd]
+    with pytest.raises(SystemExit) as e:
+        main([cmd, *positional, f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert flag in err and want in err and value in err and "Traceback" not in err
