@@ -43,6 +43,10 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     d.add_argument("--image-root", help="image folder for a --dataset json path")
     d.add_argument("--regions", choices=["gt", "rpn"], help="GT boxes or RPN proposals (default: the preset's)")
     d.add_argument("--limit", type=positive_int, help="only the first N images (scored on those images only)")
+    d.add_argument("--metric", choices=["detection", "region-accuracy", "proposals"], default="detection",
+                   help="detection AP (default); region-accuracy: top-1/top-5 of GT boxes (paper Fig. 1b); proposals: "
+                        "AR@100/300/1000 of the offline RPN (docs/EVALUATION.md)")
+    d.add_argument("--rpn-nms-thresh", type=float, default=0.7, help="--metric proposals: RPN NMS (detectron2: 0.7)")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--output-dir", help="default output/inference/<dataset>")
     r.add_argument("--no-resume", action="store_true", help="start over instead of skipping finished images")
@@ -76,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     if args.limit is not None:
         dataset.records = dataset.records[:args.limit]
+    if args.metric != "detection":
+        from .evaluate_metrics import run_metric
+        return run_metric(args, dataset)
     if regions == "gt" and not dataset.has_annotations:
         raise ValueError("--regions gt needs a dataset with annotations (GT boxes); an image folder has none")
     # The classifier's rows must be the dataset's classes in contiguous order: results map label -> category id.
