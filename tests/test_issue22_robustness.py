@@ -85,3 +85,30 @@ def test_option_ranges_are_checked_before_the_model_loads(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert flag in err and want in err and value in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def test_convert_on_a_shell_script_says_it_is_not_a_checkpoint(tmp_path, capsys):
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/bash\necho hello\n")
+    assert main(["convert", str(script), "-o", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(script) in err and "not a checkpoint file" in err
+    assert "#!/bin/bash" in err and "pickled" not in err
+    assert not (tmp_path / "out.safetensors").exists()
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    assert main(["convert", str(empty), "-o", str(tmp_path / "out.safetensors")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    # a safetensors file with a .pth name is read by content, and a truncated safetensors file is named as such
+    from safetensors.torch import save_file
+
+    st = tmp_path / "emb.pth"
+    save_file({"w": torch.ones(2, 3)}, str(st))
+    from regionclip.checkpoint.io import CheckpointError, read_weight_file
+
+    assert read_weight_file(st)["w"].shape == (2, 3)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(st.read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match="cut.safetensors is truncated or not a safetensors file"):
+        read_weight_file(cut)

@@ -35,14 +35,39 @@ def read_weight_file(path: PathLike) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
+    kind = _file_kind(path)
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError: truncated or corrupt header
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({e}); re-download it.") from None
+    if kind is None:
+        with open(path, "rb") as f:
+            head = f.read(24)
+        shown = head.decode("utf-8", "replace").splitlines()[0][:24] if head else ""
+        what = "it is empty" if not head else f"it starts with {shown!r}: neither a PyTorch archive nor safetensors"
+        raise CheckpointError(f"{path} is not a checkpoint file ({what}); expected a .pth/.pt/.bin file saved by "
+                              "torch.save, or a .safetensors file")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, a pickled object that needs code execution, ...
         raise CheckpointError(_unreadable_message(path, e)) from None
+
+
+def _file_kind(path: Path) -> Optional[str]:
+    """What the first bytes say: ``"torch"`` (zip archive, or a legacy pickle), ``"safetensors"`` (8-byte header
+    length, then a JSON header) or None (not a weight file at all: text, an image, a shell script...)."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save zip / legacy pickle protocol >= 2
+        return "torch"
+    if len(head) == 10 and head[8:9] == b"{":
+        return "safetensors"
+    if path.suffix == ".safetensors" and head:
+        return "safetensors"  # a damaged header: let safetensors name the problem
+    return None
 
 
 def _unreadable_message(path: Path, error: Exception) -> str:
