@@ -112,3 +112,32 @@ def test_convert_on_a_shell_script_says_it_is_not_a_checkpoint(tmp_path, capsys)
     cut.write_bytes(st.read_bytes()[:-5])
     with pytest.raises(CheckpointError, match="cut.safetensors is truncated or not a safetensors file"):
         read_weight_file(cut)
+
+
+# ---------------------------------------------------------------------------------------------- vocabularies
+def test_embedding_file_given_as_the_vocabulary_is_loaded_as_embeddings(tmp_path, tiny_ckpt, emb_file):
+    model = RegionCLIP.from_pretrained(tiny_ckpt, preset="coco-gt")
+    assert model.set_vocabulary(str(emb_file)) == ["0", "1", "2"]  # was: "not valid UTF-8"
+    assert torch.equal(model.vocabulary.class_embeddings, torch.load(emb_file, weights_only=True))
+    from safetensors.torch import save_file
+
+    st = tmp_path / "emb.safetensors"
+    save_file({"embeddings": torch.randn(2, 16)}, str(st))
+    assert len(model.set_vocabulary(st)) == 2
+    with pytest.raises(ValueError, match="class_embeddings="):  # both given: say which goes where
+        model.set_vocabulary(str(emb_file), emb_file)
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\nbird\n")
+    assert model.set_vocabulary(names, emb_file) == ["cat", "dog", "bird"]  # a names file is still a names file
+
+
+def test_duplicate_names_warn_with_concept_embeddings_as_with_the_text_encoder(tmp_path, tiny_ckpt, emb_file):
+    model = RegionCLIP.from_pretrained(tiny_ckpt, preset="coco-gt")
+    with pytest.warns(UserWarning, match=r"duplicate class names 'cat' \(#0 and #2\)"):
+        model.make_vocabulary("cat,dog,cat", cache_dir=tmp_path / "cache")  # the text-encoder path
+    with pytest.warns(UserWarning, match=r"duplicate class names 'cat' \(#0 and #2\)"):
+        model.make_vocabulary("cat,dog,cat", emb_file)
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\ncat\n")
+    with pytest.warns(UserWarning, match="duplicate class names"):
+        model.make_vocabulary(names, emb_file)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint.convert import class_names_of
-from .checkpoint.io import read_weight_file
+from .checkpoint.io import read_weight_file, weight_file_kind
 from .checkpoint.regionclip import class_embedding_file
 from .config import InputConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
@@ -38,10 +38,22 @@ from .pretrained import WeightsNotFound, resolve_weights
 from .structures import Detections
 from .text.unicl import zeroshot_class_embeddings
 from .text.vocabulary import cached_name_embeddings, checkpoint_fingerprint, class_embeddings, default_cache_dir
-from .vocab import Vocabulary, VocabularyArg, resolve_names
+from .text.prompts import validate_names
+from .vocab import Vocabulary, VocabularyArg, is_builtin_vocabulary, resolve_names
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
+
+
+def is_embedding_file(vocab: Any) -> bool:
+    """Whether a vocabulary argument is really a tensor file (a class-embedding .pth/.safetensors)."""
+    if not isinstance(vocab, (str, os.PathLike)) or is_builtin_vocabulary(vocab):
+        return False
+    p = Path(vocab)
+    try:
+        return p.is_file() and weight_file_kind(p) is not None
+    except OSError:
+        return False
 
 
 def parse_names(vocab: VocabularyArg) -> list[str]:
@@ -123,6 +135,12 @@ class RegionCLIP:
         weights folder and the preset's own weights are used)."""
         if isinstance(vocab, Tensor):  # a [K, D] tensor given where names were expected
             vocab, class_embeddings = None, vocab
+        if is_embedding_file(vocab):  # an embedding file given where names were expected
+            if class_embeddings is not None:
+                raise ValueError(f"the vocabulary {os.fspath(vocab)!r} is a tensor file, not class names, and "  # type: ignore[arg-type]
+                                 "class_embeddings= is given too; pass the names (a list, a names file, coco65, "
+                                 "...) as the vocabulary and the embedding file as class_embeddings=")
+            vocab, class_embeddings = None, os.fspath(vocab)  # type: ignore[arg-type]
         if vocab is None and class_embeddings is None:
             vocab = self.settings.vocabulary
             class_embeddings = self._default_embedding_file()
@@ -131,6 +149,8 @@ class RegionCLIP:
             names, ids = class_names_of(class_embeddings)  # `regionclip convert` records them
         if class_embeddings is not None:
             src = "class embeddings" if isinstance(class_embeddings, Tensor) else str(class_embeddings)
+            if names is not None and isinstance(vocab, (str, os.PathLike)) and not is_builtin_vocabulary(vocab):
+                validate_names(names, source=f"vocabulary for {src}")  # duplicates warn, as on the text path
             emb = class_embeddings if isinstance(class_embeddings, Tensor) else \
                 class_embedding_file(read_weight_file(class_embeddings), src)
             if names is None:  # rows without names: the settings' vocabulary when the row count says it is that one

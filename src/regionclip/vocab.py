@@ -46,6 +46,14 @@ def resolve_names(vocab: VocabularyArg) -> tuple[list[str], list[int]]:
     return names, list(range(1, len(names) + 1))
 
 
+def is_builtin_vocabulary(vocab: VocabularyArg) -> bool:
+    """Whether ``vocab`` names a built-in vocabulary (``coco65``, ``lvis``, ...)."""
+    if not isinstance(vocab, (str, os.PathLike)):
+        return False
+    arg = os.fspath(vocab)
+    return isinstance(arg, str) and bool(arg.strip()) and builtin_name(arg) is not None
+
+
 def check_class_embeddings(emb: Tensor, *, embed_dim: Optional[int] = None, source: str = "class embeddings"
                            ) -> Tensor:
     """Validate [K, D] class embeddings and return them as float32 [K, D] (a 1-concept [D] file becomes [1, D]).

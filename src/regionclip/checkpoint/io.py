@@ -35,7 +35,7 @@ def read_weight_file(path: PathLike) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weight file not found: {path}")
-    kind = _file_kind(path)
+    kind = weight_file_kind(path)
     if kind == "safetensors":
         from safetensors.torch import load_file
 
@@ -56,14 +56,14 @@ def read_weight_file(path: PathLike) -> Any:
         raise CheckpointError(_unreadable_message(path, e)) from None
 
 
-def _file_kind(path: Path) -> Optional[str]:
+def weight_file_kind(path: Path) -> Optional[str]:
     """What the first bytes say: ``"torch"`` (zip archive, or a legacy pickle), ``"safetensors"`` (8-byte header
     length, then a JSON header) or None (not a weight file at all: text, an image, a shell script...)."""
     with open(path, "rb") as f:
         head = f.read(10)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save zip / legacy pickle protocol >= 2
         return "torch"
-    if len(head) == 10 and head[8:9] == b"{":
+    if len(head) == 10 and head[8:9] == b"{" and head[7] == 0:  # u64 header length: its top byte is 0
         return "safetensors"
     if path.suffix == ".safetensors" and head:
         return "safetensors"  # a damaged header: let safetensors name the problem

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..api import RegionCLIP
+from ..api import RegionCLIP, is_embedding_file
 from ..config import to_dict
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..export import read_manifest
@@ -93,7 +93,7 @@ def load_options(args: argparse.Namespace, *, regions: Optional[str] = None) -> 
 
 def check_cheap_args(args: argparse.Namespace) -> None:
     """Argument errors that need no model: found in milliseconds instead of after an 18 s checkpoint load."""
-    if getattr(args, "vocab", None) is not None:
+    if getattr(args, "vocab", None) is not None and not is_embedding_file(args.vocab):
         resolve_names(args.vocab)  # empty vocabulary, empty names, missing names file
     if getattr(args, "concept_emb", None) is not None and not Path(args.concept_emb).exists():
         try:
