@@ -40,7 +40,7 @@ AREAS: tuple[str, ...] = ("all", "small", "medium", "large")  # pycocotools' are
 def proposal_results(image_id: Any, boxes: Tensor, scores: Tensor, category_id: int = 1) -> list[dict[str, Any]]:
     """Results-JSON entries for one image's proposals (XYXY original pixels -> COCO XYWH).
 
-    ``category_id`` is any valid id of the annotation file: with ``useCats = 0`` it is not looked at.
+    ``category_id`` is not looked at (:func:`coco_proposal_recall` scores class-agnostically).
     """
     if boxes.dim() != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
         raise ValueError(f"proposals of image {image_id}: expected boxes [R, 4] and scores [R], got "
@@ -92,7 +92,10 @@ def coco_proposal_recall(annotations: Union[str, Path, dict[str, Any]], results:
                 out[_key(a, k)] = 0.0 if _has_gt(gt, ids, a) else math.nan
         return out
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes([dict(r) for r in results])
+        # useCats=0 still gathers detections per category id of the GT file (COCOeval.computeIoU loops over
+        # params.catIds), so a proposal under an id the file lacks would silently never match: use the first id.
+        cat = sorted(gt.getCatIds())[0]
+        dt = gt.loadRes([{**r, "category_id": cat} for r in results])
         ev = cocoeval.COCOeval(gt, dt, "bbox")
         ev.params.imgIds = ids
         ev.params.useCats = 0
