@@ -141,3 +141,23 @@ def test_duplicate_names_warn_with_concept_embeddings_as_with_the_text_encoder(t
     names.write_text("cat\ndog\ncat\n")
     with pytest.warns(UserWarning, match="duplicate class names"):
         model.make_vocabulary(names, emb_file)
+
+
+# ---------------------------------------------------------------------------------------------- index
+def test_index_on_a_truncated_shard_or_an_empty_store_is_one_clear_line(tmp_path, capsys):
+    from test_search import make_store
+
+    feats = make_store(tmp_path / "s", n_images=2)
+    shard = next((feats / "shards").glob("shard-*.safetensors"))
+    data = shard.read_bytes()
+    for cut in (len(data) // 2, 20):
+        shard.write_bytes(data[:cut])
+        assert main(["index", str(feats), "-o", str(tmp_path / "ix"), "--backend", "exact", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(shard) in err and "truncated or damaged" in err, err
+    empty = tmp_path / "empty"
+    (empty / "shards").mkdir(parents=True)
+    assert main(["index", str(empty), "-o", str(tmp_path / "ix2"), "--backend", "exact", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(empty / "shards") in err and "no shards" in err
+    assert not (tmp_path / "ix2").exists()

@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from pathlib import Path
+
 from ..search import FaissOptions, RegionIndex
+from ..search.features import list_shards
 from .argtypes import positive_int
 
 
@@ -40,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not list_shards(args.features_dir):  # also names a damaged shard, before anything is written
+        raise ValueError(f"{Path(args.features_dir) / 'shards'} holds no shards: nothing to index; extract regions "
+                         f"first (regionclip extract-regions IMAGES -o {args.features_dir}) and let it finish at "
+                         "least one shard")
 
     opts = FaissOptions(ivf_min_rows=args.ivf_min_rows, nlist=args.nlist, nprobe=args.nprobe)
     t0 = time.perf_counter()

@@ -64,8 +64,11 @@ def list_shards(features_dir: PathLike) -> list[ShardInfo]:
     for f in sorted(shard_dir.iterdir()):
         if not _SHARD_RE.match(f.name):
             continue
-        with safe_open(str(f), framework="np") as sf:
-            raw = (sf.metadata() or {}).get("regionclip")
+        try:
+            with safe_open(str(f), framework="np") as sf:
+                raw = (sf.metadata() or {}).get("regionclip")
+        except Exception as e:  # SafetensorError: truncated or damaged (shards are written atomically: a bad copy)
+            raise ValueError(damaged_shard_message(f, e)) from None
         if raw is None:
             raise ValueError(f"{f} has no 'regionclip' header metadata: not written by regionclip extract-regions")
         header = json.loads(raw)
@@ -84,15 +87,24 @@ def read_shard(shard: ShardInfo, fields: tuple[str, ...] = ("boxes", "feats", "o
     from safetensors import safe_open
 
     out: dict[str, np.ndarray] = {}
-    with safe_open(str(shard.path), framework="pt") as sf:
-        keys = set(sf.keys())
-        for k in fields:
-            if k in keys:
-                t = sf.get_tensor(k)
-                if t.dtype.is_floating_point and t.dtype not in (_torch().float16, _torch().float32):
-                    t = t.float()  # bfloat16 has no numpy dtype
-                out[k] = t.numpy()
+    try:
+        with safe_open(str(shard.path), framework="pt") as sf:
+            keys = set(sf.keys())
+            for k in fields:
+                if k in keys:
+                    t = sf.get_tensor(k)
+                    if t.dtype.is_floating_point and t.dtype not in (_torch().float16, _torch().float32):
+                        t = t.float()  # bfloat16 has no numpy dtype
+                    out[k] = t.numpy()
+    except Exception as e:  # SafetensorError: changed or damaged since it was listed
+        raise ValueError(damaged_shard_message(shard.path, e)) from None
     return out
+
+
+def damaged_shard_message(path: Path, error: Exception) -> str:
+    return (f"{path} is truncated or damaged ({type(error).__name__}: {error}); extract-regions writes shards "
+            "atomically, so this is a bad copy or a disk fault: restore the file, or extract the folder again "
+            "(regionclip extract-regions ... --overwrite)")
 
 
 def feats_dim(shard: ShardInfo) -> int:

@@ -87,8 +87,10 @@ class RegionIndex:
         return str(self.manifest["backend"])
 
     @property
-    def embed_dim(self) -> int:
-        return int(self.manifest["embed_dim"])
+    def embed_dim(self) -> Optional[int]:
+        """D of the indexed vectors; None for an index of an empty store."""
+        d = self.manifest["embed_dim"]
+        return None if d is None else int(d)
 
     @property
     def num_regions(self) -> int:
