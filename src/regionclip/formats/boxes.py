@@ -5,7 +5,8 @@ Boxes files (XYXY in original pixels unless said otherwise):
 * COCO json (``images`` + ``annotations``, ``bbox`` XYWH): keyed by each image's ``file_name``; crowd annotations
   are skipped; an image without annotations gets an empty [0, 4] array;
 * JSON ``{file_name: [[x1, y1, x2, y2], ...]}`` (an empty list = an image without boxes);
-* CSV rows ``file_name,x1,y1,x2,y2`` (a header row is allowed).
+* CSV rows ``file_name,x1,y1,x2,y2`` (a first row naming these columns, or xmin,ymin,xmax,ymax, is a header; any other
+  row with a field that is not a number is an error naming the line and column).
 
 Dtype rule (why: the original's dataset mapper scales boxes inside a numpy array, so a box written with whole
 numbers - an *integer* array - is truncated after scaling, a float box is not; see
@@ -74,6 +75,19 @@ def _number(s: str) -> Union[int, float]:
         return float(s)
 
 
+_CSV_COLUMNS = ("file_name", "x1", "y1", "x2", "y2")
+# the names a header row may give each column (case-insensitive)
+_CSV_HEADER_NAMES = ({"file_name", "filename", "file", "image", "image_name", "image_file", "path", "name", "key",
+                      "image_id", "img"},
+                     {"x1", "xmin", "x_min", "left", "x0"}, {"y1", "ymin", "y_min", "top", "y0"},
+                     {"x2", "xmax", "x_max", "right"}, {"y2", "ymax", "y_max", "bottom"})
+
+
+def _is_csv_header(row: Sequence[str]) -> bool:
+    """A CSV row is a header only when it names the five columns (file_name,x1,y1,x2,y2 or a known synonym)."""
+    return len(row) == 5 and all(v.strip().lower() in names for v, names in zip(row, _CSV_HEADER_NAMES))
+
+
 def read_boxes_file(path: PathLike) -> dict[str, np.ndarray]:
     """Boxes per image, keyed by the image name as written in the file (see the module docstring for formats and
     the int64 / float32 rule). Returns {name: [R, 4] array}."""
@@ -86,15 +100,18 @@ def read_boxes_file(path: PathLike) -> dict[str, np.ndarray]:
             for i, row in enumerate(csv.reader(f)):
                 if not row or not "".join(row).strip():
                     continue
-                try:
-                    nums = [_number(v) for v in row[1:]]
-                except ValueError:
-                    if i == 0:
-                        continue  # header row
-                    raise BoxesFileError(f"{path} line {i + 1}: expected file_name,x1,y1,x2,y2 with numbers, got "
-                                         f"{row}") from None
+                if not raw and _is_csv_header(row):
+                    continue  # only a row of known column names is a header: a typo in data is not one
                 if len(row) != 5:
                     raise BoxesFileError(f"{path} line {i + 1}: expected file_name,x1,y1,x2,y2, got {row}")
+                nums = []
+                for col, v in zip(_CSV_COLUMNS[1:], row[1:]):
+                    try:
+                        nums.append(_number(v))
+                    except ValueError:
+                        raise BoxesFileError(f"{path} line {i + 1}, column {col}: {v.strip()!r} is not a number; "
+                                             "rows are file_name,x1,y1,x2,y2 (a header row may name the columns)"
+                                             ) from None
                 raw.setdefault(row[0].strip(), []).append(nums)
     else:
         try:
