@@ -161,6 +161,9 @@ class TrainingDataset(torch.utils.data.Dataset):
         sx, sy = nw / w, nh / h
         keep = ~rec.iscrowd
         boxes = rec.boxes[keep].astype(np.float64) * np.array([sx, sy, sx, sy])
+        # a bbox written with integers stays an integer array in detectron2's mapper: its resized coordinates are
+        # truncated toward zero (as in GT-mode inference, ImageRecord.region_boxes_resized)
+        boxes = np.where(rec.int_box_flags[keep][:, None], np.trunc(boxes), boxes)
         polys = None
         if self.segmentations is not None:
             segs = [s for s, k in zip(self.segmentations.get(rec.image_id, []), keep) if k]
@@ -173,7 +176,8 @@ class TrainingDataset(torch.utils.data.Dataset):
                 polys = [[np.stack([nw - p[0::2], p[1::2]], 1).reshape(-1) for p in inst] for inst in polys]
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, nw)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, nh)
-        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # detectron2 filter_empty_instances
+        # detectron2 filter_empty_instances: Boxes.nonempty(threshold=1e-5)
+        nonempty = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
         labels = rec.labels[keep][nonempty]
         if polys is not None:
             polys = [p for p, k in zip(polys, nonempty) if k]

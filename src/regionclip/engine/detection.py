@@ -19,9 +19,10 @@ from ..data.train_data import TrainSample, polygons_to_roi_masks
 from ..losses.detection import box_regression_loss, classification_loss, mask_loss
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import text_classifier_logits
-from .sampling import sample_rois
+from ..structures import Proposals
+from .sampling import SampledRoIs, sample_rois
 
-__all__ = ["RoIConfig", "DetectionTask", "export_detector_state_dict"]
+__all__ = ["RoIConfig", "DetectionTask", "StepOutputs", "checkpoint_key", "export_detector_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,27 @@ class RoIConfig:
     box_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
 
 
+@dataclass
+class StepOutputs:
+    """What one training forward computed (:meth:`DetectionTask.step`); RoIs are in box-head order (image by
+    image, each image's sampled RoIs foreground first)."""
+
+    proposals: list[Proposals]  # offline-RPN output per image, before the GT boxes are appended
+    sampled: list[SampledRoIs]  # per image
+    region_emb: Tensor  # [R, D] raw attnpool output: the box predictor's input
+    logits: Tensor  # [R, K+1] classifier logits (cosine / temperature), background last
+    deltas: Optional[Tensor]  # [R, 4] class-agnostic box deltas (None without bbox_pred)
+    losses: dict[str, Tensor]
+
+
+def checkpoint_key(key: str) -> str:
+    """Our detector's state-dict key -> the released checkpoints' key (REGIONCLIP_RENAMES read backwards)."""
+    for src, dst in REGIONCLIP_RENAMES:
+        if key.startswith(dst):
+            return src + key[len(dst):]
+    raise KeyError(f"detector key {key!r} has no checkpoint name in REGIONCLIP_RENAMES")
+
+
 def export_detector_state_dict(detector: RegionCLIPDetector, train_embeddings: Tensor,
                                test_embeddings: Optional[Tensor] = None,
                                extra: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
@@ -47,14 +69,7 @@ def export_detector_state_dict(detector: RegionCLIPDetector, train_embeddings: T
 
     ``extra`` (e.g. ``lang_encoder.*`` of the initial checkpoint) is copied unchanged.
     """
-    out: dict[str, Tensor] = {}
-    for key, value in detector.state_dict().items():
-        for src, dst in REGIONCLIP_RENAMES:
-            if key.startswith(dst):
-                out[src + key[len(dst):]] = value
-                break
-        else:
-            raise KeyError(f"detector key {key!r} has no checkpoint name in REGIONCLIP_RENAMES")
+    out = {checkpoint_key(key): value for key, value in detector.state_dict().items()}
     emb = train_embeddings.detach().float()
     out["roi_heads.box_predictor.cls_score.weight"] = emb
     out["roi_heads.box_predictor.cls_bg_score.weight"] = emb.new_zeros(1, emb.shape[1])
@@ -115,18 +130,41 @@ class DetectionTask(nn.Module):
         split = split_regionclip_state_dict(sd)
         load_into(self.detector, split.detector, strict=True, source="training checkpoint")
 
+    # ------------------------------------------------------------------ parameter names of the original
+    def checkpoint_parameter_names(self) -> dict[str, bool]:
+        """Every parameter under its name in the released checkpoints (the original's module names), mapped to
+        whether this task trains it. The frozen classifier tensors, which the original holds as parameters with
+        ``requires_grad=False`` (here constant buffers), are listed as frozen: ``cls_score`` and
+        ``cls_bg_score`` always, ``test_cls_score`` when test embeddings are set."""
+        out = {checkpoint_key(n): p.requires_grad for n, p in self.detector.named_parameters()}
+        out["roi_heads.box_predictor.cls_score.weight"] = False
+        out["roi_heads.box_predictor.cls_bg_score.weight"] = False
+        if self.test_embeddings is not None:
+            out["roi_heads.box_predictor.test_cls_score.weight"] = False
+        return out
+
     # ------------------------------------------------------------------ loss
     def forward(self, batch: Sequence[TrainSample], generator: Optional[torch.Generator] = None
                 ) -> dict[str, Tensor]:
+        return self.step(batch, generator).losses
+
+    def step(self, batch: Sequence[TrainSample], generator: Optional[torch.Generator] = None) -> StepOutputs:
+        """One training forward with its intermediate tensors (``forward`` returns only the losses).
+
+        The order of operations is the original's (``CLIPFastRCNN.forward`` -> ``CLIPRes5ROIHeads.forward``):
+        offline-RPN proposals (eval mode, no grad), GT appended, matching and sampling per image (positives then
+        negatives, each in ``randperm`` order from ``generator``), RoIAlign on res4 -> layer4 -> attnpool for all
+        sampled RoIs of the batch, then the losses over the concatenated RoIs.
+        """
         det, roi, k = self.detector, self.roi, self.num_classes
         dev = det.device
         images = [s.image for s in batch]
         if det.rpn is not None:
             with torch.no_grad():
-                proposals = [p.boxes for p in det.propose(images)]
+                proposals = det.propose(images)
         else:  # GT boxes only (no RPN configured): the sampled RoIs are the GT boxes themselves
-            proposals = [torch.zeros(0, 4, device=dev) for _ in batch]
-        sampled = [sample_rois(p.to(dev), s.boxes.to(dev), s.labels.to(dev), k,
+            proposals = [Proposals(torch.zeros(0, 4, device=dev)) for _ in batch]
+        sampled = [sample_rois(p.boxes.to(dev), s.boxes.to(dev), s.labels.to(dev), k,
                                batch_size_per_image=roi.batch_size_per_image, positive_fraction=roi.positive_fraction,
                                iou_threshold=roi.iou_threshold, append_gt=roi.append_gt or det.rpn is None,
                                generator=generator)
@@ -140,7 +178,9 @@ class DetectionTask(nn.Module):
         logits = text_classifier_logits(emb.float(), self.train_embeddings, det.temperature)
         losses = {"loss_cls": classification_loss(logits, labels, focal_gamma=roi.focal_gamma,
                                                   bg_weight=roi.bg_weight)}
+        deltas = None
         if det.bbox_pred is not None:
+            # the raw (unnormalised) attnpool output, as the original's box predictor receives it
             deltas = det.bbox_pred(emb.to(det.bbox_pred.weight.dtype))
             boxes = torch.cat([r.boxes for r in sampled])
             gt = torch.cat([r.gt_boxes for r in sampled])
@@ -159,4 +199,4 @@ class DetectionTask(nn.Module):
                 targets.append(polygons_to_roi_masks(s.polygons, r.gt_index[f].cpu(), r.boxes[f],
                                                      mask_logits.shape[-1]))
             losses["loss_mask"] = roi.mask_loss_weight * mask_loss(mask_logits, torch.cat(targets).to(dev))
-        return losses
+        return StepOutputs(list(proposals), sampled, emb, logits, deltas, losses)

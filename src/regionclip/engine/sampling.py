@@ -22,13 +22,15 @@ class SampledRoIs:
 
     ``boxes`` [S, 4] XYXY (resized-image pixels); ``labels`` [S] in ``0..K`` (K = background);
     ``gt_index`` [S] index of the matched GT box (meaningless for background: 0); ``gt_boxes`` [S, 4] the matched
-    GT boxes (the RoI itself for background, so box encodings stay finite).
+    GT boxes (the RoI itself for background, so box encodings stay finite); ``index`` [S] position of each RoI
+    among the candidates ``[proposals; appended GT boxes]`` (detectron2's ``sampled_idxs``).
     """
 
     boxes: Tensor
     labels: Tensor
     gt_index: Tensor
     gt_boxes: Tensor
+    index: Tensor
 
     def fg_mask(self, num_classes: int) -> Tensor:
         """[S] bool: foreground RoIs (label below the background label ``num_classes``)."""
@@ -59,6 +61,8 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
     (label not -1 and not ``bg_label``) and negatives to fill up to ``num_samples``.
 
     Randomness comes from ``generator`` (CPU) so a training run can make it a pure function of the iteration.
+    The draws are the original's: ``randperm(#positives)`` then ``randperm(#negatives)``, so a generator in the
+    state of the original's global RNG picks the same RoIs in the same order (docs/TRAINING.md#fidelity).
     """
     positive = torch.nonzero((labels != -1) & (labels != bg_label)).squeeze(1)
     negative = torch.nonzero(labels == bg_label).squeeze(1)
@@ -91,4 +95,4 @@ def sample_rois(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_clas
         sel_gt = torch.where((sel_labels < num_classes)[:, None], sel_gt, sel_boxes)
     else:
         sel_gt = sel_boxes.clone()
-    return SampledRoIs(sel_boxes, sel_labels, sel_matched, sel_gt)
+    return SampledRoIs(sel_boxes, sel_labels, sel_matched, sel_gt, idx)
