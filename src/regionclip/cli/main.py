@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = [
     "regionclip.cli.detect",
     "regionclip.cli.train",
+    "regionclip.cli.train_rpn",
     "regionclip.cli.embed",
     "regionclip.cli.evaluate",
     "regionclip.cli.visualize",
