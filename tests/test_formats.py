@@ -115,8 +115,8 @@ def test_writer_resume_after_partial_line_and_final_files(tmp_path: Path, caplog
 
 def test_writer_refuses_other_settings_and_corrupt_lines(tmp_path: Path) -> None:
     _run(tmp_path, ["img0", "img1"]).close()
-    with pytest.raises(JournalError, match=r"other settings \(score_thresh: 0.05 in the journal, 0.5 now\).*"
-                                           r"--no-resume"):
+    with pytest.raises(JournalError, match=r"other settings or input files \(score_thresh: 0.05 in the journal, "
+                                           r"0.5 now\).*--overwrite"):
         _run(tmp_path, ["img0"], settings={"score_thresh": 0.5})
     with pytest.raises(JournalError, match="categories"):  # the vocabulary is part of the fingerprint
         ResultsWriter(tmp_path, NAMES[:2], [3, 9], settings={"score_thresh": 0.05})

@@ -161,3 +161,79 @@ def test_index_on_a_truncated_shard_or_an_empty_store_is_one_clear_line(tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(empty / "shards") in err and "no shards" in err
     assert not (tmp_path / "ix2").exists()
+
+
+# ---------------------------------------------------------------------------------------------- resume by content
+def _journal_lines(tmp_path: Path, out: str = "out") -> list[str]:
+    return (tmp_path / out / "predictions.jsonl").read_text().splitlines()
+
+
+def test_resume_keys_on_file_contents_not_paths(tmp_path, tiny_ckpt, emb_file, capsys):
+    _images_and_boxes(tmp_path)
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0
+    before = _journal_lines(tmp_path)
+    assert len(before) == 1 + 3
+    # the same contents under another path: the same run, nothing to redo
+    moved = tmp_path / "moved" / "emb_copy.pth"
+    moved.parent.mkdir()
+    moved.write_bytes(emb_file.read_bytes())
+    ckpt2 = tmp_path / "moved" / "tiny_copy.pth"
+    ckpt2.write_bytes(tiny_ckpt.read_bytes())
+    capsys.readouterr()
+    assert main(_detect_args(tmp_path, ckpt2, moved)) == 0
+    assert "3 of 3 images already done" in capsys.readouterr().err
+    assert _journal_lines(tmp_path) == before
+    # other contents under the same path (was: old embeddings for the first images, new ones for the rest)
+    torch.save(torch.randn(3, 16, generator=torch.Generator().manual_seed(99)), emb_file)
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's load report: one line
+    assert err.startswith("regionclip detect: error:") and "concept_emb_sha256" in err and "--overwrite" in err
+    assert _journal_lines(tmp_path) == before  # nothing mixed in
+    # the boxes file and the weights are keyed the same way
+    boxes = json.loads((tmp_path / "boxes.json").read_text())
+    boxes["img000.png"][0] = [3, 3, 40, 30]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    torch.save(torch.load(moved, weights_only=True), emb_file)  # the original embeddings again
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 2
+    assert "boxes_sha256" in capsys.readouterr().err
+    # told to start over (either spelling), it does, and the results are the new inputs' only
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file, "out", "--no-resume")) == 0
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file, "fresh")) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == \
+        json.loads((tmp_path / "fresh" / "results.json").read_text())
+
+
+def test_digests_are_computed_once_per_file_not_per_image(tmp_path, tiny_ckpt, emb_file, monkeypatch):
+    import regionclip.checkpoint.io as cio
+
+    _images_and_boxes(tmp_path, 4)
+    calls: list[str] = []
+    orig = cio.file_sha256
+    monkeypatch.setattr(cio, "file_sha256", lambda p, **k: calls.append(Path(p).name) or orig(p, **k))
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0
+    assert sorted(calls) == ["boxes.json", "emb.pth", "tiny.pth"]  # each input once for 4 images
+
+
+# ---------------------------------------------------------------------------------------------- detect lock
+def test_two_detect_runs_cannot_write_one_folder(tmp_path, tiny_ckpt, emb_file, capsys):
+    import subprocess
+    import sys
+
+    from regionclip.sharding import LOCK_NAME
+
+    _images_and_boxes(tmp_path)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from regionclip.utils import lock_dir; "
+                               f"held = lock_dir({str(out)!r}, {LOCK_NAME!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("regionclip detect: error: another detect run is writing to") and str(out) in err
+        assert not (out / "predictions.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0  # released when the holder died
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0  # and by a finished run

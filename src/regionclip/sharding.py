@@ -25,9 +25,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 from .data.images import image_size
 from .data.loader import InferenceItem
 from .distributed import DistInfo, barrier, broadcast_object
+from .utils import DirLock, lock_dir
 from .formats import JOURNAL_NAME, Journal, ResultsWriter, make_meta, merge_journals, read_journal, write_results
 
 T = TypeVar("T")
+LOCK_NAME = ".results.lock"  # held by rank 0 of the run writing the folder's journals
 
 
 def item_cost(item: InferenceItem) -> float:
@@ -93,23 +95,46 @@ class ShardedResults:
 
     def __init__(self, out_dir: Path, class_names: Sequence[str], category_ids: Optional[Sequence[int]], *,
                  settings: Mapping[str, Any], dist: DistInfo, resume: bool = True, results_name: str = "results.json",
-                 images_name: Optional[str] = "images.json", fsync: bool = True) -> None:
+                 images_name: Optional[str] = "images.json", fsync: bool = True, what: str = "run") -> None:
         self.out_dir, self.dist = Path(out_dir), dist
         self.results_name, self.images_name = results_name, images_name
         self.meta = make_meta(class_names, category_ids, settings)
+        self._lock: Optional[DirLock] = None
         done: set[str] = set()
+        failed: Optional[BaseException] = None
         if dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            for p in journals(self.out_dir):
-                if not resume:
-                    p.unlink()
-                    continue
-                done |= set(read_journal(p, expected_meta=self.meta, repair=True).entries)
-        self.done: set[str] = broadcast_object(done)  # before any rank writes: every rank sees the same set
+            try:
+                # one run per output folder (the lock of extract-regions): a second run on the same folder would
+                # redo every image into the same journal. Rank 0 holds it for the whole run, for every rank.
+                self._lock = lock_dir(self.out_dir, LOCK_NAME, what=what)
+                for p in journals(self.out_dir):
+                    if not resume:
+                        p.unlink()
+                        continue
+                    done |= set(read_journal(p, expected_meta=self.meta, repair=True).entries)
+            except (RuntimeError, ValueError, OSError) as e:
+                failed = e
+        # every rank learns of rank 0's failure (a lone raise would leave the other ranks waiting here)
+        state = broadcast_object((done, None if failed is None else (type(failed).__name__, str(failed))))
+        if failed is not None:
+            self._release()
+            raise failed
+        if state[1] is not None:
+            raise RuntimeError(f"rank 0 could not open {self.out_dir}: {state[1][0]}: {state[1][1]}")
+        self.done: set[str] = state[0]  # before any rank writes: every rank sees the same set
         barrier()
-        self.writer = ResultsWriter(self.out_dir, class_names, category_ids, settings=settings, resume=resume,
-                                    journal_name=journal_name(dist), results_name=results_name,
-                                    images_name=images_name, fsync=fsync)
+        try:
+            self.writer = ResultsWriter(self.out_dir, class_names, category_ids, settings=settings, resume=resume,
+                                        journal_name=journal_name(dist), results_name=results_name,
+                                        images_name=images_name, fsync=fsync)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def finalize(self, order: Optional[Sequence[str]] = None) -> Optional[list[dict]]:
         """Close this rank's journal, wait for every rank, and (rank 0) write the merged final files."""
@@ -120,7 +145,7 @@ class ShardedResults:
             out = write_results(self.merged(), self.out_dir, order=order, results_name=self.results_name,
                                 images_name=self.images_name)
         barrier()
-        return out
+        return out  # the lock is held until the context exits (the caller may still write exports)
 
     def merged(self) -> Journal:
         """Every rank's journal merged (duplicate rule of :mod:`regionclip.formats.results`)."""
@@ -130,7 +155,10 @@ class ShardedResults:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        finally:
+            self._release()
 
 
 def rank_device(device: str, dist: DistInfo) -> str:

@@ -63,3 +63,51 @@ def autocast_context(device: Any, dtype: str) -> contextlib.AbstractContextManag
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("float16 autocast is for GPUs; on the CPU use --dtype bfloat16 (or float32)")
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+_LOCKED: set[str] = set()  # lock files this process holds (POSIX locks do not conflict within one process)
+
+
+class DirLock:
+    """A held :func:`lock_dir` lock; :meth:`close` releases it (the OS also does when the process dies)."""
+
+    def __init__(self, f: Any, key: str) -> None:
+        self._f, self._key = f, key
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+            _LOCKED.discard(self._key)
+
+    def __enter__(self) -> "DirLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def lock_dir(path: Union[str, os.PathLike], name: str = ".lock", *, what: str = "run") -> DirLock:
+    """An exclusive lock on ``path/<name>`` for the output folder of a long command (``extract-regions``,
+    ``detect``), released by the OS when the process dies (also on SIGKILL). A second run on the same folder gets
+    a RuntimeError naming the folder instead of doing the same work twice into the same journal.
+
+    A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it, so a worker that
+    outlives a killed parent for a few seconds cannot block the resumed run."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    key = str((path / name).resolve())
+    busy = f"another {what} is writing to {path}; wait for it to finish or use another --output-dir"
+    if key in _LOCKED:  # POSIX locks do not conflict within one process (and closing a 2nd fd would drop them)
+        raise RuntimeError(busy)
+    f = open(path / name, "w")
+    try:
+        import fcntl
+
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - Windows: no lock, concurrent runs are the user's responsibility
+        pass
+    except OSError:
+        f.close()
+        raise RuntimeError(busy) from None
+    _LOCKED.add(key)
+    return DirLock(f, key)

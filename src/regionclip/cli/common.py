@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..api import RegionCLIP, is_embedding_file
+from ..checkpoint.io import content_sha256
 from ..config import to_dict
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..export import read_manifest
@@ -140,6 +142,26 @@ def vocabulary_from_args(model: RegionCLIP, args: argparse.Namespace, *, verbose
     if verbose:
         log(f"vocabulary: {len(v)} classes from {v.source} in {time.perf_counter() - t0:.2f} s")
     return v
+
+
+def input_digests(model: RegionCLIP, args: argparse.Namespace, vocab: Optional[Vocabulary] = None
+                  ) -> dict[str, Optional[str]]:
+    """sha256 of every input that changes results - the weights, the RPN weights, the class embeddings (file and
+    the rows actually used) and the boxes file - for the resume fingerprint of a run's output folder. Contents, not
+    paths: a file edited in place is a different run (refused on resume), the same file moved is the same run."""
+    rpn = model.options.rpn_weights_name() if model.detector.rpn is not None else None
+    emb = getattr(args, "concept_emb", None)
+    boxes = getattr(args, "boxes", None)
+    coco = getattr(args, "coco_json", None)
+    return {
+        "weights_sha256": content_sha256(model.weights_path) if model.weights_path is not None else None,
+        "rpn_weights_sha256": content_sha256(resolve_weights(rpn, download=False)) if rpn else None,
+        "concept_emb_sha256": content_sha256(resolve_weights(emb, download=False)) if emb else None,
+        "class_embeddings_sha256": None if vocab is None else hashlib.sha256(
+            vocab.class_embeddings.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest(),
+        "boxes_sha256": content_sha256(boxes) if boxes else None,
+        **({"coco_json_sha256": content_sha256(coco)} if coco else {}),
+    }
 
 
 def run_options(model: RegionCLIP, args: argparse.Namespace, **extra: Any) -> RunOptions:

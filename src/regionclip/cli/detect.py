@@ -21,7 +21,16 @@ from ..sharding import ShardedResults, rank_device, shard_items
 from ..utils import atomic_path
 from ..visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
 from .argtypes import fraction, nonneg_float, nonneg_int
-from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, run_options, vocabulary_from_args
+from .common import (
+    add_model_args,
+    add_run_args,
+    check_cheap_args,
+    input_digests,
+    load_model,
+    log,
+    run_options,
+    vocabulary_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default="output/detect")
     p.add_argument("--format", choices=FORMATS, default="coco",
                    help="results format besides the COCO results.json: jsonl, csv or yolo (labels/ + classes.txt)")
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an earlier run")
+    p.add_argument("--overwrite", "--no-resume", dest="overwrite", action="store_true",
+                   help="start over instead of resuming an earlier run")
     p.add_argument("--no-vis", action="store_true", help="do not write annotated images")
     p.add_argument("--vis-conf-threshold", type=fraction, default=0.05)
     p.add_argument("--vis-max-boxes", type=nonneg_int, default=25)
@@ -69,14 +79,15 @@ def _run(args: argparse.Namespace, items: list[InferenceItem], dist: DistInfo) -
     vocab = vocabulary_from_args(model, args, verbose=dist.is_main)
     options = run_options(model, args)
     out_dir = Path(args.output_dir)
-    # the settings fingerprint of the journal: a resumed run with other settings is refused
-    settings = {"weights": str(model.weights_path), "settings": model.settings.describe(),
-                "postprocess": options.postprocess.__dict__, "boxes": args.boxes, "dtype": options.dtype,
-                "max_proposals": options.max_proposals, "vocabulary_source": vocab.source}
+    # the settings fingerprint of the journal: a resumed run with other settings or other input files (by content)
+    # is refused
+    settings = {"settings": model.settings.describe(), "postprocess": options.postprocess.__dict__,
+                "dtype": options.dtype, "max_proposals": options.max_proposals,
+                **input_digests(model, args, vocab)}
     keys = [it.key for it in items]
     names = dict(zip(vocab.category_ids, vocab.names))
     t0, n_done = time.perf_counter(), 0
-    with ShardedResults(out_dir, vocab.names, vocab.category_ids, settings=settings, dist=dist,
+    with ShardedResults(out_dir, vocab.names, vocab.category_ids, settings=settings, dist=dist, what="detect run",
                         resume=not args.overwrite) as res:
         left = [it for it in items if it.key not in res.done]
         todo = shard_items(left, dist.rank, dist.world_size)

@@ -22,6 +22,7 @@ from .common import (
     add_model_args,
     add_run_args,
     check_cheap_args,
+    input_digests,
     load_model,
     postprocess_overrides,
     run_options,
@@ -49,7 +50,8 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     d.add_argument("--rpn-nms-thresh", type=float, default=0.7, help="--metric proposals: RPN NMS (detectron2: 0.7)")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--output-dir", help="default output/inference/<dataset>")
-    r.add_argument("--no-resume", action="store_true", help="start over instead of skipping finished images")
+    r.add_argument("--no-resume", "--overwrite", dest="no_resume", action="store_true",
+                   help="start over instead of skipping finished images")
     r.add_argument("--no-progress", action="store_true")
     add_model_args(p, default_preset=None)
     add_run_args(p, workers=0)
@@ -102,9 +104,9 @@ def _evaluate(args: argparse.Namespace, dataset: Any, regions: str, scenario: An
     vocab = vocabulary_from_args(model, args, verbose=not args.no_progress and dist.is_main)
     options = run_options(model, args)
     out_dir = Path(args.output_dir or Path("output") / "inference" / dataset.name)
-    meta = {"weights": str(model.weights_path), "rpn_weights": args.rpn_weights, "preset": args.preset,
-            "regions": regions, "concept_emb": args.concept_emb, "limit": args.limit,
-            "postprocess": postprocess_overrides(args), "dtype": options.dtype}
+    meta = {"preset": args.preset, "regions": regions, "limit": args.limit,
+            "postprocess": postprocess_overrides(args), "dtype": options.dtype,
+            **input_digests(model, args, vocab)}  # input files by content: an edited file is not resumed into
     metrics = evaluate_dataset(dataset, dataset_predictor(model.pipeline, vocab, options, regions), out_dir,
                                batch_size=args.batch_size, resume=not args.no_resume, progress=not args.no_progress,
                                meta=meta, dist=dist)

@@ -24,7 +24,15 @@ from ..runtime import resolve_dtype
 from ..sharding import rank_device
 from ..text.vocabulary import checkpoint_fingerprint
 from .argtypes import positive_float, positive_int
-from .common import add_model_args, add_run_args, check_cheap_args, load_model, log, vocabulary_from_args
+from .common import (
+    add_model_args,
+    add_run_args,
+    check_cheap_args,
+    input_digests,
+    load_model,
+    log,
+    vocabulary_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -99,8 +107,14 @@ def _extract(args: argparse.Namespace, items: list, dist: DistInfo) -> int:
                         write_original=args.format == "original")
     wpath = model.weights_path
     model_id = f"{wpath}#{checkpoint_fingerprint(wpath)[:16]}" if wpath is not None else "<weights>"
+    rpn = "none"
     if model.detector.rpn is not None and args.regions != "boxes":
-        model_id += f"+rpn:{args.rpn_weights or model.options.rpn_weights_name() or 'in-checkpoint'}"
+        rpn = args.rpn_weights or model.options.rpn_weights_name() or "in-checkpoint"
+    # every input file by content (the class embeddings are keyed by the store itself): a file edited in place is
+    # another run, refused on resume; the weights path stays first (search reads it to embed text queries)
+    digests = input_digests(model, args)
+    model_id += f"+rpn:{rpn}+inputs:" + ",".join(f"{k.replace('_sha256', '')}={v[:16]}"
+                                                 for k, v in digests.items() if v is not None)
     summary = extract_regions(model.pipeline, items, out, cfg, vocabulary=vocab,
                               postprocess=model.settings.postprocess, model_id=model_id, progress=not args.quiet,
                               boxes_source=args.boxes or args.coco_json or "", dist=dist)

@@ -49,7 +49,7 @@ from ..ops.boxes import clip_boxes, nonempty, scale_boxes
 from ..pipeline import ItemError, Pipeline, RunOptions
 from ..sharding import shard_items
 from ..structures import PreparedImage, Proposals
-from ..utils import write_json_atomic
+from ..utils import lock_dir, write_json_atomic
 from ..vocab import Vocabulary
 
 PathLike = Union[str, os.PathLike]
@@ -60,7 +60,6 @@ REGION_MODES = ("rpn", "detections", "boxes")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHARD_RE = re.compile(r"^shard-(\d{5,})(-r\d+)?\.safetensors$")  # -r<rank>: written by one rank of a sharded run
 _TMP_RE = re.compile(r"^\.shard-\d{5,}(-r\d+)?\.safetensors\..*\.tmp$")
-_LOCKED: set[str] = set()  # output folders this process holds the lock of
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ class RegionStore:
         self.shard_images = shard_images
         self.save_dtype = DTYPES[save_dtype]
         self.extra_index = extra_index or {}
-        self._lock = _lock_dir(self.dir, f".lock{self.suffix}")
+        self._lock = lock_dir(self.dir, f".lock{self.suffix}", what="extraction")
         self.images: dict[str, dict] = {}
         self.shards: list[dict] = []
         self.errors: dict[str, dict] = {}
@@ -293,40 +292,6 @@ class RegionStore:
             finally:
                 self.write_index()
                 self._lock.close()
-
-
-def _lock_dir(path: Path, name: str = ".lock") -> Any:
-    """An exclusive lock on ``path/<name>``, released by the OS when the process dies (also on SIGKILL).
-
-    A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it, so a worker that
-    outlives a killed parent for a few seconds cannot block the resumed run."""
-    path.mkdir(parents=True, exist_ok=True)
-    key = str((path / name).resolve())
-    if key in _LOCKED:  # POSIX locks do not conflict within one process (and closing a 2nd fd would drop them)
-        raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir")
-    f = open(path / name, "w")
-    try:
-        import fcntl
-
-        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # pragma: no cover - Windows: no lock, concurrent runs are the user's responsibility
-        pass
-    except OSError:
-        f.close()
-        raise RuntimeError(f"another extraction is writing to {path}; wait for it or use another --output-dir"
-                           ) from None
-    _LOCKED.add(key)
-    return _DirLock(f, key)
-
-
-class _DirLock:
-    def __init__(self, f: Any, key: str) -> None:
-        self._f, self._key = f, key
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-            _LOCKED.discard(self._key)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_VERSION = 1
 JOURNAL_NAME = "predictions.jsonl"
+# how to start over, in every journal error: the flag every command that journals accepts (detect, evaluate,
+# extract-regions), and the API's argument
+RESTART_HINT = "pass --overwrite (Python: resume=False)"
 
 
 class JournalError(ResultsError):
@@ -133,8 +136,8 @@ def _meta_mismatch(path: Path, found: Mapping[str, Any], expected: Mapping[str, 
     diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
     shown = "; ".join(f"{k}: {str(found.get(k))[:60]} in the journal, {str(expected.get(k))[:60]} {other}"
                       for k in diff[:5])
-    return JournalError(f"{path} was written by a run with other settings ({shown}); use another output folder, "
-                        "or pass --no-resume / --overwrite to start over")
+    return JournalError(f"{path} was written by a run with other settings or input files ({shown}); use another "
+                        f"output folder, or start over: {RESTART_HINT}")
 
 
 def read_journal(path: PathLike, *, expected_meta: Optional[Mapping[str, Any]] = None,
@@ -160,8 +163,7 @@ def read_journal(path: PathLike, *, expected_meta: Optional[Mapping[str, Any]] =
         except ValueError:
             if not last:
                 raise JournalError(f"{path} line {i + 1} is corrupt (not only the last line, so this is not an "
-                                   "interrupted write); delete the file or pass --no-resume / --overwrite to start "
-                                   "over") from None
+                                   f"interrupted write); delete the file or start over: {RESTART_HINT}") from None
             logger.warning("%s: dropping a partial last line left by an interrupted run", path)
             break
         if not have_meta:
