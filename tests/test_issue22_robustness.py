@@ -237,3 +237,41 @@ def test_two_detect_runs_cannot_write_one_folder(tmp_path, tiny_ckpt, emb_file, 
         holder.wait()
     assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0  # released when the holder died
     assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0  # and by a finished run
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+def test_disk_full_during_detect_is_one_line_and_leaves_a_complete_journal(tmp_path, tiny_ckpt, emb_file,
+                                                                           monkeypatch, capsys):
+    import errno
+    import os
+
+    _images_and_boxes(tmp_path)
+    out = tmp_path / "out"
+    real_write = os.write
+    journal_writes = {"n": 0}
+
+    def full_disk_write(fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith("predictions.jsonl"):
+            return real_write(fd, data)
+        journal_writes["n"] += 1
+        if journal_writes["n"] < 2:
+            return real_write(fd, data)
+        real_write(fd, bytes(data[:len(data) // 2]))  # what fits, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full_disk_write)
+    rc = main(_detect_args(tmp_path, tiny_ckpt, emb_file))
+    monkeypatch.setattr(os, "write", real_write)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("regionclip detect: error: no space left on the disk of") and str(out) in err
+    assert "run the same command again" in err
+    lines = (out / "predictions.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 1 + 1 + 1  # meta + the one image written, no partial line
+    assert all(json.loads(x) for x in lines[:-1])
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # nothing half-written
+    assert not (out / "results.json").exists()
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0  # space freed: the run resumes and finishes
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file, "fresh")) == 0
+    assert json.loads((out / "results.json").read_text()) == json.loads((tmp_path / "fresh" / "results.json").read_text())
+

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # "no space left on device", "disk quota exceeded"
 
 # subcommand modules, in help order (each defines register(subparsers) -> parser and run(args) -> int)
 SUBCOMMANDS = [
@@ -53,6 +57,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"regionclip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL or getattr(args, "debug", False):
+            raise
+        # journals cut a half-written line back and atomic writes delete their temp file, so what is on disk is
+        # complete: say where, and how to go on
+        where = Path(e.filename).parent if e.filename else Path(getattr(args, "output_dir", None) or ".")
+        print(f"regionclip {args.command}: error: no space left on the disk of {where} ({e.strerror}); free some "
+              "space or pass -o/--output-dir on another disk, then run the same command again (finished work is kept)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -290,7 +290,8 @@ class ResultsWriter:
                         len(journal.entries), len(journal.errors))
         self.journal = journal
         self._image_ids = {json.dumps(e.image_id): k for k, e in journal.entries.items()}
-        self._f: Optional[Any] = open(self.path, "a", encoding="utf-8")
+        # unbuffered: each line goes to the OS in os.write calls, so a failed write can be cut back exactly
+        self._f: Optional[Any] = open(self.path, "ab", buffering=0)
 
     # ---- state
     @property
@@ -306,10 +307,23 @@ class ResultsWriter:
     def _write(self, obj: dict) -> None:
         if self._f is None:
             raise ResultsError(f"{self.path}: the writer is closed")
-        self._f.write(json.dumps(obj) + "\n")
-        self._f.flush()
-        if self.fsync:
-            os.fsync(self._f.fileno())
+        data = (json.dumps(obj) + "\n").encode("utf-8")
+        fd = self._f.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked (a full disk writes what fits, then fails)
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as e:
+            # disk full, quota, I/O error: cut the half-written line off, so the journal stays a list of complete
+            # records (the image is redone on resume), and name the file
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the reader drops a partial last line anyway
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def add(self, key: str, det: Detections, *, image_id: Any = None, file_name: Optional[str] = None
             ) -> list[dict]:
@@ -348,9 +362,11 @@ class ResultsWriter:
 
     def close(self) -> None:
         if self._f is not None:
-            self.sync()
-            self._f.close()
-            self._f = None
+            try:
+                self.sync()
+            finally:
+                self._f.close()
+                self._f = None
 
     def finalize(self, order: Optional[Sequence[str]] = None) -> list[dict]:
         """Close the journal and write the results JSON and images.json (see :func:`write_results`)."""
