@@ -36,6 +36,7 @@ from .modeling.heads import paste_masks
 from .modeling.recognizer import RegionRecognizer
 from .ops.boxes import clip_boxes, scale_boxes_like_d2
 from .runtime import default_chunk_size
+from .precision import refine_in_float32
 from .postprocess import combine_rpn_scores, postprocess_detections, reachable_by_rpn_score, rescale_to_original
 from .structures import Detections, PreparedImage, Proposals
 from .utils import COMPUTE_DTYPES, autocast_context
@@ -59,6 +60,8 @@ class RunOptions:
     pad_mixed_sizes: batch images of different sizes with zero padding (as the original's batched evaluation;
         changes features near the padded border), default: only equal sizes share a batch.
     max_pixels: refuse images with more decoded pixels than this (None: no limit); docs/DESIGN.md#image-inputs.
+    refine_float32: with a 16-bit dtype, encode again in float32 the regions whose float32 result could change
+        the detections (:mod:`regionclip.precision`); False = the plain 16-bit result (faster, less agreement).
     """
 
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
@@ -72,6 +75,7 @@ class RunOptions:
     num_workers: int = 0
     pad_mixed_sizes: bool = False
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+    refine_float32: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in COMPUTE_DTYPES:
@@ -215,6 +219,12 @@ class Pipeline:
             features = self.features(prepared, options)
         emb = self.encode(features, [r.boxes[k] for r, k in zip(regions, kept)], options)
         probs_all = self.classify(emb, vocabulary)
+        if options.dtype != "float32" and options.refine_float32:  # trusted 16-bit path (docs/DESIGN.md#cpu-speed)
+            emb, probs_all, _ = refine_in_float32(
+                self.model, features, [r.boxes[k] for r, k in zip(regions, kept)],
+                [None if gt_mode or r.objectness_logits is None else r.objectness_logits[k]
+                 for r, k in zip(regions, kept)], emb, probs_all, vocabulary.class_embeddings.to(emb.device), cfg,
+                [p.resized_hw for p in prepared], self.chunk_size(options))
         has_bg = bool(self.model.has_background)
         results, start = [], 0
         for img_i, (p, r, k) in enumerate(zip(prepared, regions, kept)):

@@ -12,6 +12,7 @@ checkpoints), optional ``mask_head`` (LVIS fine-tuned).
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Optional, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from torchvision.ops import roi_align
 
 from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from ..ops.box_coder import decode_boxes
+from ..runtime import BF16_STAGES
 from ..structures import Proposals
 from .clip_resnet import ModifiedResNet
 from .heads import MaskHead, text_classifier_logits
@@ -59,6 +61,14 @@ def boxes_to_rois(boxes: Sequence[Tensor], like: Tensor) -> Tensor:
                       for i, b in enumerate(boxes)], dim=0)
 
 
+def _stage_autocast(stage: str, device: torch.device) -> AbstractContextManager:
+    """Inside a 16-bit autocast region, turn autocast off for ``stage`` unless it is one of
+    :data:`regionclip.runtime.BF16_STAGES` (mixed precision by stage); a no-op outside autocast."""
+    if stage in BF16_STAGES or not torch.is_autocast_enabled(device.type):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class RegionCLIPDetector(nn.Module):
     """The CLIP-ResNet region detector. Implements :class:`regionclip.modeling.recognizer.RegionRecognizer`."""
 
@@ -92,8 +102,14 @@ class RegionCLIPDetector(nn.Module):
 
     # ------------------------------------------------------------------ stages (tensors only)
     def compute_features(self, images: Sequence[Tensor]) -> Tensor:
-        """uint8 resized images [3, h_i, w_i] -> res4 map [B, C4, ~H/16, ~W/16] of the padded batch."""
-        return self.backbone.forward_res4(normalize_and_pad(images, self.pixel_mean, self.pixel_std))
+        """uint8 resized images [3, h_i, w_i] -> res4 map [B, C4, ~H/16, ~W/16] of the padded batch.
+
+        Under a 16-bit autocast the trunk runs in it only if "trunk" is in :data:`regionclip.runtime.BF16_STAGES`
+        (it is not: a bf16 res4 map alone moves the classifier logits by ~0.1, and the float32 refinement of
+        :mod:`regionclip.precision` needs the float32 map; docs/DESIGN.md#cpu-speed)."""
+        batch = normalize_and_pad(images, self.pixel_mean, self.pixel_std)
+        with _stage_autocast("trunk", batch.device):
+            return self.backbone.forward_res4(batch)
 
     def propose(self, images: Sequence[Tensor]) -> list[Proposals]:
         """Offline-RPN proposals per image (resized frame, sorted by objectness). The RPN has its own
@@ -124,7 +140,9 @@ class RegionCLIPDetector(nn.Module):
                                spatial_scale=1.0 / RES4_STRIDE, sampling_ratio=self.sampling_ratio,
                                aligned=True).to(features.dtype)
             res5 = self.backbone.forward_res5(pooled)
-            embs.append(self.backbone.attnpool(res5))
+            with _stage_autocast("attnpool", res5.device):  # float32 unless a bf16 stage (runtime.BF16_STAGES)
+                embs.append(self.backbone.attnpool(res5 if torch.is_autocast_enabled(res5.device.type)
+                                                   else res5.float()))
             if return_res5:
                 res5s.append(res5)
         emb = torch.cat(embs) if embs else features.new_zeros(0, self.embed_dim)
