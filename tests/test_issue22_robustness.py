@@ -275,3 +275,50 @@ def test_disk_full_during_detect_is_one_line_and_leaves_a_complete_journal(tmp_p
     assert main(_detect_args(tmp_path, tiny_ckpt, emb_file, "fresh")) == 0
     assert json.loads((out / "results.json").read_text()) == json.loads((tmp_path / "fresh" / "results.json").read_text())
 
+
+
+# ---------------------------------------------------------------------------------------------- fewer images
+def test_front_ends_that_process_fewer_images_say_so_and_fail(tmp_path, tiny_ckpt, emb_file, monkeypatch, capsys):
+    """A stream that ends early (the issue's StopIteration) is simulated by a run that drops all but one image:
+    each CLI checks its own output against the inputs, whatever the engine reported."""
+    import copy
+
+    import regionclip.cli.evaluate as cli_evaluate
+    import regionclip.cli.extract as cli_extract
+
+    imgs = _images_and_boxes(tmp_path)
+    orig_run = RegionCLIP.run
+    monkeypatch.setattr(RegionCLIP, "run", lambda self, items, *a, **k: orig_run(self, list(items)[:1], *a, **k))
+    assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 1
+    err = capsys.readouterr().err
+    assert "2 of 3 images were not processed" in err and "img001.png" in err
+
+    orig_extract = cli_extract.extract_regions
+    monkeypatch.setattr(cli_extract, "extract_regions", lambda p, items, *a, **k: orig_extract(p, items[:1], *a, **k))
+    assert main(["extract-regions", str(tmp_path / "imgs"), "--regions", "boxes", "--boxes",
+                 str(tmp_path / "boxes.json"), "--weights", str(tiny_ckpt), "--num-workers", "0", "--quiet",
+                 "-o", str(tmp_path / "feats")]) == 1
+    assert "2 of 3 images were not processed" in capsys.readouterr().err
+
+    coco = {"images": [{"id": i + 1, "file_name": p.name, "height": h, "width": w}
+                       for i, (p, (h, w)) in enumerate(zip(imgs, [(60, 80), (64, 64), (70, 50)]))],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 3, "bbox": [2, 3, 30, 25],
+                             "area": 750, "iscrowd": 0} for i in range(3)],
+            "categories": [{"id": c, "name": n} for c, n in zip((1, 2, 3), "abc")]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    orig_eval = cli_evaluate.evaluate_dataset
+
+    def first_only(dataset, *a, **k):
+        ds = copy.copy(dataset)
+        ds.records = dataset.records[:1]
+        return orig_eval(ds, *a, **k)
+
+    monkeypatch.setattr(cli_evaluate, "evaluate_dataset", first_only)
+    args = ["evaluate", "--dataset", str(tmp_path / "coco.json"), "--image-root", str(tmp_path / "imgs"),
+            "--regions", "gt", "--weights", str(tiny_ckpt), "--concept-emb", str(emb_file), "--num-workers", "0",
+            "--no-progress", "-o", str(tmp_path / "eval")]
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "2 of 3 images were not processed" in out.err and "over 1 of 3 images only" in out.out
+    monkeypatch.setattr(cli_evaluate, "evaluate_dataset", orig_eval)
+    assert main([*args, "--overwrite"]) == 0  # every image scored: success

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from ..api import RegionCLIP, is_embedding_file
 from ..checkpoint.io import content_sha256
@@ -170,6 +170,18 @@ def run_options(model: RegionCLIP, args: argparse.Namespace, **extra: Any) -> Ru
     return model.run_options(batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
                              max_proposals=args.max_proposals, num_workers=args.num_workers,
                              max_pixels=args.max_pixels or None, **extra)
+
+
+def report_unprocessed(given: Sequence[str], finished: Iterable[str], failed: Iterable[str] = (), *,
+                       what: str = "images") -> int:
+    """Count (and say, in one line) the inputs that got neither a result nor a named error: a front end that
+    processed fewer images than it was given must never end quietly with exit code 0."""
+    seen = set(map(str, finished)) | set(map(str, failed))
+    missing = [k for k in map(str, given) if k not in seen]
+    if missing:
+        log(f"{len(missing)} of {len(given)} {what} were not processed (no result and no error recorded), e.g. "
+            f"{', '.join(missing[:3])}; run the same command again to retry them, and please report this bug")
+    return len(missing)
 
 
 def log(msg: str) -> None:

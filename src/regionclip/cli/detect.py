@@ -28,6 +28,7 @@ from .common import (
     input_digests,
     load_model,
     log,
+    report_unprocessed,
     run_options,
     vocabulary_from_args,
 )
@@ -110,6 +111,7 @@ def _run(args: argparse.Namespace, items: list[InferenceItem], dist: DistInfo) -
         results = res.finalize(order=keys)
         dt = time.perf_counter() - t0
         errors: dict[str, str] = {}
+        n_bad = 0
         if dist.is_main:
             merged = res.merged()
             errors = merged.errors
@@ -121,7 +123,8 @@ def _run(args: argparse.Namespace, items: list[InferenceItem], dist: DistInfo) -
             if errors:
                 log(f"{len(errors)} image(s) skipped (listed in the journal of {out_dir}):\n"
                     + "\n".join(f"  {k}: {e}" for k, e in errors.items()))
-    return 1 if broadcast_object(len(errors)) else 0
+            n_bad = len(errors) + report_unprocessed(keys, merged.entries, errors)
+    return 1 if broadcast_object(n_bad) else 0
 
 
 def _progress(total: int, initial: int, quiet: bool):

@@ -15,9 +15,10 @@ from ..evaluation import evaluate_dataset, format_metrics
 from ..evaluation.inference import dataset_predictor, results_file_name
 from ..evaluation.scenarios import SCENARIOS, get_scenario
 from ..presets import get_preset
-from ..sharding import rank_device
+from ..formats import merge_journals
+from ..sharding import journals, rank_device
 from ..vocab import resolve_names
-from .argtypes import positive_int
+from .argtypes import fraction, positive_int
 from .common import (
     add_model_args,
     add_run_args,
@@ -25,6 +26,7 @@ from .common import (
     input_digests,
     load_model,
     postprocess_overrides,
+    report_unprocessed,
     run_options,
     vocabulary_from_args,
 )
@@ -47,7 +49,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     d.add_argument("--metric", choices=["detection", "region-accuracy", "proposals"], default="detection",
                    help="detection AP (default); region-accuracy: top-1/top-5 of GT boxes (paper Fig. 1b); proposals: "
                         "AR@100/300/1000 of the offline RPN (docs/EVALUATION.md)")
-    d.add_argument("--rpn-nms-thresh", type=float, default=0.7, help="--metric proposals: RPN NMS (detectron2: 0.7)")
+    d.add_argument("--rpn-nms-thresh", type=fraction, default=0.7, help="--metric proposals: RPN NMS (detectron2: 0.7)")
     r = p.add_argument_group("run")
     r.add_argument("-o", "--output-dir", help="default output/inference/<dataset>")
     r.add_argument("--no-resume", "--overwrite", dest="no_resume", action="store_true",
@@ -113,10 +115,13 @@ def _evaluate(args: argparse.Namespace, dataset: Any, regions: str, scenario: An
     if not dist.is_main:
         return 0
     print(f"results: {out_dir / results_file_name(dataset)}")
-    if metrics is None:
-        return 0
-    print(f"metrics: {out_dir / 'metrics.json'}\n")
-    print(format_metrics(metrics, label=args.preset or "ours"))
-    if scenario is not None:
-        print(f"\npublished ({scenario.name}): {scenario.reported}")
-    return 0
+    # every image of the dataset must have a journaled result: scores over fewer images are not the dataset's
+    journal = merge_journals(journals(out_dir))
+    missing = report_unprocessed([str(r.image_id) for r in dataset], journal.entries, journal.errors)
+    if metrics is not None:
+        print(f"metrics: {out_dir / 'metrics.json'}" + (f" (over {len(dataset) - missing} of {len(dataset)} images "
+                                                         "only)" if missing else "") + "\n")
+        print(format_metrics(metrics, label=args.preset or "ours"))
+        if scenario is not None:
+            print(f"\npublished ({scenario.name}): {scenario.reported}")
+    return 1 if missing else 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..data.loader import items_from_coco, items_from_inputs
 from ..distributed import DistInfo, barrier, cleanup, init_distributed
-from ..engine.extract import ExtractConfig, extract_regions
+from ..engine.extract import ExtractConfig, extract_regions, load_index
 from ..formats import match_boxes, read_boxes_file
 from ..runtime import resolve_dtype
 from ..sharding import rank_device
@@ -31,6 +31,7 @@ from .common import (
     input_digests,
     load_model,
     log,
+    report_unprocessed,
     vocabulary_from_args,
 )
 
@@ -126,4 +127,7 @@ def _extract(args: argparse.Namespace, items: list, dist: DistInfo) -> int:
           f"failed; {summary.num_regions} regions in {out / 'index.json'}")
     if summary.num_errors:
         log(f"{summary.num_errors} image(s) skipped: see 'errors' in {out / 'index.json'}")
-    return 0 if summary.num_errors == 0 else 1
+    index = load_index(out)  # what the store holds, not what the run counted
+    missing = report_unprocessed([it.key for it in items], (im["key"] for im in index.get("images", [])),
+                                 (e["key"] for e in index.get("errors", [])))
+    return 0 if summary.num_errors == 0 and missing == 0 else 1
