@@ -322,3 +322,41 @@ def test_front_ends_that_process_fewer_images_say_so_and_fail(tmp_path, tiny_ckp
     assert "2 of 3 images were not processed" in out.err and "over 1 of 3 images only" in out.out
     monkeypatch.setattr(cli_evaluate, "evaluate_dataset", orig_eval)
     assert main([*args, "--overwrite"]) == 0  # every image scored: success
+
+
+# ---------------------------------------------------------------------------------------------- folder walk
+def test_folders_take_every_format_pillow_reads_and_summarise_skipped_files(tmp_path, tiny_ckpt, emb_file, capsys,
+                                                                          caplog):
+    import numpy as np
+    from PIL import Image
+
+    from regionclip.data.datasets import load_image_folder
+    from regionclip.data.folders import image_extensions
+    from regionclip.data.images import list_images
+    from regionclip.data.loader import items_from_inputs
+
+    assert {".avif", ".jfif", ".jpe", ".tif", ".webp", ".qoi"} <= set(image_extensions())
+    assert not {".pdf", ".eps", ".h5"} & set(image_extensions())
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "a.avif", format="AVIF")
+    Image.fromarray(rgb).save(folder / "b.jfif", format="JPEG")
+    Image.fromarray(rgb).save(folder / "c.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "data.csv").write_text("x\n")
+    (folder / "sub").mkdir()
+    want = ["a.avif", "b.jfif", "c.png"]
+    with caplog.at_level("WARNING"):
+        assert [it.key for it in items_from_inputs([folder])] == want
+    assert "2 file(s) skipped" in caplog.text and "data.csv, notes.txt" in caplog.text
+    assert [p.name for p in list_images(folder)] == want
+    assert [Path(r.file_name).name for r in load_image_folder(folder, ["a"])] == want
+    (tmp_path / "boxes.json").write_text(json.dumps({n: [[2, 3, 40, 30]] for n in want}))
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the CLI's logging goes to stderr (pytest's handler takes it here)
+        assert main(_detect_args(tmp_path, tiny_ckpt, emb_file)) == 0
+    assert capsys.readouterr().out.startswith("3 images") and "2 file(s) skipped" in caplog.text
+    done = [json.loads(x)["key"] for x in _journal_lines(tmp_path)[1:]]
+    assert done == want  # the AVIF photo is detected, not skipped

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..ops.boxes import scale_boxes_like_d2
+from .folders import folder_images
 
 PathLike = Union[str, os.PathLike]
 DatasetKind = Literal["coco", "lvis", "folder"]
@@ -284,7 +285,7 @@ def load_image_folder(folder: PathLike, vocabulary: Sequence[str], *, name: Opti
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = folder_images(folder)  # the one folder rule (regionclip.data.folders)
     if not files:
         raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     if not vocabulary:

@@ -377,9 +377,11 @@ def list_images(path: Union[str, os.PathLike]) -> list[Path]:
     """Images of a folder (sorted by name, known extensions) or a single file."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        from .folders import folder_images  # (imports this module)
+
+        files = folder_images(p)
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}, ...) in folder {p}")
         return files
     if p.is_file():
         return [p]

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import InputConfig
 from ..structures import PreparedImage
 from .datasets import load_annotations
+from .folders import folder_images
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageInput, load_resized
 
 PathLike = Union[str, os.PathLike]
@@ -58,7 +59,7 @@ def items_from_inputs(inputs: Sequence[PathLike]) -> list[InferenceItem]:
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files = folder_images(p)  # one rule for every folder walk; skipped files are summarised
             if not files:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
             items += [InferenceItem(key=f.relative_to(p).as_posix(), file_name=str(f)) for f in files]
