@@ -84,3 +84,38 @@ def test_bad_inputs_raise_clear_errors() -> None:
     sd["ln_final.weight"] = torch.ones(3)
     with pytest.raises(CheckpointError, match="ln_final.weight"):
         build_text_encoder_from_state_dict(sd)
+
+
+def test_bf16_class_embeddings_agree_with_float32(rn50_ckpts) -> None:
+    """bfloat16 text tower (linear layers bf16, residual stream / LayerNorm float32): the 81-template class
+    embeddings keep cosine >= 0.9999 to float32 and classify the same (argmax over the names)."""
+    from regionclip.assets import vocabulary
+    from regionclip.text.embeddings import concept_embeddings, load_text_encoder
+
+    enc = load_text_encoder(rn50_ckpts["regionclip"])
+    names = vocabulary("lvis1203")[::150][:8]
+    e32 = concept_embeddings(names, enc)
+    e16 = concept_embeddings(names, enc, dtype="bfloat16")
+    assert e16.dtype == torch.float32 and e16.shape == e32.shape
+    cos = torch.nn.functional.cosine_similarity(e32, e16, dim=1)
+    assert float(cos.min()) >= 0.9999, cos
+    # queries near the class embeddings (what region embeddings of those classes look like), temperature 0.01
+    g = torch.Generator().manual_seed(0)
+    unit = torch.nn.functional.normalize
+    queries = unit(e32.repeat(8, 1), dim=1) + 0.05 * torch.randn(8 * len(names), e32.shape[1], generator=g) / 32
+    logits32 = unit(queries, dim=1) @ unit(e32, dim=1).t() / 0.01
+    logits16 = unit(queries, dim=1) @ unit(e16, dim=1).t() / 0.01
+    assert torch.equal(logits32.argmax(1), logits16.argmax(1))
+
+
+def test_text_dtype_auto_follows_native_bf16(monkeypatch) -> None:
+    from regionclip import runtime
+    from regionclip.text.embeddings import resolve_text_dtype
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": True)
+    assert resolve_text_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
+    assert resolve_text_dtype("auto") == "float32"
+    assert resolve_text_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_text_dtype("half")
