@@ -20,9 +20,10 @@ Stages, in order (each a method, usable on its own):
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from .config import InputConfig, PostprocessConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
-from .data.loader import InferenceItem, batch_by_size, make_loader, prepare_image
+from .data.loader import IncompleteRunError, InferenceItem, batch_by_size, iter_loaded, make_loader, prepare_image
 from .formats.boxes import BadBoxesError, validate_user_boxes
 from .modeling.heads import paste_masks
 from .modeling.recognizer import RegionRecognizer
@@ -41,6 +42,8 @@ from .postprocess import combine_rpn_scores, postprocess_detections, reachable_b
 from .structures import Detections, PreparedImage, Proposals
 from .utils import COMPUTE_DTYPES, autocast_context
 from .vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,38 @@ class ItemBatch:
     items: list[InferenceItem]
     prepared: list[PreparedImage]
     regions: Optional[list[Proposals]] = None
+
+    def single(self, j: int) -> "ItemBatch":
+        """The batch of image ``j`` alone."""
+        return ItemBatch([self.items[j]], [self.prepared[j]], None if self.regions is None else [self.regions[j]])
+
+
+R = TypeVar("R")
+
+
+def run_batch(batch: ItemBatch, fn: Callable[[ItemBatch], Sequence[R]]) -> list[Union[R, ItemError]]:
+    """``fn(batch)`` (one result per image), with model failures pinned to images.
+
+    When ``fn`` raises on a batch of several images, each image is run alone, so the others still get their
+    results and only the image that fails becomes an :class:`ItemError` naming it and the exception. Caught are
+    the failures that depend on the image: RuntimeError (torch's shape errors, e.g. an image so elongated that a
+    feature map has no pixels left, and out-of-memory), MemoryError, and StopIteration (which would otherwise end
+    the caller's loop as if the data had run out). Settings errors (ValueError; RPN mode without an RPN is
+    refused before a run starts), bugs (TypeError ...) and KeyboardInterrupt stop the run as before.
+    """
+    try:
+        out: list[Union[R, ItemError]] = list(fn(batch))
+    except (RuntimeError, MemoryError, StopIteration) as e:
+        if len(batch.items) > 1:
+            return [r for j in range(len(batch.items)) for r in run_batch(batch.single(j), fn)]
+        it = batch.items[0]
+        logger.debug("model failure on %s", it.file_name, exc_info=True)
+        return [ItemError(it, f"{it.file_name}: {type(e).__name__} while running the model on it"
+                              f"{f' ({e})' if str(e) else ''}")]
+    if len(out) != len(batch.items):
+        raise IncompleteRunError(f"got {len(out)} results for a batch of {len(batch.items)} images "
+                                 f"({', '.join(it.file_name for it in batch.items)}); a bug in regionclip")
+    return out
 
 
 @dataclass
@@ -267,7 +302,13 @@ class Pipeline:
             if boxes is not None:
                 regions = [self.user_regions(b, p, image_name=_name(images[s + j], s + j))
                            for j, (b, p) in enumerate(zip(boxes[s:s + options.batch_size], prepared))]
-            out += self.detect_prepared(prepared, vocabulary, options, regions=regions)
+            try:
+                out += self.detect_prepared(prepared, vocabulary, options, regions=regions)
+            except StopIteration as e:  # would end a caller's loop over our result as if it were empty
+                names = ", ".join(_name(images[s + j], s + j) for j in range(len(prepared)))
+                raise RuntimeError(f"StopIteration while running the model on {names}") from e
+        if len(out) != len(images):
+            raise IncompleteRunError(f"{len(out)} results for {len(images)} images (a bug in regionclip)")
         return out
 
     # ------------------------------------------------------------------ streaming over many inputs
@@ -279,10 +320,10 @@ class Pipeline:
         errors: list[ItemError] = []
 
         def decoded() -> Iterator[tuple[InferenceItem, PreparedImage, Optional[Proposals]]]:
-            for loaded in loader:
+            for loaded in iter_loaded(loader, items):  # raises if the loader ends before every image came
                 it = items[loaded.index]
                 if loaded.error is not None or loaded.prepared is None:
-                    errors.append(ItemError(it, loaded.error or "could not be decoded"))
+                    errors.append(ItemError(it, loaded.error or f"{it.file_name}: could not be decoded"))
                     continue
                 region = None
                 if it.boxes is not None:
@@ -291,6 +332,10 @@ class Pipeline:
                                                    source=boxes_source)
                     except BadBoxesError as e:
                         errors.append(ItemError(it, str(e)))
+                        continue
+                    except Exception as e:  # per image, whatever it is (never a StopIteration ending the stream)
+                        errors.append(ItemError(it, f"{it.file_name}: {type(e).__name__} while preparing its "
+                                                    f"boxes ({e})"))
                         continue
                 yield it, loaded.prepared, region
 
@@ -304,15 +349,28 @@ class Pipeline:
     def run(self, items: Sequence[InferenceItem], vocabulary: Vocabulary, options: RunOptions = RunOptions(), *,
             boxes_source: str = "") -> Iterator[ImageResult]:
         """Detections for many images, streamed (decode in workers, batch, detect); one :class:`ImageResult` per
-        item, errors included, in completion order (equal-size batching can reorder; callers sort by item)."""
+        item, errors included, in completion order (equal-size batching can reorder; callers sort by item).
+        A run that would end with fewer results than ``items`` raises :class:`IncompleteRunError` instead."""
+        if getattr(self.model, "rpn", None) is None and any(it.boxes is None for it in items):
+            # a settings error, raised once before any work (run_batch would report it for every image)
+            raise RuntimeError("this model has no region proposal network: give every image boxes (GT/user-box "
+                               "mode), or load RPN weights (e.g. --rpn-weights rpn_lvis_866.pth)")
+        n = 0
         for b in self.iter_batches(items, options, boxes_source=boxes_source):
             if isinstance(b, ItemError):
+                n += 1
                 yield ImageResult(b.item, error=b.error)
                 continue
-            dets = self.detect_prepared(b.prepared, vocabulary, options, regions=b.regions)
-            for it, d in zip(b.items, dets):
+            outs = run_batch(b, lambda bb: self.detect_prepared(bb.prepared, vocabulary, options, regions=bb.regions))
+            for it, d in zip(b.items, outs):
+                n += 1
+                if isinstance(d, ItemError):
+                    yield ImageResult(it, error=d.error)
+                    continue
                 d.image_id, d.file_name = it.image_id, it.file_name
                 yield ImageResult(it, detections=d)
+        if n != len(items):
+            raise IncompleteRunError(f"the run gave {n} results for {len(items)} images (a bug in regionclip)")
 
 
 def _name(image: Any, index: int) -> str:

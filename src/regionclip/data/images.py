@@ -183,10 +183,19 @@ def draft_scale_for(size_wh: tuple[int, int], target_wh: tuple[int, int]) -> int
     """JPEG reduced-decoding factor (1, 2, 4 or 8) for a stored ``size_wh`` that will be resized to
     ``target_wh``: the largest factor s with ``size // target >= s`` on both axes, i.e. the smallest decode still
     at least as large as the target. 1 (full decode) unless the image is at least twice the target on both axes,
-    so images that the model only mildly downscales (e.g. 1920x1080 -> 1333x750) decode exactly as before.
-    This is the rule of PIL's ``JpegImageFile.draft``."""
+    so images that the model only mildly downscales (e.g. 1920x1080 -> 1333x750) and images smaller than the
+    target on either axis (upscaled: ``size // target`` is 0) decode exactly as before. This is the rule of PIL's
+    ``JpegImageFile.draft``, whose loop also falls through to 1.
+
+    The decode is never smaller than the target (ceil(size / s) >= target), and the resize target is always
+    computed from the full-resolution size, so the factor cannot change the size an image is resized to."""
     ratio = min(size_wh[0] // max(1, target_wh[0]), size_wh[1] // max(1, target_wh[1]))
-    return next(s for s in (8, 4, 2, 1) if ratio >= s)
+    # an explicit loop, not next(<generator>): a StopIteration escaping here once ended whole DataLoader runs
+    # silently (an image smaller than the target has ratio 0)
+    for s in (8, 4, 2):
+        if ratio >= s:
+            return s
+    return 1
 
 
 def _decode_pil(image: Union[str, os.PathLike, Image.Image], target: Optional[_TargetFn],
@@ -216,7 +225,9 @@ def _decode_pil(image: Union[str, os.PathLike, Image.Image], target: Optional[_T
                 swap = _orientation(im) in _SWAPS_AXES
                 th, tw = target(*(stored_wh if swap else stored_wh[::-1]))
                 req = (th, tw) if swap else (tw, th)  # the target in stored orientation, PIL's (w, h)
-                scale = draft_scale_for(stored_wh, req)
+                # a target with a 0-pixel side (absurd aspect ratios) is refused after decoding, with the reason;
+                # PIL's draft would divide by it
+                scale = draft_scale_for(stored_wh, req) if min(req) >= 1 else 1
                 if scale > 1:
                     im.draft("RGB", req)  # same rule as draft_scale_for; "RGB" keeps L / CMYK JPEGs' modes
                     if im.size == stored_wh:  # not reducible (e.g. several tiles): decoded at full size
@@ -322,7 +333,8 @@ def load_resized(image: ImageInput, short_edge: int = 800, max_size: int = 1333,
     """
     if isinstance(image, (str, os.PathLike, Image.Image)):
         rgb, original, _ = _decode_pil(image, lambda h, w: resized_shape(h, w, short_edge, max_size), max_pixels)
-        nh, nw = resized_shape(original[0], original[1], short_edge, max_size)
+        name = (getattr(image, "filename", "") or "PIL image") if isinstance(image, Image.Image) else str(image)
+        nh, nw = _checked_target(original[0], original[1], short_edge, max_size, name)
         if (rgb.size[1], rgb.size[0]) != (nh, nw):
             rgb = rgb.resize((nw, nh), interpolation)
         return _pil_to_tensor(rgb), original
@@ -361,11 +373,22 @@ def resized_shape(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, 
     return int(newh + 0.5), int(neww + 0.5)
 
 
+def _checked_target(h: int, w: int, short_edge: int, max_size: int, name: str = "image") -> tuple[int, int]:
+    """:func:`resized_shape`, refusing a result with a 0-pixel side (an aspect ratio above ~2 * max_size, e.g.
+    3000x1 at longest 1333: the original would crash inside PIL or the network)."""
+    nh, nw = resized_shape(h, w, short_edge, max_size)
+    if nh < 1 or nw < 1:
+        raise ImageReadError(
+            f"{name}: a {w}x{h} image is too elongated for the test-time resize (shortest edge {short_edge}, longest "
+            f"<= {max_size}) - it would become {nw}x{nh} pixels; crop it or split it into tiles")
+    return nh, nw
+
+
 def resize_image(image: Tensor, short_edge: int = 800, max_size: int = 1333,
                  interpolation: Image.Resampling = Image.Resampling.BILINEAR) -> Tensor:
     """Resize a uint8 [3, H, W] image with PIL (which antialiases when downscaling), as the original."""
     h, w = image.shape[-2:]
-    nh, nw = resized_shape(h, w, short_edge, max_size)
+    nh, nw = _checked_target(int(h), int(w), short_edge, max_size)
     if (nh, nw) == (h, w):
         return image
     pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())

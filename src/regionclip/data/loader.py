@@ -24,7 +24,7 @@ from ..config import InputConfig
 from ..structures import PreparedImage
 from .datasets import load_annotations
 from .folders import folder_images
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageInput, load_resized
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageInput, ImageReadError, load_resized
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
@@ -101,8 +101,23 @@ def prepare_image(image: ImageInput, input_cfg: InputConfig, *, max_pixels: Opti
     bilinear with antialiasing) -> :class:`PreparedImage` (docs/DESIGN.md#preprocessing). Very large JPEGs are
     decoded reduced (docs/DESIGN.md#image-inputs); the original size is always the file's, never the reduced one.
     ``max_pixels=None``: no pixel limit."""
-    resized, (h, w) = load_resized(image, input_cfg.min_size, input_cfg.max_size, max_pixels=max_pixels)
+    try:
+        resized, (h, w) = load_resized(image, input_cfg.min_size, input_cfg.max_size, max_pixels=max_pixels)
+    except ImageReadError:
+        raise
+    except Exception as e:
+        # Anything else is turned into an error naming the image. A StopIteration (or a bare ValueError / OSError
+        # of Pillow or numpy) must never leave here unnamed: a StopIteration escaping a Dataset or a generator is
+        # read by its consumer as "end of the data", and the images after it were once lost without a word.
+        raise ImageReadError(f"{_input_name(image)}: {type(e).__name__} while decoding / resizing"
+                             f"{f' ({e})' if str(e) else ''}") from e
     return PreparedImage(resized, (int(h), int(w)), (int(resized.shape[1]), int(resized.shape[2])))
+
+
+def _input_name(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return getattr(image, "filename", "") or f"in-memory {type(image).__name__}"
 
 
 class PreparedImageDataset(Dataset):
@@ -119,10 +134,15 @@ class PreparedImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> LoadedItem:
+        # Every exception becomes this item's error, never an exception out of the Dataset: the DataLoader re-raises
+        # a worker's exception in the main process, and a StopIteration re-raised there ends the iteration (the
+        # rest of the run silently lost). KeyboardInterrupt / SystemExit are not Exceptions and still stop the run.
         try:
             return LoadedItem(i, prepare_image(self.items[i].file_name, self.input_cfg, max_pixels=self.max_pixels))
-        except (ValueError, OSError) as e:  # unreadable, truncated, too large: reported per image
-            return LoadedItem(i, error=str(e))
+        except Exception as e:  # unreadable, truncated, too large, or a bug: reported per image
+            msg = str(e) or type(e).__name__
+            name = str(self.items[i].file_name)
+            return LoadedItem(i, error=msg if name in msg else f"{name}: {msg}")
 
 
 def _identity(x: Any) -> Any:
@@ -137,11 +157,33 @@ def _worker_init(_: int) -> None:
 def make_loader(items: Sequence[InferenceItem], input_cfg: InputConfig, *, num_workers: int = 2,
                 prefetch_factor: int = 4, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> DataLoader:
     """A DataLoader yielding one :class:`LoadedItem` per image, in ``items`` order, decoded by ``num_workers``
-    processes (0 = in the main process)."""
+    processes (0 = in the main process). Iterate it through :func:`iter_loaded`, which checks that it did."""
     kw: dict[str, Any] = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init,
                           "persistent_workers": False} if num_workers > 0 else {}
     return DataLoader(PreparedImageDataset(items, input_cfg, max_pixels), batch_size=None, shuffle=False,
                       num_workers=num_workers, collate_fn=_identity, **kw)
+
+
+class IncompleteRunError(RuntimeError):
+    """A stream of per-image results ended before every input had one (a bug: reported, never silent)."""
+
+
+def iter_loaded(loader: Iterable[LoadedItem], items: Sequence[InferenceItem]) -> Iterator[LoadedItem]:
+    """The loader's items, then a check that exactly one came for each of ``items``.
+
+    The dataset never raises (:class:`PreparedImageDataset`), but whatever ends the loader early - a
+    StopIteration re-raised from a worker, a sampler bug - would otherwise look like the end of the data: then
+    :class:`IncompleteRunError` names the first images that got no result.
+    """
+    seen: set[int] = set()
+    for loaded in loader:
+        seen.add(loaded.index)
+        yield loaded
+    if len(seen) != len(items):
+        missing = [str(items[i].file_name) for i in range(len(items)) if i not in seen]
+        raise IncompleteRunError(
+            f"image decoding stopped after {len(seen)} of {len(items)} images; no result for "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (a bug in regionclip: please report it)")
 
 
 def batch_by_size(stream: Iterable[T], batch_size: int, size_of: Callable[[T], Hashable], *,

@@ -42,11 +42,11 @@ from torch import Tensor
 
 from ..checkpoint.io import save_file_atomic
 from ..config import PostprocessConfig
-from ..data.loader import InferenceItem
+from ..data.loader import IncompleteRunError, InferenceItem
 from ..distributed import DistInfo, all_gather_object, barrier
 from ..modeling.recognizer import foreground_probs
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
-from ..pipeline import ItemError, Pipeline, RunOptions
+from ..pipeline import ItemError, Pipeline, RunOptions, run_batch
 from ..sharding import shard_items
 from ..structures import PreparedImage, Proposals
 from ..utils import lock_dir, write_json_atomic
@@ -126,10 +126,14 @@ def extract_batch(pipeline: Pipeline, prepared: Sequence[PreparedImage], cfg: Ex
     if cfg.regions == "detections":
         if vocabulary is None:
             raise ValueError("regions='detections' needs a vocabulary (class embeddings)")
-        dets = pipeline.detect_prepared(prepared, vocabulary, options)
-        return [{"boxes": d.boxes.float().cpu(), "feats": d.features.float().cpu(), "classes": d.labels.cpu(),
-                 "probs": d.probs.float().cpu(), "scores": d.scores.float().cpu()}
-                for d in dets if d.features is not None and d.probs is not None]
+        out_d = []
+        for d in pipeline.detect_prepared(prepared, vocabulary, options):
+            if d.features is None or d.probs is None:  # run_options_for keeps both; never drop an image quietly
+                raise RuntimeError("detections without features / probabilities: run with keep_features and "
+                                   "keep_probs")
+            out_d.append({"boxes": d.boxes.float().cpu(), "feats": d.features.float().cpu(),
+                          "classes": d.labels.cpu(), "probs": d.probs.float().cpu(), "scores": d.scores.float().cpu()})
+        return out_d
     if cfg.regions == "boxes":
         if regions is None or len(regions) != len(prepared):
             raise ValueError("regions='boxes' needs one [R, 4] box tensor per image")
@@ -360,6 +364,9 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
         raise ValueError("regions='boxes' needs boxes for every image: a COCO json or a --boxes CSV/JSON file")
     if cfg.regions == "detections" and vocabulary is None:
         raise ValueError("regions='detections' needs a vocabulary (class embeddings)")
+    if cfg.regions != "boxes" and getattr(pipeline.model, "rpn", None) is None:
+        raise ValueError(f"regions={cfg.regions!r} needs RPN proposals but the model has no RPN: load RPN weights, "
+                         "or use regions='boxes' with user / COCO boxes")
     emb = None if vocabulary is None else vocabulary.class_embeddings
     meta = {"format": FORMAT, "model": model_id, "embed_dim": pipeline.model.embed_dim,
             "input": asdict(pipeline.input_cfg), "extract": {k: v for k, v in asdict(cfg).items() if k in (
@@ -378,15 +385,20 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
         bar = tqdm(total=len(items), initial=done_before, unit="img", disable=not progress or not dist.is_main,
                    desc=f"extract {cfg.regions}", dynamic_ncols=True)
         t_run = time.perf_counter()
+        n_seen = 0
         for batch in pipeline.iter_batches(todo, run_options_for(cfg, postprocess), boxes_source=boxes_source):
             if isinstance(batch, ItemError):
-                logger.warning("skipping %s: %s", batch.item.file_name, batch.error)
-                store.add_error({"key": batch.item.key, "file_name": batch.item.file_name}, batch.error)
+                _skip(store, batch)
+                n_seen += 1
                 bar.update(1)
                 continue
-            records = extract_batch(pipeline, batch.prepared, cfg, regions=batch.regions, vocabulary=vocabulary,
-                                    postprocess=postprocess)
+            records = run_batch(batch, lambda b: extract_batch(pipeline, b.prepared, cfg, regions=b.regions,
+                                                               vocabulary=vocabulary, postprocess=postprocess))
+            n_seen += len(batch.items)
             for it, p, rec in zip(batch.items, batch.prepared, records):
+                if isinstance(rec, ItemError):
+                    _skip(store, rec)
+                    continue
                 if it.category_ids is not None and cfg.regions == "boxes":
                     rec["category_ids"] = torch.as_tensor(it.category_ids, dtype=torch.int64)
                 if cfg.regions == "boxes":  # the boxes as given (original frame, float32)
@@ -398,6 +410,8 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
             done_now = len(store.done) + len(store._pending) - done_before
             bar.set_postfix_str(f"{done_now / max(time.perf_counter() - t_run, 1e-9):.2f} img/s (model)")
         bar.close()
+        if n_seen != len(todo):  # iter_batches checks its loader; this guards the loop above
+            raise IncompleteRunError(f"extraction handled {n_seen} of {len(todo)} images (a bug in regionclip)")
     errors = store.errors
     if dist.distributed:  # rank 0 rebuilds the one index from every rank's shards and errors
         gathered = all_gather_object(store.errors)
@@ -410,6 +424,11 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
         barrier()
     return ExtractSummary(len(items), done_before, len(errors), sum(s["num_regions"] for s in store.shards),
                           time.perf_counter() - t0, Path(output_dir))
+
+
+def _skip(store: RegionStore, err: ItemError) -> None:
+    logger.warning("skipping %s: %s", err.item.file_name, err.error)
+    store.add_error({"key": err.item.key, "file_name": err.item.file_name}, err.error)
 
 
 def _info(it: InferenceItem, p: PreparedImage) -> dict[str, Any]:

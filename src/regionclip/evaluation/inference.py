@@ -76,8 +76,12 @@ def dataset_predictor(pipeline: Pipeline, vocabulary: Vocabulary, options: RunOp
             idx.append(i)
         for s in range(0, len(prepared), options.batch_size):
             chunk = slice(s, s + options.batch_size)
-            dets = pipeline.detect_prepared(prepared[chunk], vocabulary, options,
-                                            regions=props[chunk] if regions == "gt" else None)
+            try:
+                dets = pipeline.detect_prepared(prepared[chunk], vocabulary, options,
+                                                regions=props[chunk] if regions == "gt" else None)
+            except Exception as e:  # name the images: evaluation needs every one of them, so this stops the run
+                raise RuntimeError(f"{type(e).__name__} while running the model on "
+                                   f"{', '.join(records[i].file_name for i in idx[chunk])}: {e}") from e
             for i, det in zip(idx[chunk], dets):
                 det.image_id = records[i].image_id
                 out[i] = det
@@ -119,7 +123,12 @@ def run_inference(dataset: DetectionDataset, predict: Predictor, output_dir: Pat
                    disable=not progress or not dist.is_main, desc=f"evaluate {dataset.name}", dynamic_ncols=True)
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            dets = predict(batch)
+            try:
+                dets = predict(batch)
+            except StopIteration as e:
+                # raised on: a caller iterating over this run would read it as "no more images" (PEP 479 aside)
+                raise RuntimeError(f"the predictor raised StopIteration on "
+                                   f"{', '.join(r.file_name for r in batch)} (a bug in the predictor)") from e
             if len(dets) != len(batch):
                 raise ResultsError(f"predictor returned {len(dets)} results for {len(batch)} images")
             for rec, det in zip(batch, dets):
