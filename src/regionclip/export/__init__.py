@@ -10,9 +10,10 @@ The optional runtimes are imported when used: ``pip install 'regionclip[onnx]'``
 """
 from .graphs import FORMATS, MANIFEST, ONNX_OPSET, export_model, state_fingerprint
 from .quantize import calibration_pairs, quantize_region_head
-from .runtime import BACKENDS, ExportedRegionModel, make_backend, read_manifest
+from .runtime import BACKENDS, ExportedRegionModel, make_backend, openvino_core, read_manifest
 
 OnnxRegionModel = ExportedRegionModel  # the name used in issue 17; the class runs every graph backend
 
 __all__ = ["FORMATS", "MANIFEST", "ONNX_OPSET", "BACKENDS", "export_model", "state_fingerprint", "calibration_pairs",
-           "quantize_region_head", "ExportedRegionModel", "OnnxRegionModel", "make_backend", "read_manifest"]
+           "quantize_region_head", "ExportedRegionModel", "OnnxRegionModel", "make_backend", "openvino_core",
+           "read_manifest"]

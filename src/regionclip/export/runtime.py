@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union, cast
 
@@ -66,12 +67,34 @@ class OrtRunner(_Runner):
         return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
 
 
+_OPENVINO_CORE: Any = None
+_OPENVINO_CORE_LOCK = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``, shared by every OpenVINO runner (docs/DEVELOPING.md#known-issues).
+
+    Each ``Core`` loads its own CPU plugin, and each CPU plugin swaps the calling thread's alternate signal stack
+    for a fresh mmap on its first compile and, when destroyed, restores the stack it replaced, but only if its
+    own is still installed (OpenVINO's ``intel_cpu/src/sigstack_manager.cpp``). Two plugins destroyed in creation
+    order therefore leave the main thread's ``sigaltstack`` pointing at the first one's unmapped stack: the next
+    signal with a Python handler (all use ``SA_ONSTACK``; torch's DataLoader handles SIGCHLD) is pushed there, a
+    SIGSEGV, or a silent write into whatever was mapped there since. One Core means one plugin, created once and
+    destroyed at exit. Code of your own that uses OpenVINO in this process should use this Core too.
+    """
+    global _OPENVINO_CORE
+    with _OPENVINO_CORE_LOCK:  # two threads opening runners at once must not make two Cores either
+        if _OPENVINO_CORE is None:
+            ov = require("openvino", "openvino", "the openvino backend")
+            _OPENVINO_CORE = ov.Core()
+        return _OPENVINO_CORE
+
+
 class OpenVinoRunner(_Runner):
     """OpenVINO compiled model on the CPU, float32 inference precision (its default on bf16/AMX CPUs is bf16)."""
 
     def __init__(self, path: Path, threads: Optional[int] = None) -> None:
-        ov = require("openvino", "openvino", "the openvino backend")
-        core = ov.Core()
+        core = openvino_core()  # never a Core per runner: see openvino_core()
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
