@@ -8,7 +8,7 @@ Several GPUs:      torchrun --nproc-per-node 8 -m regionclip.cli.main train-rpn 
 Continue a run:    the same command with --resume
 
 Checkpoints (<output-dir>/model_*.safetensors) hold the detectron2 RPN keys: use one as --rpn-weights, and compare
-it with a released RPN by `regionclip evaluate --metric proposals` (docs/TRAINING.md#rpn).
+it with a released RPN by `regionclip evaluate --metric proposals` (docs/RPN.md).
 """
 from __future__ import annotations
 

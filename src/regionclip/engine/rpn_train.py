@@ -1,4 +1,4 @@
-"""Training the class-agnostic offline RPN (``regionclip train-rpn``; docs/DESIGN.md#offline-rpn, training).
+"""Training the class-agnostic offline RPN (``regionclip train-rpn``; docs/RPN.md).
 
 detectron2's ``ProposalNetwork`` (R50-FPN or R50-C4 trunk + ``StandardRPNHead``) trained on the boxes of a COCO /
 LVIS json with the RPN losses of :mod:`regionclip.losses.rpn`, driven by the generic engine of
@@ -7,7 +7,7 @@ are saved in the detectron2 RPN layout (``backbone.*``, ``proposal_generator.*``
 as ``--rpn-weights`` unchanged.
 
 A recipe is a YAML file with the sections of :class:`RPNTrainConfig`; ``configs/rpn_coco48_c4.yaml`` and
-``configs/rpn_lvis866_fpn.yaml`` are the settings of the original's base-class RPNs (docs/TRAINING.md).
+``configs/rpn_lvis866_fpn.yaml`` are the settings of the original's base-class RPNs (docs/RPN.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training losses of detectron2's class-agnostic RPN as pure functions (docs/DESIGN.md#offline-rpn, training).
+"""Training losses of detectron2's class-agnostic RPN as pure functions (docs/RPN.md).
 
 One RPN training step (detectron2 ``RPN.forward`` in training mode) is, per image: IoU of every GT box with every
 anchor (:func:`pairwise_iou`), anchor labels from the IoU (:func:`match_anchors`: < 0.3 negative, [0.3, 0.7)
