@@ -214,6 +214,7 @@ def test_demo_backend_on_every_photo(model, tmp_path):
                 runs.append(be.run(im, VOCAB_CUSTOM, ", ".join(NAMES), REGIONS_RPN, None, 0.0, 5))
         for r in runs:
             assert r.detections.image_size == (h, w) and len(r.rows) > 0
+            assert r.annotated.size == (w, h)  # drawn upright, like the boxes (the phone photo was drawn rotated)
             assert _inside_xyxy([row[2:] for row in r.rows], w, h)
             assert json.loads(r.json_path.read_text())["annotations"]
 

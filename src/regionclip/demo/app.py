@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from ..api import RegionCLIP
@@ -281,6 +281,8 @@ class DemoBackend:
             user_boxes = [boxes]
         else:
             raise DemoInputError(f"unknown region source {region_source!r}")
+        # detections come in the upright frame (the decoder applies EXIF orientation): draw in that frame too
+        image = ImageOps.exif_transpose(image)
         if min(image.size) < 8:
             raise DemoInputError(f"The image is {image.width}x{image.height} pixels; it needs at least 8 per side.")
         t0 = time.perf_counter()
