@@ -14,6 +14,7 @@ deviation from the original procedure on the names both computed:
 
     python benchmarks/text_embeddings.py                       # 200 LVIS names, random RN50 checkpoint
     python benchmarks/text_embeddings.py --names 50 --random-init --batch-size 256 512 1024
+    python benchmarks/text_embeddings.py --names 100 --skip-baselines --dtypes float32 bfloat16
 """
 from __future__ import annotations
 
@@ -88,6 +89,9 @@ def main() -> None:
                     help="a randomly initialised tower instead of the random official-format checkpoint "
                          "(needs no ../shared)")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="compute dtypes of the current procedure (bfloat16 rows also print the cosine to the "
+                         "float32 row; on a CPU without native bf16 it is emulated and slow)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,14 +127,24 @@ def main() -> None:
         old, dt = timed(lambda: trimmed_procedure(encoder, base, templates))
         print(f"trimmed  (3 names/forward, cut at EOT): {len(base) / dt:7.3f} names/s  ({len(base)} names, "
               f"{dt:.1f} s)  max|diff| vs original {(old - ref).abs().max().item():.2e}")
-    for bs in args.batch_size or [DEFAULT_BATCH_SIZE]:
-        emb, dt = timed(lambda bs=bs: concept_embeddings(names, encoder, batch_size=bs))
-        msg = f"current  (batch {bs} prompts, shared prefixes): {len(names) / dt:7.3f} names/s  ({len(names)} names, " \
-              f"{dt:.1f} s)"
-        if ref is not None:
-            diff = (emb[:len(base)] - ref).abs().max().item()
-            msg += f"  max|diff| vs original {diff:.2e} (max|value| {ref.abs().max().item():.2f})"
-        print(msg)
+    f32: dict[int, Tensor] = {}
+    for dtype in args.dtypes:
+        for bs in args.batch_size or [DEFAULT_BATCH_SIZE]:
+            emb, dt = timed(lambda bs=bs, dtype=dtype: concept_embeddings(names, encoder, batch_size=bs, dtype=dtype))
+            msg = f"current  {dtype:8s} (batch {bs} prompts, shared prefixes): {len(names) / dt:7.3f} names/s  " \
+                  f"({len(names)} names, {dt:.1f} s, load {os.getloadavg()[0]:.1f})"
+            if ref is not None:
+                diff = (emb[:len(base)] - ref).abs().max().item()
+                msg += f"  max|diff| vs original {diff:.2e} (max|value| {ref.abs().max().item():.2f})"
+            if dtype == "float32":
+                f32[bs] = emb
+            elif bs in f32:
+                cos = torch.nn.functional.cosine_similarity(emb, f32[bs], dim=1)
+                unit = torch.nn.functional.normalize
+                same = (unit(f32[bs], dim=1) @ unit(emb, dim=1).t()).argmax(1) == torch.arange(len(names))
+                msg += f"  cosine to float32 min {cos.min().item():.6f}, each name's nearest class itself: " \
+                       f"{int(same.sum())}/{len(names)}"
+            print(msg, flush=True)
 
 
 if __name__ == "__main__":
