@@ -4,8 +4,9 @@ float32 eager, and the region head's fraction of this machine's measured float32
 Rows (paths): ``original procedure`` (the unfused float32 model, all regions in one region-head call, no work
 skipping: what the original computes, on our modules; the in-run baseline), ``fp32 torch`` (the default: fused
 model, chunked head, exact work skipping), ``fp32 onnxruntime`` / ``fp32 openvino`` (exported graphs through the
-same pipeline), ``int8 onnxruntime`` (static int8 region head), ``bf16 torch`` (only where the CPU has native bf16,
-else a "skipped" row). Settings: RN50 / RN50x4 x {GT: the parity anchor's 6-8 hand-placed boxes, RPN-1000 with
+same pipeline), ``int8 onnxruntime`` (static int8 region head), ``bf16 trusted`` (``--dtype bfloat16``: layer4 in bf16, then the
+regions that decide the detections encoded again in float32, docs/DESIGN.md#cpu-speed) and ``bf16 scan only`` (the
+same without the refinement) - both only where the CPU has native bf16, else "skipped" rows. Settings: RN50 / RN50x4 x {GT: the parity anchor's 6-8 hand-placed boxes, RPN-1000 with
 the random RPN, RPN-1000 with the RPN shifted to mostly negative logits (what a trained RPN gives background)}, the
 ``lvis-rpn`` preset (NMS 0.9, 1000 proposals, raw-logit multiplication, score > 0.02 - the zero-shot RPN preset),
 65 random classes. Weights: random official-format checkpoints (tests/conftest.py::random_checkpoints; speed does
@@ -151,8 +152,9 @@ def load_paths(variant: str, export_root: Path) -> dict[str, Any]:
         except ImportError as e:
             paths["fp32 openvino"] = f"skipped ({e})"
         paths["int8 onnxruntime"] = make_backend(fused, "onnxruntime", exp, int8=True)
-        paths["bf16 torch"] = fused.detector if native_bf16("cpu") else \
-            "skipped: bf16 is emulated on this CPU (~7x slower than float32; regionclip never picks it here)"
+        skip = "skipped: bf16 is emulated on this CPU (~7x slower than float32; regionclip never picks it here)"
+        paths["bf16 trusted"] = fused.detector if native_bf16("cpu") else skip
+        paths["bf16 scan only"] = fused.detector if native_bf16("cpu") else skip
         out[kind] = {"paths": paths, "vocab": vocab, "fused": fused, "orig": orig}
     return out
 
@@ -185,8 +187,10 @@ def run_variant(variant: str, repeats: int, export_root: Path, peak_ref: list[fl
             pipe = Pipeline(timed, cfg)  # type: ignore[arg-type]
             if name == "original procedure":
                 opts = model.run_options(chunk_size=100_000, skip_unreachable=False)
-            elif name.startswith("bf16"):
+            elif name == "bf16 trusted":  # --dtype bfloat16: layer4 scan in bf16 + float32 refinement
                 opts = model.run_options(dtype="bfloat16")
+            elif name == "bf16 scan only":  # the same without the refinement (not offered by --dtype auto)
+                opts = replace(model.run_options(dtype="bfloat16"), refine_float32=False)
             else:
                 opts = base_opts
 
