@@ -360,3 +360,52 @@ def test_folders_take_every_format_pillow_reads_and_summarise_skipped_files(tmp_
     assert capsys.readouterr().out.startswith("3 images") and "2 file(s) skipped" in caplog.text
     done = [json.loads(x)["key"] for x in _journal_lines(tmp_path)[1:]]
     assert done == want  # the AVIF photo is detected, not skipped
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+_FORK_SIGINT = """
+import os, signal, sys
+import regionclip.utils as u
+def child():  # SIGINT inside the at-fork window of a new DataLoader worker, as a Ctrl-C at that moment
+    if u._FORK_GUARD_INSTALLED:
+        os.kill(os.getpid(), signal.SIGINT)
+os.register_at_fork(after_in_child=child)
+from regionclip.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_prints_one_line_and_no_worker_traceback(tmp_path, tiny_ckpt, emb_file):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    imgs = write_images(tmp_path / "imgs", [(120, 160)] * 24)  # enough work to still be running when interrupted
+    (tmp_path / "boxes.json").write_text(json.dumps({p.name: [[2, 3, 40, 30]] * 20 for p in imgs}))
+    args = _detect_args(tmp_path, tiny_ckpt, emb_file, "out", "--num-workers", "2")
+    args[args.index("--quiet")] = "--overwrite"  # keep the progress bar: it says when images are being processed
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    # 1. a worker hit while being forked: was "Traceback ... KeyboardInterrupt" from the worker (and the worker lost)
+    few = write_images(tmp_path / "few", [(60, 80)] * 3, prefix="few")
+    boxes = json.loads((tmp_path / "boxes.json").read_text()) | {f.name: [[2, 3, 40, 30]] for f in few}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    small = [str(tmp_path / "few") if a == str(tmp_path / "imgs") else a for a in args]
+    p = subprocess.run([sys.executable, "-c", _FORK_SIGINT, *small], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr, p.stderr[-2000:]
+    # 2. Ctrl-C (SIGINT to the whole process group) while workers decode: the one line, exit 130
+    p2 = subprocess.Popen([sys.executable, "-m", "regionclip.cli.main", *args], stderr=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seen = ""
+    while "detect:" not in seen and p2.poll() is None:
+        seen += p2.stderr.read(1)
+    time.sleep(0.5)
+    os.killpg(p2.pid, signal.SIGINT)
+    _, err = p2.communicate(timeout=120)
+    err = (seen + err).strip()
+    assert p2.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+    assert err.splitlines()[-1].startswith("regionclip detect: interrupted")

@@ -111,3 +111,52 @@ def lock_dir(path: Union[str, os.PathLike], name: str = ".lock", *, what: str = 
         raise RuntimeError(busy) from None
     _LOCKED.add(key)
     return DirLock(f, key)
+
+
+_FORK_GUARD_INSTALLED = False
+
+
+def quiet_forked_children() -> None:
+    """Make Ctrl-C end a command with its one message, never with a stray traceback from a forked worker.
+
+    Ctrl-C sends SIGINT to every process of the terminal's group, DataLoader workers included. A worker hit while
+    it is being forked raises KeyboardInterrupt inside Python's at-fork callbacks (e.g. logging's lock release):
+    its traceback is printed and the parent then fails with "DataLoader worker exited unexpectedly"; the parent hit
+    in the same window loses the interrupt ("Exception ignored in ...") and runs on. So, around every fork:
+    SIGINT is blocked before the fork; the child ignores SIGINT (its parent stops it) and unblocks, dropping a
+    pending one; the parent unblocks, receiving a pending one as an ordinary KeyboardInterrupt after the fork. The
+    masks are set through libc, not :func:`signal.pthread_sigmask`, which would raise the pending interrupt inside
+    the at-fork callback. Linux/macOS fork only (spawned children start their own interpreter); idempotent.
+    """
+    global _FORK_GUARD_INSTALLED
+    import signal
+
+    if _FORK_GUARD_INSTALLED or not hasattr(os, "register_at_fork") or not hasattr(signal, "SIG_BLOCK"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sigset = ctypes.c_ubyte * 128  # >= sizeof(sigset_t) on Linux (128) and macOS (4)
+        block, saved = sigset(), sigset()
+        libc.sigemptyset(ctypes.byref(block))
+        libc.sigaddset(ctypes.byref(block), int(signal.SIGINT))
+        mask = libc.pthread_sigmask
+    except (OSError, AttributeError):  # pragma: no cover - no libc symbols: keep the default behaviour
+        return
+
+    def before() -> None:
+        mask(int(signal.SIG_BLOCK), ctypes.byref(block), ctypes.byref(saved))
+
+    def after_in_parent() -> None:
+        mask(int(signal.SIG_SETMASK), ctypes.byref(saved), None)
+
+    def after_in_child() -> None:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # forked from a thread other than the main one: Python cannot set handlers there
+            pass
+        mask(int(signal.SIG_SETMASK), ctypes.byref(saved), None)
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
+    _FORK_GUARD_INSTALLED = True

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..utils import quiet_forked_children
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # "no space left on device", "disk quota exceeded"
 
 # subcommand modules, in help order (each defines register(subparsers) -> parser and run(args) -> int)
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    quiet_forked_children()  # Ctrl-C: this function's one line, no traceback from a DataLoader worker
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
