@@ -135,12 +135,13 @@ class RegionCLIP:
         weights folder and the preset's own weights are used)."""
         if isinstance(vocab, Tensor):  # a [K, D] tensor given where names were expected
             vocab, class_embeddings = None, vocab
-        if is_embedding_file(vocab):  # an embedding file given where names were expected
+        if isinstance(vocab, (str, os.PathLike)) and is_embedding_file(vocab):  # an embedding file given as names
             if class_embeddings is not None:
-                raise ValueError(f"the vocabulary {os.fspath(vocab)!r} is a tensor file, not class names, and "  # type: ignore[arg-type]
+                raise ValueError(f"the vocabulary {os.fspath(vocab)!r} is a tensor file, not class names, and "
                                  "class_embeddings= is given too; pass the names (a list, a names file, coco65, "
                                  "...) as the vocabulary and the embedding file as class_embeddings=")
-            vocab, class_embeddings = None, os.fspath(vocab)  # type: ignore[arg-type]
+            class_embeddings = os.fspath(vocab)
+            vocab = None
         if vocab is None and class_embeddings is None:
             vocab = self.settings.vocabulary
             class_embeddings = self._default_embedding_file()

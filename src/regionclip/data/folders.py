@@ -36,7 +36,8 @@ def image_extensions() -> tuple[str, ...]:
 def scan_folder(folder: Union[str, os.PathLike]) -> tuple[list[Path], list[Path]]:
     """(images, skipped files) directly inside ``folder``, both sorted by name; sub-folders are not entered."""
     exts = set(image_extensions())
-    images, skipped = [], []
+    images: list[Path] = []
+    skipped: list[Path] = []
     for f in sorted(Path(folder).iterdir()):
         if not f.is_file():
             continue
