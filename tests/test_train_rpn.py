@@ -192,3 +192,12 @@ def test_init_from_a_released_layout_file_and_from_a_trunk(tmp_path: Path) -> No
         assert torch.equal(fresh.state_dict()[k], v), k
     head = fresh.proposal_generator.rpn_head.objectness_logits
     assert float(head.weight.std()) == pytest.approx(0.01, rel=0.5) and float(head.bias.abs().max()) == 0.0
+
+
+def test_clip_trunk_rpn_is_refused_with_a_clear_error() -> None:
+    from types import SimpleNamespace
+
+    from regionclip.engine.rpn_train import RPNTask
+
+    with pytest.raises(ValueError, match="'clip' trunk .* start from rpn_lvis_866"):
+        RPNTask(SimpleNamespace(cfg=SimpleNamespace(trunk="clip", arch="fpn")))  # type: ignore[arg-type]

@@ -102,11 +102,19 @@ def load_rpn_config(path: Optional[str | Path] = None, overrides: Sequence[str] 
 
 
 # ---------------------------------------------------------------------------------------------- model
+def _trunk(rpn: OfflineRPN) -> nn.Module:
+    """The ResNet of an RPN: ``backbone.bottom_up`` (FPN) or ``backbone`` itself (C4)."""
+    trunk = rpn.backbone.bottom_up if rpn.cfg.arch == "fpn" else rpn.backbone
+    if not isinstance(trunk, nn.Module):
+        raise TypeError(f"RPN trunk is a {type(trunk).__name__}, not a module")
+    return trunk
+
+
 def init_rpn_like_detectron2(rpn: OfflineRPN) -> OfflineRPN:
     """detectron2's initialisation of a fresh RPN (uses the global RNG): ResNet convs ``c2_msra_fill`` (He normal,
     fan_out), FPN convs ``c2_xavier_fill`` (Kaiming uniform, a=1), RPN head convs N(0, 0.01), biases 0; frozen BNs
     are the identity."""
-    trunk = rpn.backbone.bottom_up if rpn.cfg.arch == "fpn" else rpn.backbone
+    trunk = _trunk(rpn)
     with torch.no_grad():
         for m in trunk.modules():
             if isinstance(m, nn.Conv2d):
@@ -115,14 +123,15 @@ def init_rpn_like_detectron2(rpn: OfflineRPN) -> OfflineRPN:
                     nn.init.zeros_(m.bias)
         if rpn.cfg.arch == "fpn":
             for name, m in rpn.backbone.named_children():
-                if name.startswith(("fpn_lateral", "fpn_output")):
+                if name.startswith(("fpn_lateral", "fpn_output")) and isinstance(m, nn.Conv2d):
                     nn.init.kaiming_uniform_(m.weight, a=1)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
         for m in rpn.proposal_generator.rpn_head.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
     return rpn
 
 
@@ -138,7 +147,7 @@ def build_rpn_for_training(cfg: RPNModelSection) -> OfflineRPN:
     if cfg.trunk_weights is not None:
         src = resolve_weights(cfg.trunk_weights)
         raw = load_state_dict(src)
-        trunk = rpn.backbone.bottom_up if cfg.arch.arch == "fpn" else rpn.backbone
+        trunk = _trunk(rpn)
         own = set(trunk.state_dict())
         # accept bare trunk keys (stem.*, res2.*) or keys under a detectron2 backbone prefix
         sd, ignored = {}, []
@@ -162,10 +171,14 @@ class RPNTask(nn.Module):
 
     def __init__(self, rpn: OfflineRPN, loss: RPNLossConfig = RPNLossConfig(), freeze_at: int = 2) -> None:
         super().__init__()
+        if getattr(rpn.cfg, "trunk", "resnet") != "resnet":
+            raise ValueError(f"train-rpn trains the detectron2 ResNet trunks (R50-FPN / R50-C4); this RPN has a "
+                             f"{rpn.cfg.trunk!r} trunk (e.g. rpn_lvis_1203_clipbackbone), whose training recipe the "
+                             "original does not release: start from rpn_lvis_866 or rpn_coco_48 instead")
         self.rpn = rpn
         self.loss_cfg = loss
         rpn.requires_grad_(True)  # OfflineRPN freezes itself for inference
-        trunk = rpn.backbone.bottom_up if rpn.cfg.arch == "fpn" else rpn.backbone
+        trunk = _trunk(rpn)
         frozen = ["stem"] + [f"res{i}" for i in range(2, freeze_at + 1)] if freeze_at >= 1 else []
         for name in frozen:
             if hasattr(trunk, name):
