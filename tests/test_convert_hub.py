@@ -197,12 +197,12 @@ def test_rpn_and_openai_files_convert_with_their_architecture(tmp_path, home):
 
 
 def test_convert_refuses_what_no_loader_accepts(tmp_path, home, capsys):
-    clip_rpn = {"backbone.bottom_up.conv1.weight": torch.zeros(32, 3, 3, 3),  # FPN on a CLIP ResNet trunk
-                "backbone.bottom_up.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+    clip_rpn = {"backbone.bottom_up.conv1.weight": torch.zeros(32, 3, 3, 3),  # FPN on a CLIP ResNet trunk whose
+                "backbone.bottom_up.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),  # layer2..4 are missing
                 "backbone.fpn_lateral2.weight": torch.zeros(256, 256, 1, 1),
                 "proposal_generator.rpn_head.objectness_logits.weight": torch.zeros(3, 256, 1, 1)}
     torch.save({"model": clip_rpn}, tmp_path / "clip_rpn.pth")
-    with pytest.raises(CheckpointError, match="CLIP ResNet trunk.*RGB, CLIP mean/std.*Use rpn_lvis_866"):
+    with pytest.raises(CheckpointError, match="unsupported RPN.*missing CLIP ResNet stage.*Supported RPN files"):
         convert_file(tmp_path / "clip_rpn.pth", tmp_path / "o.safetensors")
     torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "junk.pth")
     assert main(["convert", str(tmp_path / "junk.pth"), "-o", str(tmp_path / "o.safetensors")]) == 2

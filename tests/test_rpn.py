@@ -4,8 +4,10 @@ Tiny widths and images only (the CI machine has 2 cores); full-size parity is in
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import re
 from pathlib import Path
 from typing import Dict
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from regionclip.config import RPNConfig
+from regionclip.config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, RPNConfig
 from regionclip.checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
 from regionclip.modeling.rpn import (
     FrozenBatchNorm2d, OfflineRPN, build_offline_rpn, find_top_rpn_proposals, generate_cell_anchors,
@@ -37,7 +39,8 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> Dict[str, Tensor]:
             std = 0.01 if "rpn_head" in k else 1 / math.sqrt(v[0].numel()) / (57.4 if "stem" in k else 1.0)
             v.copy_(torch.randn(v.shape, generator=g) * std)
         else:
-            v.copy_(torch.randn(v.shape, generator=g) * 0.1 + (1.0 if k.endswith("norm.weight") else 0.0))
+            is_bn_weight = k.endswith(("norm.weight", "downsample.1.weight")) or re.search(r"\.bn\d\.weight$", k)
+            v.copy_(torch.randn(v.shape, generator=g) * 0.1 + (1.0 if is_bn_weight else 0.0))
     return {k: v.clone() for k, v in sd.items()}
 
 
@@ -307,3 +310,109 @@ def test_infer_rpn_config_errors() -> None:
         infer_rpn_config({"roi_heads.a": torch.zeros(1)})
     with pytest.raises(ValueError, match="anchors per location"):
         infer_rpn_config(sd, aspect_ratios=(1.0,))
+
+
+# ------------------------------------------------------------- CLIP ResNet trunk (rpn_lvis_1203_clipbackbone)
+
+TINY_CLIP = dict(trunk="clip", resnet_layers=(1, 2, 1, 1), stem_out_channels=8, width_per_group=8,
+                 res2_out_channels=32, fpn_out_channels=8, input_format="RGB", pixel_mean=CLIP_PIXEL_MEAN,
+                 pixel_std=CLIP_PIXEL_STD)
+
+
+def test_clip_trunk_key_layout_is_recognised_and_runs() -> None:
+    """The released layout (CLIP ResNet names under backbone.bottom_up., no attnpool, Mask R-CNN heads beside it)
+    selects the CLIP trunk and its input by keys alone; strict load; proposals valid and batch-independent.
+    Full-size parity with the original: tests/parity/test_clip_rpn.py."""
+    cfg = RPNConfig.fpn(**TINY_CLIP, post_nms_topk=40)
+    model = _tiny(cfg)
+    sd = model.state_dict()
+    trunk = "backbone.bottom_up."
+    for k in ("conv1.weight", "bn1.running_var", "conv3.weight", "bn3.bias", "layer1.0.downsample.0.weight",
+              "layer2.1.conv2.weight", "layer4.0.downsample.1.running_mean"):
+        assert trunk + k in sd, k
+    assert not any(".attnpool." in k or ".stem." in k or ".res2." in k for k in sd)
+    assert "backbone.fpn_lateral5.weight" in sd and sd["backbone.fpn_lateral5.weight"].shape[1] == 8 * 32
+    released = {**sd, "roi_heads.box_head.fc1.weight": torch.zeros(4, 4), "roi_heads.mask_head.predictor.bias":
+                torch.zeros(3)}
+    kept, ignored = rpn_state_dict_from_checkpoint({"model": released})
+    assert set(kept) == set(sd) and ignored == ["roi_heads.box_head.fc1.weight", "roi_heads.mask_head.predictor.bias"]
+    inferred = infer_rpn_config(released, post_nms_topk=40)
+    assert inferred == cfg  # trunk "clip", RGB, CLIP mean/std (0..1 values): read off the keys, no flags
+    # the same layout inside a RegionCLIP checkpoint (offline_* keys) is recognised too
+    assert infer_rpn_config({"offline_" + k: v for k, v in sd.items()}, post_nms_topk=40) == cfg
+    fresh = build_offline_rpn(inferred)
+    fresh.load_state_dict(kept, strict=True)
+    imgs = _images(4, (60, 64), (64, 50), (40, 90))
+    out = fresh(imgs)
+    for img, p in zip(imgs, out):
+        h, w = img.shape[-2:]
+        assert 0 < len(p.boxes) <= 40 and p.boxes.dtype == torch.float32
+        assert (p.boxes[:, 0] >= 0).all() and (p.boxes[:, 2] <= w).all() and (p.boxes[:, 3] <= h).all()
+        assert (p.objectness_logits[:-1] >= p.objectness_logits[1:]).all()
+        single = fresh([img])[0]
+        torch.testing.assert_close(single.boxes, p.boxes, rtol=1e-5, atol=1e-4)
+    ref = model(imgs)
+    assert all(torch.equal(a.boxes, b.boxes) for a, b in zip(out, ref))
+
+
+def test_clip_trunk_preprocess_divides_by_255_in_rgb() -> None:
+    model = _tiny(RPNConfig.fpn(**TINY_CLIP))
+    assert model.div_pixel
+    img = torch.zeros(3, 5, 7)
+    img[0], img[1], img[2] = 10.0, 20.0, 30.0  # R, G, B
+    batch, sizes = model.preprocess([img])
+    assert batch.shape == (1, 3, 32, 32) and sizes == [(5, 7)]
+    expected = [(v / 255.0 - m) / s for v, m, s in zip((10.0, 20.0, 30.0), CLIP_PIXEL_MEAN, CLIP_PIXEL_STD)]
+    torch.testing.assert_close(batch[0, :, 0, 0], torch.tensor(expected), rtol=0, atol=1e-6)
+    assert batch[0, :, 5:].abs().sum() == 0 and batch[0, :, :, 7:].abs().sum() == 0
+    assert not _tiny(RPNConfig.fpn(**TINY)).div_pixel  # detectron2 R50 RPNs: Caffe mean on 0..255 values
+    with pytest.raises(ValueError, match="needs input_format 'RGB'"):
+        build_offline_rpn(RPNConfig.fpn(**{**TINY_CLIP, "input_format": "BGR"}))
+
+
+def test_clip_trunk_fused_equals_plain() -> None:
+    model = _tiny(RPNConfig.fpn(**TINY_CLIP, post_nms_topk=30), seed=5)
+    imgs = _images(6, (64, 96))
+    plain = model(imgs)[0]
+    fused = copy.deepcopy(model).fuse_for_inference()
+    assert fused.backbone.bottom_up.fused and not any(".bn1." in k for k in fused.state_dict())
+    out = fused(imgs)[0]
+    torch.testing.assert_close(out.objectness_logits, plain.objectness_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.boxes, plain.boxes, rtol=1e-5, atol=1e-3)
+
+
+def test_clip_trunk_bad_checkpoints_are_named() -> None:
+    sd = _tiny(RPNConfig.fpn(**TINY_CLIP)).state_dict()
+    no_layer3 = {k: v for k, v in sd.items() if not k.startswith("backbone.bottom_up.layer3.")}
+    with pytest.raises(ValueError, match="missing CLIP ResNet stage.*blocks per stage \\(1, 2, 0, 1\\)"):
+        infer_rpn_config(no_layer3)
+    bad_stem = {**sd, "backbone.bottom_up.conv1.weight": torch.zeros(8, 3, 3, 3)}
+    with pytest.raises(ValueError, match="conv1.weight has 8 channels; a CLIP ResNet stem of width 8 has 4"):
+        infer_rpn_config(bad_stem)
+    no_fpn = {k: v for k, v in sd.items() if not k.startswith("backbone.fpn_")}
+    with pytest.raises(ValueError, match="no FPN"):
+        infer_rpn_config(no_fpn)
+    with pytest.raises(ValueError, match="CLIP ResNet trunk only exists under a plain FPN"):
+        build_offline_rpn(RPNConfig.fpn(**TINY_CLIP, lsj=True))
+
+
+def test_clip_trunk_rpn_file_loads_as_rpn_weights_and_converts(tmp_path: Path) -> None:
+    """A released-layout CLIP-trunk RPN file works where any RPN file does: `--rpn-weights` of load_detector
+    (strict, with a load report naming the dropped heads) and `regionclip convert`."""
+    from _region_helpers import write_tiny_checkpoint
+
+    from regionclip.factory import load_detector
+    from regionclip.hub import convert_file
+
+    cfg = RPNConfig.fpn(**TINY_CLIP, nms_thresh=0.9, post_nms_topk=25)
+    sd = _tiny(cfg).state_dict()
+    rpn_file = tmp_path / "rpn_clip.pth"
+    torch.save({"model": {**sd, "roi_heads.box_predictor.cls_score.weight": torch.zeros(1204, 8)}}, rpn_file)
+    det, info = load_detector(write_tiny_checkpoint(tmp_path / "rc.pth"), rpn_file,
+                              rpn_overrides={"nms_thresh": 0.9, "post_nms_topk": 25})
+    assert info.rpn_config == cfg and det.rpn is not None and det.rpn.cfg.trunk == "clip"
+    assert info.report.ok and f"{rpn_file}:roi_heads.box_predictor.cls_score.weight" in info.report.ignored
+    props = det.rpn(_images(7, (64, 80)))[0]
+    assert 0 < len(props.boxes) <= 25
+    _, meta = convert_file(rpn_file, tmp_path / "rpn_clip.safetensors")
+    assert meta["regionclip.format"] == "rpn" and meta["regionclip.rpn"] == "clip-fpn"

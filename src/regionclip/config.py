@@ -140,6 +140,9 @@ class RPNConfig:
 
     arch: str = "fpn"  # "fpn" (R50-FPN, p2..p6) or "c4" (R50-C4, res4)
     lsj: bool = False  # rpn_lvis_866_lsj: SyncBN-as-frozen-norm, FPN convs without bias, 2-conv head
+    # FPN bottom-up trunk: "resnet" (detectron2 R50) or "clip" (CLIP ModifiedResNet, rpn_lvis_1203_clipbackbone:
+    # RGB input, pixel_mean/std on 0..1 values, docs/DESIGN.md#offline-rpn)
+    trunk: str = "resnet"
     pre_nms_topk: int = 1000  # per FPN level (FPN) / per image (C4)
     post_nms_topk: int = 1000
     nms_thresh: float = 0.7

@@ -60,9 +60,8 @@ WEIGHTS: dict[str, WeightsSpec] = {w.name: w for w in [
     _w("rpn_coco_48", "rpn", "rpn", "R50-C4 RPN, COCO 48 base classes (COCO fine-tuning/eval)"),
     _w("rpn_coco_65", "rpn", "rpn", "R50-C4 RPN, COCO 65 classes"),
     _w("rpn_coco_80", "rpn", "rpn", "R50-C4 RPN, COCO 80 classes"),
-    _w("rpn_lvis_1203_clipbackbone", "rpn", "rpn", "FPN RPN on a CLIP RN50 trunk, LVIS 1203 - NOT SUPPORTED (its "
-       "trunk is a CLIP ModifiedResNet feeding an FPN, with RGB / CLIP-normalised input; no released config uses it, "
-       "use rpn_lvis_866 instead; docs/WEIGHTS.md)"),
+    _w("rpn_lvis_1203_clipbackbone", "rpn", "rpn", "FPN RPN on a CLIP RN50 trunk (RGB, CLIP mean/std), all 1203 "
+       "LVIS classes (docs/WEIGHTS.md)"),
     *[_w(n, "concept_emb", "concept_emb", d) for n, d in [
         ("coco_65_cls_emb", "OV-COCO 65 classes, RN50 text encoder [65, 1024]"),
         ("coco_65_cls_emb_rn50x4", "OV-COCO 65 classes, RN50x4 [65, 640]"),

@@ -15,7 +15,7 @@ Metadata (safetensors header, all strings; JSON where structured):
 ``regionclip.architecture``     ``RN50``, ``RN50x4``, ... (CLIP ResNets; from the shapes)
 ``regionclip.embed_dim``        region / text embedding width (1024 RN50, 640 RN50x4)
 ``regionclip.clip_config``      JSON :class:`~regionclip.config.ClipResNetConfig`
-``regionclip.rpn``              ``fpn`` | ``c4`` | ``lsj`` | ``none`` (the RPN in the file)
+``regionclip.rpn``              ``fpn`` | ``c4`` | ``lsj`` | ``clip-fpn`` | ``none`` (the RPN in the file)
 ``regionclip.rpn_config``       JSON :class:`~regionclip.config.RPNConfig` as read off the file
 ``regionclip.checkpoint_kind``  :func:`regionclip.factory.checkpoint_kind` (``pretrained``, ``finetuned-coco`` ...)
 ``regionclip.num_classes``      rows of the class embeddings (embedding files, fine-tuned detectors)
@@ -36,14 +36,13 @@ from torch import Tensor
 from ..config import ClipResNetConfig, to_dict
 from .io import CheckpointError, PathLike, read_metadata, state_dict_from
 from .regionclip import describe_checkpoint, infer_clip_resnet_config
-from .rpn import CLIP_TRUNK_RPN, infer_rpn_config
+from .rpn import infer_rpn_config
 from .zeroshot_branch import transformer_layout
 
 FORMAT_VERSION = "1"
 EMBEDDINGS_KEY = "embeddings"  # the one tensor of a class-embedding safetensors file (as embed-concepts writes it)
 FORMATS = ("regionclip", "rpn", "class-embeddings", "openai-clip", "transformer")
 PREFIX = "regionclip."
-# Why rpn_lvis_1203_clipbackbone (an FPN whose bottom-up trunk has CLIP ResNet keys: conv1..3, layer1..4) is refused.
 # (layers, width, embed_dim) of the OpenAI CLIP ResNets -> their names
 _CLIP_RESNETS: dict[tuple[tuple[int, ...], int, int], str] = {
     ((3, 4, 6, 3), 64, 1024): "RN50",
@@ -133,14 +132,14 @@ def describe_tensors(tensors: Mapping[str, Tensor], fmt: str) -> dict[str, Any]:
     if fmt == "transformer":
         out["architecture"] = f"transformer ({transformer_layout(tensors)} layout)"
     if fmt == "rpn" or (fmt == "regionclip" and any(k.startswith("offline_proposal_generator.") for k in tensors)):
-        if any(k.startswith(("backbone.bottom_up.layer1.", "offline_backbone.bottom_up.layer1.")) for k in tensors):
-            raise CheckpointError(CLIP_TRUNK_RPN)
         try:
             rcfg = infer_rpn_config(tensors)
         except ValueError as e:
             raise CheckpointError(f"unsupported RPN, not converted: {e}. Supported RPN files: rpn_lvis_866, "
-                                  "rpn_lvis_866_lsj, rpn_coco_48 / 65 / 80 (docs/WEIGHTS.md)") from e
-        out.update(rpn="lsj" if rcfg.lsj else rcfg.arch, rpn_config=to_dict(rcfg))
+                                  "rpn_lvis_866_lsj, rpn_coco_48 / 65 / 80, rpn_lvis_1203_clipbackbone "
+                                  "(docs/WEIGHTS.md)") from e
+        out.update(rpn="lsj" if rcfg.lsj else ("clip-fpn" if rcfg.trunk == "clip" else rcfg.arch),
+                   rpn_config=to_dict(rcfg))
     elif fmt in ("regionclip", "openai-clip", "transformer"):
         out["rpn"] = "none"
     rows = _class_rows(tensors, fmt)

@@ -1,15 +1,16 @@
-"""detectron2 FPN on a ResNet trunk (p2..p6), as used by the R50-FPN offline RPNs. docs/DESIGN.md#architecture.6.
+"""detectron2 FPN on a ResNet trunk (p2..p6), as used by the FPN offline RPNs. docs/DESIGN.md#architecture.6.
 
-Keys: ``bottom_up.*`` (the ResNet), ``fpn_lateral{2..5}.*``, ``fpn_output{2..5}.*``; with ``norm=True`` (LSJ
+Keys: ``bottom_up.*`` (the detectron2 ResNet, or the CLIP ResNet of ``rpn_lvis_1203_clipbackbone``), ``fpn_lateral{2..5}.*``, ``fpn_output{2..5}.*``; with ``norm=True`` (LSJ
 RPN: SyncBN, evaluated as a frozen norm) the convs have no bias and carry ``.norm.*`` instead.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .clip_trunk import ClipResNetTrunk
 from .resnet import Conv2dNorm, FrozenBatchNorm2d, ResNet
 
 __all__ = ["FPN"]
@@ -19,14 +20,14 @@ class FPN(nn.Module):
     """Feature pyramid: lateral 1x1 + output 3x3 convs, nearest x2 top-down sum, p6 = maxpool(k1, s2)(p5).
 
     Args:
-        bottom_up: ResNet with stages res2..res5.
+        bottom_up: ResNet (or ClipResNetTrunk) with stages res2..res5.
         out_channels: FPN width (256).
         norm: True for the LSJ RPN (norm after every FPN conv, convs without bias).
 
     ``forward``: [N, 3, H, W] (H, W multiples of 32) -> ``{"p2": [N, C, H/4, W/4], ..., "p6": [.., H/64, ..]}``.
     """
 
-    def __init__(self, bottom_up: ResNet, out_channels: int = 256, norm: bool = False) -> None:
+    def __init__(self, bottom_up: Union[ResNet, ClipResNetTrunk], out_channels: int = 256, norm: bool = False) -> None:
         super().__init__()
         self.bottom_up = bottom_up
         self.in_features: List[str] = list(bottom_up.stage_names)

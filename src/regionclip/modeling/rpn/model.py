@@ -1,11 +1,12 @@
-"""``OfflineRPN``: the localization branch (detectron2 R50-FPN / R50-FPN-LSJ / R50-C4 RPN). docs/DESIGN.md#offline-rpn.
+"""``OfflineRPN``: the localization branch (detectron2 R50-FPN / R50-FPN-LSJ / R50-C4 RPN, or the FPN RPN on a CLIP
+ResNet trunk of ``rpn_lvis_1203_clipbackbone``). docs/DESIGN.md#offline-rpn.
 
 ``state_dict()`` keys equal those of a detectron2 RPN checkpoint (``backbone.*``, ``proposal_generator.*``),
 except ``num_batches_tracked`` of SyncBN checkpoints, which is dropped on load (see ``FrozenBatchNorm2d``).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from regionclip.config import RPNConfig
 from regionclip.structures import Proposals
 
 from ..layers import fold_frozen_bn
+from .clip_trunk import ClipResNetTrunk
 from .fpn import FPN
 from .resnet import Conv2dNorm, FrozenBatchNorm2d, ResNet
 from .rpn import RPN
@@ -58,11 +60,24 @@ class OfflineRPN(nn.Module):
         self.fused = False  # set by fuse_for_inference
         if cfg.input_format not in ("BGR", "RGB"):
             raise ValueError(f"input_format must be 'BGR' or 'RGB', got {cfg.input_format!r}")
+        if cfg.trunk not in ("resnet", "clip"):
+            raise ValueError(f"RPN trunk must be 'resnet' or 'clip', got {cfg.trunk!r}")
+        if cfg.trunk == "clip" and (cfg.arch != "fpn" or cfg.lsj):
+            raise ValueError("the CLIP ResNet trunk only exists under a plain FPN RPN (arch 'fpn', lsj False)")
+        # The original divides by 255 first when the offline config's mean sums to < 3 (CLIP statistics on 0..1
+        # values, RGB only: rpn_lvis_1203_clipbackbone), else normalizes 0..255 values (spec 2.1 / 2.2).
+        self.div_pixel = sum(cfg.pixel_mean) < 3.0
+        if self.div_pixel and cfg.input_format != "RGB":
+            raise ValueError("pixel_mean on 0..1 values (sum < 3) needs input_format 'RGB', as in the original")
         if cfg.arch == "fpn":
             if len(cfg.resnet_layers) != 4:
                 raise ValueError("FPN RPN needs four ResNet stages (res2..res5)")
-            bottom_up = ResNet(cfg.resnet_layers, cfg.stem_out_channels, cfg.width_per_group,
-                               cfg.res2_out_channels)
+            bottom_up: Union[ResNet, ClipResNetTrunk]
+            if cfg.trunk == "clip":
+                bottom_up = ClipResNetTrunk(cfg.resnet_layers, cfg.stem_out_channels)
+            else:
+                bottom_up = ResNet(cfg.resnet_layers, cfg.stem_out_channels, cfg.width_per_group,
+                                   cfg.res2_out_channels)
             self.backbone: nn.Module = FPN(bottom_up, cfg.fpn_out_channels, norm=cfg.lsj)
             in_features = list(self.backbone.out_features)  # p2..p6
             strides = [self.backbone.strides[f] for f in in_features]
@@ -118,6 +133,8 @@ class OfflineRPN(nn.Module):
             x = img.to(device=device, dtype=torch.float32)
             if self.cfg.input_format == "BGR":
                 x = x[[2, 1, 0]]
+            if self.div_pixel:
+                x = x / 255.0  # the same ops as the original ((x / 255 - mean) / std), not a folded 255 * std
             # Normalize before padding: padding is 0 in the *normalized* space, as in detectron2's ImageList.
             normed.append((x - self.pixel_mean) / self.pixel_std)
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in normed]
@@ -164,6 +181,9 @@ class OfflineRPN(nn.Module):
         float32 rounding differs by ~1e-6 relative, so only proposals whose logits tie within that can swap
         order (docs/DESIGN.md#numerics). The RPN head (no BN) is unchanged. The state-dict keys change
         (``*.norm.*`` disappear): fuse a loaded model, never one that is saved afterwards."""
+        for trunk in self.backbone.modules():
+            if isinstance(trunk, ClipResNetTrunk):  # the recognition trunk's own rewrite (no attention pool)
+                trunk.fuse_for_inference(channels_last=channels_last)
         for conv in self.backbone.modules():
             if isinstance(conv, Conv2dNorm) and isinstance(conv.norm, FrozenBatchNorm2d):
                 folded = fold_frozen_bn(conv, conv.norm)
