@@ -1,4 +1,5 @@
-"""Offline detectron2 RPN (localization branch): R50-FPN, R50-FPN-LSJ and R50-C4 (docs/DESIGN.md#offline-rpn).
+"""Offline detectron2 RPN (localization branch): R50-FPN, R50-FPN-LSJ, R50-C4 and the FPN on a CLIP ResNet trunk
+(``rpn_lvis_1203_clipbackbone``) (docs/DESIGN.md#offline-rpn).
 
 Typical use (the key conversion and the architecture read off the shapes live in :mod:`regionclip.checkpoint.rpn`)::
 
@@ -8,6 +9,7 @@ Typical use (the key conversion and the architecture read off the shapes live in
     proposals = rpn([image_rgb_0_255])  # list[Proposals], resized-image coordinates
 """
 from .anchors import generate_cell_anchors, grid_anchors
+from .clip_trunk import ClipResNetTrunk
 from .fpn import FPN
 from .model import C4Backbone, OfflineRPN, build_offline_rpn
 from .resnet import FrozenBatchNorm2d, ResNet
@@ -15,6 +17,7 @@ from .rpn import RPN, StandardRPNHead, find_top_rpn_proposals
 
 __all__ = [
     "OfflineRPN", "build_offline_rpn",
-    "RPN", "StandardRPNHead", "find_top_rpn_proposals", "FPN", "ResNet", "C4Backbone", "FrozenBatchNorm2d",
+    "RPN", "StandardRPNHead", "find_top_rpn_proposals", "FPN", "ResNet", "C4Backbone", "ClipResNetTrunk",
+    "FrozenBatchNorm2d",
     "generate_cell_anchors", "grid_anchors",
 ]
