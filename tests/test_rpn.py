@@ -416,3 +416,29 @@ def test_clip_trunk_rpn_file_loads_as_rpn_weights_and_converts(tmp_path: Path) -
     assert 0 < len(props.boxes) <= 25
     _, meta = convert_file(rpn_file, tmp_path / "rpn_clip.safetensors")
     assert meta["regionclip.format"] == "rpn" and meta["regionclip.rpn"] == "clip-fpn"
+
+
+def test_clip_trunk_rpn_exports_and_matches_eager(tmp_path: Path) -> None:
+    """The exported RPN graph (backbone + head; the runtime keeps the torch preprocess, which divides by 255 for this
+    trunk) gives the eager proposals."""
+    pytest.importorskip("onnx", reason="pip install 'regionclip[onnx]'")
+    pytest.importorskip("onnxruntime", reason="pip install 'regionclip[onnx]'")
+    from _region_helpers import TINY_CLIP as TINY_CLIP_RESNET, tiny_options, write_images
+
+    from regionclip.config import DetectorConfig, InputConfig
+    from regionclip.export import export_model, make_backend
+    from regionclip.factory import build_detector
+    from regionclip.pipeline import Pipeline
+
+    inp = InputConfig(min_size=96, max_size=128)
+    det = build_detector(DetectorConfig(clip=TINY_CLIP_RESNET, input=inp,
+                                        rpn=RPNConfig.fpn(**TINY_CLIP, post_nms_topk=50, nms_thresh=0.9)))
+    assert det.rpn is not None
+    _randomize(det.rpn, 3)
+    export_model(det.eval(), tmp_path / "onnx", fmt="onnx")
+    eager, fast = Pipeline(det, inp), Pipeline(make_backend(det, "onnxruntime", tmp_path / "onnx"), inp)
+    prep = [eager.prepare(p) for p in write_images(tmp_path / "img", [(100, 130), (90, 70)], seed=1)]
+    for pe, pf in zip(eager.proposals(prep, tiny_options()), fast.proposals(prep, tiny_options())):
+        assert len(pe.boxes) > 0
+        torch.testing.assert_close(pf.boxes, pe.boxes, atol=1e-3, rtol=0)
+        torch.testing.assert_close(pf.objectness_logits, pe.objectness_logits, atol=1e-4, rtol=0)
