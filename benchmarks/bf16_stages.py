@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -47,9 +48,20 @@ class StagedRecognizer:
     def __init__(self, inner: Any, stages: set[str]) -> None:
         self.inner, self.stages = inner, stages
         self.last_emb: Optional[Tensor] = None
+        self.refined = 0
+        if "trusted" in stages:  # the pipeline's own --dtype bfloat16 path: real model, float32 refinement
+            self.encode_regions = self.encode_regions_counted  # type: ignore[method-assign]
+            self.compute_features = self.inner.compute_features  # type: ignore[method-assign]
+            self.classify = self.inner.classify  # type: ignore[method-assign]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    def encode_regions_counted(self, features: Tensor, boxes: Sequence[Tensor], **kw: Any) -> Any:
+        """The real detector's encode (the trusted row), counting float32 re-encodes."""
+        if not torch.is_autocast_enabled("cpu"):
+            self.refined += sum(len(b) for b in boxes)
+        return self.inner.encode_regions(features, boxes, **kw)
 
     def propose(self, images: Sequence[Tensor]) -> Any:
         if "rpn" not in self.stages:
@@ -118,7 +130,13 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=0.0, help="RPN objectness shift of the random RPN (compare.py "
                     "uses -0.95 for its mostly-negative setting)")
     ap.add_argument("--rows", nargs="+", default=None, help="only these rows (names as printed)")
+    ap.add_argument("--time", action="store_true", help="instead: time float32 / trusted bf16 / bf16 scan on the "
+                    "first demo image (RPN and trunk once, then the region head + classify + post-processing of "
+                    "each path, interleaved --repeats times), with the regions the refinement encodes again")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    if args.time:
+        return time_paths(args)
 
     from conftest import random_checkpoints
 
@@ -137,7 +155,8 @@ def main() -> None:
     prepared = [model.pipeline.prepare(p) for p in demo_image_paths()]
     rows = {"float32": set(), "trunk": {"trunk"}, "roi": {"roi"}, "layer4": {"layer4"}, "attnpool": {"attnpool"},
             "classifier": {"classifier"}, "rpn": {"rpn"}, "trunk+layer4+attnpool (old bf16)":
-            {"trunk", "layer4", "attnpool"}, "mixed (BF16_STAGES)": set(BF16_STAGES)}
+            {"trunk", "layer4", "attnpool"}, "mixed (BF16_STAGES)": set(BF16_STAGES),
+            "trusted bf16 (--dtype bfloat16)": {"trusted"}}
     if args.rows:
         rows = {k: v for k, v in rows.items() if k in args.rows or k == "float32"}
     ref: dict[int, Any] = {}
@@ -160,18 +179,22 @@ def main() -> None:
                     cache[rkey] = pipe.proposals([p], opts)
                 if fkey not in cache:
                     cache[fkey] = rec.compute_features([p.image])
-                det = pipe.detect_prepared([p], vocab, opts, regions=cache[rkey], features=cache[fkey])[0]
+                if "trusted" in stages:  # the pipeline's own bf16 path (its own autocast, float32 trunk)
+                    det = pipe.detect_prepared([p], vocab, replace(opts, dtype="bfloat16"), regions=cache[rkey],
+                                               features=cache[fkey])[0]
+                else:
+                    det = pipe.detect_prepared([p], vocab, opts, regions=cache[rkey], features=cache[fkey])[0]
                 secs = time.perf_counter() - t
                 emb = rec.last_emb
-                assert emb is not None
                 if name == "float32":
+                    assert emb is not None
                     ref[i], ref_emb[i] = det, emb
                     print(f"{name:34s} {i:5d} {len(det.scores):5d} {'':6s} {'':6s} {'':8s} {'':11s} {secs:6.1f} {len(set(det.region_index.tolist())):7d}",
                           flush=True)
                     continue
                 src, iou = agreement(ref[i], det)
                 cos = dlogit = float("nan")
-                if emb.shape == ref_emb[i].shape:  # same proposals (not the rpn row)
+                if emb is not None and emb.shape == ref_emb[i].shape:  # same proposals (not rpn / trusted rows)
                     cos = F.cosine_similarity(emb, ref_emb[i], dim=1).min().item()
                     w = F.normalize(vocab.class_embeddings.float(), dim=1)
                     lg = (F.normalize(emb, dim=1) - F.normalize(ref_emb[i], dim=1)) @ w.t() / 0.01
@@ -182,11 +205,60 @@ def main() -> None:
                 tot[1] += iou * n
                 tot[2] += n
                 print(f"{name:34s} {i:5d} {len(det.scores):5d} {100 * src:6.1f} {100 * iou:6.1f} {cos:8.5f} "
-                      f"{dlogit:11.3f} {secs:6.1f} {len(set(det.region_index.tolist())):7d}", flush=True)
+                      f"{dlogit:11.3f} {secs:6.1f} {len(set(det.region_index.tolist())):7d}"
+                      + (f"  ({rec.refined} of {len(ref_emb[i])} regions encoded again in float32)" if rec.refined else ""),
+                      flush=True)
     print("# pooled over the images (share of all float32 detections):")
     for name, (s, u, n) in totals.items():
         print(f"{name:34s} src {100 * s / n:5.1f} %  IoU {100 * u / n:5.1f} %  of {int(n)} detections")
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def time_paths(args: argparse.Namespace) -> None:
+    """Seconds of each path on demo image 0 (see --time), with the load average next to every number."""
+    from conftest import random_checkpoints
+
+    from regionclip.api import RegionCLIP
+    from regionclip.assets import demo_image_paths
+    from regionclip.pipeline import Pipeline
+    from regionclip.vocab import Vocabulary
+
+    ck = random_checkpoints(args.variant, 0, rpn_objectness_shift=args.shift)
+    model = RegionCLIP.from_pretrained(ck["regionclip"], ck["rpn"], preset="lvis-rpn")
+    vocab = Vocabulary.create(torch.load(ck["concept_emb"], weights_only=True).float(),
+                              embed_dim=model.detector.embed_dim)
+    base = model.run_options(max_proposals=args.max_proposals)
+    p = model.pipeline.prepare(demo_image_paths()[0])
+    pipe = model.pipeline
+    with torch.inference_mode():
+        t = time.perf_counter()
+        props = pipe.proposals([p], base)
+        t_rpn = time.perf_counter() - t
+        t = time.perf_counter()
+        feats = pipe.features([p], base)
+        t_trunk = time.perf_counter() - t
+    print(f"# {args.variant}, RPN shift {args.shift:g}: RPN {t_rpn:.2f} s, trunk (float32 in every path) "
+          f"{t_trunk:.2f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    paths = {"float32": base, "bf16 trusted": replace(base, dtype="bfloat16"),
+             "bf16 scan only": replace(base, dtype="bfloat16", refine_float32=False)}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    counted = StagedRecognizer(model.detector, {"trusted"})
+    timed_pipe = Pipeline(counted, pipe.input_cfg)  # type: ignore[arg-type]
+    with torch.inference_mode():
+        for rep in range(args.repeats + 1):  # the first round warms up
+            for name, opts in paths.items():
+                counted.refined = 0
+                t = time.perf_counter()
+                timed_pipe.detect_prepared([p], vocab, opts, regions=props, features=feats)
+                dt = time.perf_counter() - t
+                if rep:
+                    times[name].append(dt)
+                    print(f"{name:15s} head+classify+post {dt:6.2f} s  (+ RPN + trunk = {dt + t_rpn + t_trunk:6.2f} "
+                          f"s/img; {counted.refined if name == 'bf16 trusted' else 0} regions encoded again in "
+                          f"float32; load average "
+                          f"{os.getloadavg()[0]:.1f})", flush=True)
+    for name, ts in times.items():
+        print(f"# {name:15s} median head+classify+post {sorted(ts)[len(ts) // 2]:.2f} s")
 
 
 if __name__ == "__main__":

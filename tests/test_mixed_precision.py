@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 from _region_helpers import random_boxes, tiny_detector, tiny_options
 
 from regionclip import runtime
@@ -41,10 +42,19 @@ def _softmax_scores(logits: torch.Tensor, obj: torch.Tensor, cfg: PostprocessCon
     return combine_rpn_scores(probs, obj, cfg.rpn_score)
 
 
+def _iou_agree(a: dict, b: dict) -> bool:
+    """Every detection of ``a`` has one in ``b`` with the same class at IoU >= 0.5 (compare.py's agreement)."""
+    if len(a["labels"]) == 0:
+        return True
+    ok = (box_iou(a["boxes"], b["boxes"]) >= 0.5) & (a["labels"][:, None] == b["labels"][None])
+    return bool(ok.any(1).all())
+
+
 @pytest.mark.parametrize("rpn_score,full", [("raw", True), ("raw", False), ("none", True)])
-def test_decisive_regions_contain_every_region_a_bounded_error_can_report(rpn_score, full):
+def test_decisive_regions_are_all_a_bounded_error_can_change(rpn_score, full):
     """The margin argument of regionclip.precision, checked on random data: perturb every logit by at most the
-    bound; each region reported after the perturbation (or before) is among the decisive regions of the scan."""
+    bound and replace only the non-decisive regions' scores by the perturbed ones: what is reported keeps its
+    class and box (IoU >= 0.5) both ways - so refining the decisive regions alone is enough."""
     g = torch.Generator().manual_seed(0)
     r, k, d = 300, 20, 0.3
     boxes = random_boxes(r, 200, 300, seed=1)
@@ -59,9 +69,11 @@ def test_decisive_regions_contain_every_region_a_bounded_error_can_report(rpn_sc
                                logit_error=d)
         assert 0 < int(sel.sum()) < r  # the test means something: some regions are left out
         for _ in range(4):
-            noisy = logits + (torch.rand(r, k, generator=g) * 2 - 1) * d
-            dets = postprocess_detections(boxes, _softmax_scores(noisy, obj, cfg), (200, 300), cfg)
-            assert bool(sel[dets["region_index"]].all()), f"trial {trial}: a reported region was not decisive"
+            exact = _softmax_scores(logits + (torch.rand(r, k, generator=g) * 2 - 1) * d, obj, cfg)  # "float32"
+            mixed = torch.where(sel[:, None], exact, scan)  # decisive regions refined, the rest from the scan
+            a = postprocess_detections(boxes, exact, (200, 300), cfg)
+            b = postprocess_detections(boxes, mixed, (200, 300), cfg)
+            assert _iou_agree(a, b) and _iou_agree(b, a), f"trial {trial}"
 
 
 def test_refined_bf16_detections_equal_float32():
@@ -73,19 +85,23 @@ def test_refined_bf16_detections_equal_float32():
     boxes = random_boxes(60, 96, 128, seed=3)
     obj = torch.rand(60, generator=torch.Generator().manual_seed(4)) * 2
     regions = [Proposals(boxes, obj)]
-    post = PostprocessConfig(score_thresh=0.05, nms_thresh=0.5, detections_per_image=12, rpn_score="raw")
+    post = PostprocessConfig(score_thresh=0.05, nms_thresh=0.5, detections_per_image=30, rpn_score="raw")
     f32_opts = tiny_options(16, post)
     # classes planted near 8 regions' own float32 embeddings: probabilities spread over several classes, so the
     # 1/0.01 temperature turns bf16 rounding into visible score changes (random classes give p ~ 1: no signal)
     emb = pipe.encode(pipe.features(prepared, f32_opts), [boxes[:8]], f32_opts)
     noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(5)) * emb.norm(dim=1).mean()
-    vocab = Vocabulary.create(emb + 0.02 * noise, [f"c{i}" for i in range(8)], embed_dim=emb.shape[1])
+    vocab = Vocabulary.create(emb + 0.05 * noise, [f"c{i}" for i in range(8)], embed_dim=emb.shape[1])
     f32 = pipe.detect_prepared(prepared, vocab, f32_opts, regions=regions)[0]
     opts = tiny_options(16, post, dtype="bfloat16")
     assert opts.refine_float32  # the default
     scan = pipe.detect_prepared(prepared, vocab, replace(opts, refine_float32=False), regions=regions)[0]
     mixed = pipe.detect_prepared(prepared, vocab, opts, regions=regions)[0]
-    assert len(f32.scores) == 12
-    assert not torch.equal(scan.region_index, f32.region_index)  # the plain bf16 result differs
-    assert torch.equal(mixed.region_index, f32.region_index) and torch.equal(mixed.labels, f32.labels)
-    torch.testing.assert_close(mixed.scores, f32.scores, rtol=1e-5, atol=1e-5)
+    assert len(f32.scores) == 30
+    def pairs(d):
+        return sorted(zip(d.region_index.tolist(), d.labels.tolist()))
+
+    assert pairs(scan) != pairs(f32)  # the plain bf16 result reports other (region, class) pairs
+    assert pairs(mixed) == pairs(f32)
+    # decisive regions carry float32 scores; the others keep the scan's (bf16-level error)
+    torch.testing.assert_close(mixed.scores.sort().values, f32.scores.sort().values, rtol=2e-2, atol=1e-4)

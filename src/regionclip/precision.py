@@ -11,10 +11,13 @@ margin argument below makes the result float32's wherever the scan's logit error
 A detection's selection score is ``p`` or ``sqrt(p * o)`` (RPN multiplication). If every logit of a region moves by
 at most ``d``, its softmax probabilities move by a factor within ``exp(+-2d)``, so its scores by ``exp(+-2d * k)``
 (``k`` = 1, or 1/2 with RPN multiplication). Let ``c`` be the scan's cut (the lowest reported score when an image
-reports the maximum number of detections, else the score threshold). A region whose best scan score is below
-``c * exp(-2 * 2d * k)`` cannot reach float32's cut, and (class-wise NMS only lets higher scores suppress lower
-ones) cannot suppress a detection that does; every other region is encoded again in float32 and its scan result
-replaced. The detections then equal float32's up to ties - measured, not assumed: benchmarks/bf16_stages.py.
+reports the maximum number of detections, else the score threshold); float32's cut is within ``exp(+-2dk)`` of it.
+So with ``m = 4dk``, a (region, class) pair whose scan score is below ``c * exp(-m)`` is reported by neither, and one
+above ``c * exp(m)`` by both (class-wise NMS aside: if the order of two overlapping boxes of one class swaps, the
+other box is kept, which is the same class at IoU >= 0.5). Only regions with a pair inside the band can change
+what is reported: those are encoded again in float32 and their scan results replaced. The reported classes and
+boxes then match float32's (same class at IoU >= 0.5; scores of pairs above the band keep the scan's ~1 % error) -
+measured, not assumed: benchmarks/bf16_stages.py.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ __all__ = ["SCAN_LOGIT_ERROR", "decisive_regions", "refine_in_float32"]
 
 def decisive_regions(scores: Tensor, boxes: Tensor, resized_hw: tuple[int, int], cfg: PostprocessConfig, *,
                      has_background: bool, score_power: float, logit_error: float = SCAN_LOGIT_ERROR) -> Tensor:
-    """[R] bool: the regions of one image whose float32 result could differ in what is reported.
+    """[R] bool: the regions of one image whose float32 result could change what is reported (a class score in
+    the band around the cut, see the module docstring).
 
     Args:
         scores: [R, K(+1)] selection scores of the 16-bit scan (after RPN multiplication).
@@ -54,10 +58,10 @@ def decisive_regions(scores: Tensor, boxes: Tensor, resized_hw: tuple[int, int],
                                   has_background=has_background)
     full = 0 <= cfg.detections_per_image <= len(dets["scores"])
     cut = float(dets["scores"].min()) if full and len(dets["scores"]) else cfg.score_thresh
-    fg = scores[:, :-1] if has_background else scores
-    best = torch.nan_to_num(fg.float(), nan=-math.inf).amax(dim=1)
+    fg = torch.nan_to_num((scores[:, :-1] if has_background else scores).float(), nan=-math.inf)
     # both the scan and float32 may be off by the bound, each side: 2 x 2d in log-probability
-    return best > cut * math.exp(-4.0 * logit_error * score_power)
+    m = 4.0 * logit_error * score_power
+    return ((fg > cut * math.exp(-m)) & (fg < cut * math.exp(m))).any(dim=1)
 
 
 @torch.no_grad()

@@ -124,10 +124,15 @@ _warned: set[str] = set()
 
 
 def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> str:
-    """The compute dtype to run the backbone and region head in: one of "float32", "bfloat16", "float16".
+    """The compute dtype to run the region head in: one of "float32", "bfloat16", "float16".
+
+    A 16-bit dtype is the *trusted* reduced-precision path (docs/DESIGN.md#cpu-speed): only the stages in
+    :data:`BF16_STAGES` run in 16 bits, and the regions whose float32 result could change the detections are
+    encoded again in float32 (:mod:`regionclip.precision`, ``RunOptions.refine_float32``), so it reports float32's
+    detections (measured >= 99 %, benchmarks/bf16_stages.py). That is what makes it eligible for ``"auto"``.
 
     ``"auto"``: CUDA -> "bfloat16" where supported, else "float16"; CPU -> "bfloat16" only with native support
-    (:func:`native_bf16`), else "float32"; other devices -> "float32". Explicit dtypes are returned as asked;
+    (:func:`native_bf16`), else "float32" (emulated bf16 is slower than float32); other devices -> "float32". Explicit dtypes are returned as asked;
     "bfloat16" on a CPU without native support logs one warning (per process) that it is emulated and typically
     slower; "float16" on a CPU is rejected (CPU autocast runs float16 as emulation only).
     """
