@@ -54,8 +54,9 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
                    help="apply class-agnostic box regression (fine-tuned checkpoints)")
 
 
-def add_run_args(p: argparse.ArgumentParser, *, workers: int = 2) -> None:
-    """Per-run inference settings (:class:`regionclip.pipeline.RunOptions`), shared by every inference command."""
+def add_run_args(p: argparse.ArgumentParser, *, workers: Optional[int] = 2) -> None:
+    """Per-run inference settings (:class:`regionclip.pipeline.RunOptions`), shared by every inference command.
+    ``workers=None``: the command decodes in its own process and refuses ``--num-workers`` above 0."""
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=positive_int, default=1, help="images per backbone pass (equal sizes batch together)")
     r.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
@@ -64,7 +65,9 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: int = 2) -> None:
     r.add_argument("--chunk-size", type=positive_int, default=None, help="regions per region-head call (bounds memory; results "
                    "unchanged; default: 64 on CPU, 256 on GPUs)")
     r.add_argument("--max-proposals", type=positive_int, help="keep only the k best RPN proposals per image")
-    r.add_argument("--num-workers", type=nonneg_int, default=workers, help="decoding worker processes (0: in the main one)")
+    r.add_argument("--num-workers", type=nonneg_int, default=workers,
+                   help="decoding worker processes (0: in the main one)" if workers is not None else
+                   "only 0: this command decodes in the main process (a larger value is refused)")
     r.add_argument("--max-pixels", type=nonneg_int, default=DEFAULT_MAX_PIXELS,
                    help=f"skip images with more decoded pixels than this (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
     r.add_argument("--backend", choices=["torch", "onnxruntime", "openvino", "torch-export"], default="torch",
@@ -106,7 +109,7 @@ def check_cheap_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if getattr(args, "num_workers", 0) < 0:
+    if (getattr(args, "num_workers", 0) or 0) < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     if getattr(args, "backend", "torch") != "torch":
         if not args.export_dir:
@@ -168,7 +171,7 @@ def run_options(model: RegionCLIP, args: argparse.Namespace, **extra: Any) -> Ru
     """:class:`RunOptions` from the model's settings and the run flags (``--dtype auto`` resolved here)."""
     dtype = resolve_dtype(args.dtype, args.device)
     return model.run_options(batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
-                             max_proposals=args.max_proposals, num_workers=args.num_workers,
+                             max_proposals=args.max_proposals, num_workers=args.num_workers or 0,
                              max_pixels=args.max_pixels or None, **extra)
 
 

@@ -56,7 +56,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
                    help="start over instead of skipping finished images")
     r.add_argument("--no-progress", action="store_true")
     add_model_args(p, default_preset=None)
-    add_run_args(p, workers=0)
+    add_run_args(p, workers=None)  # --num-workers refused in run(): see there
     return p
 
 
@@ -73,6 +73,11 @@ def _dataset(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.num_workers:  # 0 (= decode in the main process) is what evaluate does, so it is accepted
+        # the evaluation loop (evaluation.inference.dataset_predictor) decodes each batch's images itself, not
+        # through the pipeline's DataLoader, so worker processes would be accepted and ignored (issue 25)
+        raise ValueError(f"--num-workers {args.num_workers}: evaluate decodes images in the main process and has "
+                         "no decoding workers; drop the flag or pass 0 (detect and extract-regions take it)")
     check_cheap_args(args)
     scenario = get_scenario(args.scenario) if args.scenario else None
     if scenario is not None:
