@@ -43,6 +43,9 @@ class RegionTextConfig:
     temperature: float = 0.01  # CLSS_TEMP for the three student losses
     global_box: str = "padded"  # "padded" (original code) or "image"; see the module docstring
     gather: bool = True  # GATHER_GPUS: image-text loss over the global batch (all-gather with gradient)
+    # The original's offline RPN sees the whole batch padded to its largest image (ImageList), so a smaller image's
+    # proposals near its right/bottom edge depend on its batch-mates; False pads each image alone (as inference)
+    rpn_batch_padding: bool = True
     image_text_weight: float = 1.0
     distill_weight: float = 1.0
     contrastive_weight: float = 1.0
@@ -176,7 +179,7 @@ class RegionTextPretrainer(nn.Module):
         images = [s.image for s in batch]
         tokens = torch.stack([s.tokens for s in batch]).to(dev)
         with torch.no_grad():
-            proposals = student.propose(images)
+            proposals = self.offline_rpn([x.to(dev).float() for x in images], batch_padding=cfg.rpn_batch_padding)
         regions = [sample_regions(p.boxes, cfg.num_regions, generator) for p in proposals]
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
 

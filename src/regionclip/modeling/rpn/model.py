@@ -145,7 +145,7 @@ class OfflineRPN(nn.Module):
         return batch, sizes
 
     @torch.no_grad()
-    def forward(self, images: Sequence[Tensor]) -> List[Proposals]:
+    def forward(self, images: Sequence[Tensor], batch_padding: bool = False) -> List[Proposals]:
         """Proposals for each image.
 
         Images with the same padded size are run as one batch; each image is therefore padded exactly as if
@@ -154,6 +154,9 @@ class OfflineRPN(nn.Module):
 
         Args:
             images: list of [3, H, W] RGB 0..255 resized images (the recognition branch's frame).
+            batch_padding: run all images as one batch padded to the largest (rounded up to
+                ``size_divisibility``), as the original's training step does (its ImageList pads the whole
+                batch): a smaller image's proposals near its right/bottom edge then depend on its batch-mates.
 
         Returns:
             per image :class:`Proposals`: ``boxes`` [R, 4] float32 XYXY resized-image pixels, clipped to
@@ -162,9 +165,12 @@ class OfflineRPN(nn.Module):
         if len(images) == 0:
             return []
         groups: Dict[Tuple[int, int], List[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(_padded_size(int(img.shape[-2]), int(img.shape[-1]), self.size_divisibility),
-                              []).append(i)
+        if batch_padding:
+            groups[(0, 0)] = list(range(len(images)))
+        else:
+            for i, img in enumerate(images):
+                groups.setdefault(_padded_size(int(img.shape[-2]), int(img.shape[-1]), self.size_divisibility),
+                                  []).append(i)
         out: List[Proposals] = [None] * len(images)  # type: ignore[list-item]
         for idx in groups.values():
             batch, sizes = self.preprocess([images[i] for i in idx])
