@@ -21,9 +21,6 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .checkpoint.convert import class_names_of
-from .checkpoint.io import read_weight_file, weight_file_kind
-from .checkpoint.regionclip import class_embedding_file
 from .config import InputConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import InferenceItem
@@ -38,22 +35,17 @@ from .pretrained import WeightsNotFound, resolve_weights
 from .structures import Detections
 from .text.unicl import zeroshot_class_embeddings
 from .text.vocabulary import cached_name_embeddings, checkpoint_fingerprint, class_embeddings, default_cache_dir
-from .text.prompts import validate_names
-from .vocab import Vocabulary, VocabularyArg, is_builtin_vocabulary, resolve_names
+from .vocab import (  # noqa: F401  (is_embedding_file: re-exported for older imports)
+    Vocabulary,
+    VocabularyArg,
+    VocabularyLike,
+    is_embedding_file,
+    resolve_names,
+    resolve_vocabulary,
+)
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
-
-
-def is_embedding_file(vocab: Any) -> bool:
-    """Whether a vocabulary argument is really a tensor file (a class-embedding .pth/.safetensors)."""
-    if not isinstance(vocab, (str, os.PathLike)) or is_builtin_vocabulary(vocab):
-        return False
-    p = Path(vocab)
-    try:
-        return p.is_file() and weight_file_kind(p) is not None
-    except OSError:
-        return False
 
 
 def parse_names(vocab: VocabularyArg) -> list[str]:
@@ -126,42 +118,19 @@ class RegionCLIP:
         return cls(det, loaded, settings, options, input_cfg)
 
     # ------------------------------------------------------------------ vocabulary
-    def make_vocabulary(self, vocab: Optional[VocabularyArg] = None,
+    def make_vocabulary(self, vocab: VocabularyLike = None,
                         class_embeddings: Union[PathLike, Tensor, None] = None, *,
                         cache_dir: Optional[PathLike] = None, show_progress: bool = False) -> Vocabulary:
-        """A validated :class:`Vocabulary` (nothing stored). Either class embeddings (a file or a [K, D] tensor; names
+        """A validated :class:`Vocabulary` (nothing stored), through the one resolver
+        :func:`regionclip.vocab.resolve_vocabulary`. Either class embeddings (a file or a [K, D] tensor; names
         from ``vocab`` or numbered) or names, embedded once with this checkpoint's own text encoder and cached on
         disk. With neither, the settings' default vocabulary (and its released embedding file, when it is in the
         weights folder and the preset's own weights are used)."""
-        if isinstance(vocab, Tensor):  # a [K, D] tensor given where names were expected
-            vocab, class_embeddings = None, vocab
-        if isinstance(vocab, (str, os.PathLike)) and is_embedding_file(vocab):  # an embedding file given as names
-            if class_embeddings is not None:
-                raise ValueError(f"the vocabulary {os.fspath(vocab)!r} is a tensor file, not class names, and "
-                                 "class_embeddings= is given too; pass the names (a list, a names file, coco65, "
-                                 "...) as the vocabulary and the embedding file as class_embeddings=")
-            class_embeddings = os.fspath(vocab)
-            vocab = None
-        if vocab is None and class_embeddings is None:
-            vocab = self.settings.vocabulary
-            class_embeddings = self._default_embedding_file()
-        names, ids = resolve_names(vocab) if vocab is not None else (None, None)
-        if names is None and class_embeddings is not None and not isinstance(class_embeddings, Tensor):
-            names, ids = class_names_of(class_embeddings)  # `regionclip convert` records them
-        if class_embeddings is not None:
-            src = "class embeddings" if isinstance(class_embeddings, Tensor) else str(class_embeddings)
-            if names is not None and isinstance(vocab, (str, os.PathLike)) and not is_builtin_vocabulary(vocab):
-                validate_names(names, source=f"vocabulary for {src}")  # duplicates warn, as on the text path
-            emb = class_embeddings if isinstance(class_embeddings, Tensor) else \
-                class_embedding_file(read_weight_file(class_embeddings), src)
-            if names is None:  # rows without names: the settings' vocabulary when the row count says it is that one
-                names, ids = self._default_names(int(emb.reshape(-1, emb.shape[-1]).shape[0]))
-            return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
-                                     source=f"{src} (for model {self.weights_path})")
-        assert names is not None
-        emb = self.embed_names(names, cache_dir=cache_dir, show_progress=show_progress)
-        return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
-                                 source=f"text embeddings of {self.weights_path}")
+        return resolve_vocabulary(
+            vocab, class_embeddings, embed_dim=self.detector.embed_dim, model_name=str(self.weights_path),
+            embed_names=lambda names: self.embed_names(names, cache_dir=cache_dir, show_progress=show_progress),
+            default_vocab=self.settings.vocabulary,
+            default_embeddings=self._default_embedding_file() if vocab is None and class_embeddings is None else None)
 
     def set_vocabulary(self, vocab: Optional[VocabularyArg] = None,
                        class_embeddings: Union[PathLike, Tensor, None] = None, *,
@@ -203,16 +172,9 @@ class RegionCLIP:
         except WeightsNotFound:
             return None
 
-    def _default_names(self, rows: int) -> tuple[Optional[list[str]], Optional[list[int]]]:
-        """(names, category ids) of the settings' vocabulary if it has ``rows`` classes (e.g. coco_65_cls_emb with
-        preset coco-gt gets the COCO names and ids), else (None, None): numbered classes."""
-        cand_names, cand_ids = resolve_names(self.settings.vocabulary)
-        return (cand_names, cand_ids) if len(cand_names) == rows else (None, None)
-
     def _embedded_vocabulary(self, emb: Tensor) -> Vocabulary:
-        names, ids = self._default_names(int(emb.reshape(-1, emb.shape[-1]).shape[0]))
-        return Vocabulary.create(emb, names, ids, embed_dim=self.detector.embed_dim,
-                                 source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
+        v = resolve_vocabulary(None, emb, embed_dim=self.detector.embed_dim, default_vocab=self.settings.vocabulary)
+        return replace(v, source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
 
     # ------------------------------------------------------------------ inference
     def run_options(self, *, batch_size: int = 1, dtype: str = "float32", chunk_size: Optional[int] = None,

@@ -16,7 +16,7 @@ size (every region is computed independently).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,7 @@ from .data.images import ImageInput
 from .modeling.recognizer import foreground_probs
 from .pipeline import Pipeline, RunOptions
 from .structures import Detections, PreparedImage
-from .vocab import Vocabulary
-
-# names ("car,bus" / ["car", "bus"] / a built-in vocabulary name), a [K, D] embedding tensor, names + tensor, or a
-# ready Vocabulary
-VocabularyLike = Union[str, Sequence[str], Tensor, tuple[Sequence[str], Tensor], Vocabulary, None]
+from .vocab import Vocabulary, VocabularyLike  # noqa: F401  (VocabularyLike: re-exported, defined once in vocab)
 
 
 @dataclass
@@ -191,17 +187,12 @@ class RegionPredictor:
         encoder (on-disk cache) and memoised in this predictor."""
         if vocab is None:
             return self.model.require_vocabulary()
-        if isinstance(vocab, Vocabulary):
-            return vocab
-        dim = self.pipeline.model.embed_dim
-        if isinstance(vocab, tuple) and len(vocab) == 2 and isinstance(vocab[1], Tensor):
-            return Vocabulary.create(vocab[1], [str(n) for n in vocab[0]], embed_dim=dim, source="vocabulary tensor")
-        if isinstance(vocab, Tensor):
-            return Vocabulary.create(vocab, embed_dim=dim, source="vocabulary tensor")
-        key = (vocab,) if isinstance(vocab, str) else tuple(str(v) for v in vocab)
-        if key not in self._vocab_cache:
-            self._vocab_cache[key] = self.model.make_vocabulary(vocab)
-        return self._vocab_cache[key]
+        if isinstance(vocab, (str, list)) and all(isinstance(v, str) for v in vocab):  # names: memoised
+            key = (vocab,) if isinstance(vocab, str) else tuple(vocab)
+            if key not in self._vocab_cache:
+                self._vocab_cache[key] = self.model.make_vocabulary(vocab)
+            return self._vocab_cache[key]
+        return self.model.make_vocabulary(vocab)  # the one resolver (regionclip.vocab.resolve_vocabulary)
 
 
 def _as_boxes(boxes: Any) -> Tensor:

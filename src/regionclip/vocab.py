@@ -1,19 +1,25 @@
 """Vocabularies: what the user asks for -> ``(names, category ids)``, and the validated [K, D] class embeddings.
 
-There is one resolver (:func:`resolve_names`) for every way of naming classes (a built-in name with any alias,
-a text file, a comma list, a Python list) and one validated container (:class:`Vocabulary`) that the pipeline
+There is one resolver for every accepted vocabulary shape, :func:`resolve_vocabulary` (names list, comma string,
+names file, built-in alias such as ``coco65``/``lvis1203``, class-embedding file, [K, D] tensor, ``(names, tensor)``
+pair or a ready :class:`Vocabulary`); every front end (``RegionCLIP.make_vocabulary``, ``RegionPredictor``, the CLI)
+calls it. :func:`resolve_names` is its names-only part. :class:`Vocabulary` is the validated container the pipeline
 classifies against. "Class embeddings" is the one name for the [K, D] text embeddings across the package.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .assets import BUILTIN_VOCABULARIES, builtin_name, builtin_vocabulary
+from .checkpoint.convert import class_names_of
+from .checkpoint.io import read_weight_file, weight_file_kind
+from .checkpoint.regionclip import class_embedding_file
 from .text.prompts import validate_names
 from .text.vocabulary import parse_vocabulary
 
@@ -115,3 +121,87 @@ class Vocabulary:
 
     def to(self, device: Union[str, torch.device]) -> "Vocabulary":
         return Vocabulary(self.names, self.class_embeddings.to(device), self.category_ids, self.source)
+
+
+# every shape a front end accepts as a vocabulary (see resolve_vocabulary)
+VocabularyLike = Union[Vocabulary, str, os.PathLike, Sequence[str], Tensor, tuple[Sequence[str], Tensor], None]
+EmbeddingsArg = Union[str, os.PathLike, Tensor, None]
+
+
+def is_embedding_file(vocab: Any) -> bool:
+    """Whether a vocabulary argument is really a tensor file (a class-embedding .pth/.safetensors)."""
+    if not isinstance(vocab, (str, os.PathLike)) or is_builtin_vocabulary(vocab):
+        return False
+    p = Path(vocab)
+    try:
+        return p.is_file() and weight_file_kind(p) is not None
+    except OSError:
+        return False
+
+
+def _numbered_or(default_vocab: Optional[VocabularyArg], rows: int) -> tuple[Optional[list[str]], Optional[list[int]]]:
+    """(names, ids) of ``default_vocab`` when it has ``rows`` classes (coco_65_cls_emb with preset coco-gt gets the
+    COCO names and ids), else (None, None): numbered classes."""
+    if default_vocab is None:
+        return None, None
+    names, ids = resolve_names(default_vocab)
+    return (names, ids) if len(names) == rows else (None, None)
+
+
+def resolve_vocabulary(vocab: VocabularyLike = None, class_embeddings: EmbeddingsArg = None, *,
+                       embed_names: Optional[Callable[[list[str]], Tensor]] = None, embed_dim: Optional[int] = None,
+                       default_vocab: Optional[VocabularyArg] = None, default_embeddings: EmbeddingsArg = None,
+                       model_name: str = "the model") -> Vocabulary:
+    """The one vocabulary resolver (docs/DESIGN.md#class-embeddings): any accepted shape -> a validated
+    :class:`Vocabulary`.
+
+    ``vocab``: a :class:`Vocabulary` (returned as is), names (a list, ``"car,bus"``, a names file, a built-in alias
+    like ``coco65``/``lvis1203`` with its dataset's category ids), a class-embedding file given as names, a [K, D]
+    tensor, or a ``(names, tensor)`` pair. ``class_embeddings``: a file or [K, D] tensor whose row i is name i.
+    With neither, ``default_vocab`` (and ``default_embeddings`` when given). Names without embeddings are embedded
+    by ``embed_names`` (the model's text tower, cached); embeddings without names get the names recorded in the
+    file, else ``default_vocab``'s when the row count matches, else numbers.
+
+    Raises:
+        ValueError: an empty or malformed vocabulary, rows that do not match the names, bad embeddings, or names
+            to embed without ``embed_names``.
+    """
+    if isinstance(vocab, Vocabulary):
+        return vocab
+    if isinstance(vocab, tuple) and len(vocab) == 2 and isinstance(vocab[1], Tensor):  # (names, tensor)
+        if class_embeddings is not None:
+            raise ValueError("a (names, embeddings) vocabulary and class_embeddings= are both given; pass one")
+        vocab, class_embeddings = list(vocab[0]), vocab[1]
+    if isinstance(vocab, Tensor):  # a [K, D] tensor given where names were expected
+        if class_embeddings is not None:
+            raise ValueError("the vocabulary is a tensor and class_embeddings= is given too; pass one")
+        vocab, class_embeddings = None, vocab
+    if isinstance(vocab, (str, os.PathLike)) and is_embedding_file(vocab):  # an embedding file given as names
+        if class_embeddings is not None:
+            raise ValueError(f"the vocabulary {os.fspath(vocab)!r} is a tensor file, not class names, and "
+                             "class_embeddings= is given too; pass the names (a list, a names file, coco65, "
+                             "...) as the vocabulary and the embedding file as class_embeddings=")
+        vocab, class_embeddings = None, os.fspath(vocab)
+    if vocab is None and class_embeddings is None:
+        vocab, class_embeddings = default_vocab, default_embeddings
+        if vocab is None and class_embeddings is None:
+            raise ValueError("no vocabulary given: pass class names (e.g. ['cat', 'dog'] or 'coco65') or class "
+                             "embeddings")
+    names, ids = resolve_names(vocab) if vocab is not None else (None, None)
+    if names is None and class_embeddings is not None and not isinstance(class_embeddings, Tensor):
+        names, ids = class_names_of(class_embeddings)  # `regionclip convert` records them
+    if class_embeddings is not None:
+        src = "class embeddings" if isinstance(class_embeddings, Tensor) else str(class_embeddings)
+        if names is not None and isinstance(vocab, (str, os.PathLike)) and not is_builtin_vocabulary(vocab):
+            validate_names(names, source=f"vocabulary for {src}")  # duplicates warn, as on the text path
+        emb = class_embeddings if isinstance(class_embeddings, Tensor) else \
+            class_embedding_file(read_weight_file(class_embeddings), src)
+        if names is None:  # rows without names: the default vocabulary when the row count says it is that one
+            names, ids = _numbered_or(default_vocab, int(emb.reshape(-1, emb.shape[-1]).shape[0]))
+        return Vocabulary.create(emb, names, ids, embed_dim=embed_dim, source=f"{src} (for model {model_name})")
+    assert names is not None
+    if embed_names is None:
+        raise ValueError(f"class names {names[:3]}... need a text encoder to embed them; pass class embeddings "
+                         "instead")
+    return Vocabulary.create(embed_names(names), names, ids, embed_dim=embed_dim,
+                             source=f"text embeddings of {model_name}")

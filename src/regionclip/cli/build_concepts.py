@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import sys
 from typing import Iterator
 
@@ -44,9 +45,6 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Execute the subcommand; returns the exit code."""
-    import logging
-
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     exclude = DEFAULT_EXCLUDE if args.exclude is None else (() if args.exclude == "none"
                                                              else read_names_file(args.exclude))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -205,9 +206,6 @@ def add_recipe_args(p: argparse.ArgumentParser, config_help: str) -> None:
 
 def run_recipe(args: argparse.Namespace, load_config: Any, run: Any) -> int:
     """Resolve a recipe (YAML + ``--set`` overrides), print it or run it, print the last metrics line."""
-    import logging
-
-
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+import torch
+
 from regionclip.pretrained import resolve_weights  # a path as is, or a released name -> cached file
 from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings, load_text_encoder, save_concept_embeddings
 from regionclip.text.vocabulary import parse_vocabulary
@@ -57,9 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute the subcommand; returns the process exit code."""
-    import torch
-
-
     problem = None
     if args.batch_size < 1:
         problem = f"--batch-size must be >= 1, got {args.batch_size}"
