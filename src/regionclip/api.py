@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import InputConfig
-from .data.images import DEFAULT_MAX_PIXELS, ImageInput
+from .data.images import ImageInput
 from .data.loader import InferenceItem
 from .export import make_backend
 from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_detector, read_checkpoint
@@ -177,16 +177,11 @@ class RegionCLIP:
         return replace(v, source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
 
     # ------------------------------------------------------------------ inference
-    def run_options(self, *, batch_size: int = 1, dtype: str = "float32", chunk_size: Optional[int] = None,
-                    max_proposals: Optional[int] = None, skip_unreachable: bool = True, keep_probs: bool = False,
-                    keep_features: bool = False, num_workers: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                    pad_mixed_sizes: bool = False, **postprocess_overrides: Any) -> RunOptions:
-        """:class:`RunOptions` from this model's resolved settings plus per-call overrides."""
-        post = replace(self.settings.postprocess, **postprocess_overrides)
-        return RunOptions(postprocess=post, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size,
-                          max_proposals=max_proposals, skip_unreachable=skip_unreachable, keep_probs=keep_probs,
-                          keep_features=keep_features, num_workers=num_workers, max_pixels=max_pixels,
-                          pad_mixed_sizes=pad_mixed_sizes)
+    def run_options(self, **overrides: Any) -> RunOptions:
+        """:class:`RunOptions` from this model's resolved post-processing settings plus per-call overrides by field
+        name (``batch_size``, ``dtype``, ``chunk_size``, ``score_thresh``, ...; :meth:`RunOptions.create`). The
+        defaults are :class:`RunOptions`' own, defined once there."""
+        return RunOptions.create(self.settings.postprocess, **overrides)
 
     def require_vocabulary(self, vocabulary: Optional[Vocabulary] = None) -> Vocabulary:
         v = vocabulary or self.vocabulary

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
@@ -90,6 +90,21 @@ class RunOptions:
             raise ValueError(f"max_proposals must be >= 1, got {self.max_proposals}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    @classmethod
+    def create(cls, postprocess: Optional[PostprocessConfig] = None, **overrides: Any) -> "RunOptions":
+        """Options from a base post-processing config (a model's resolved settings) and overrides named by field:
+        any :class:`RunOptions` field (``batch_size``, ``dtype``, ``chunk_size``, ...) or
+        :class:`PostprocessConfig` field (``score_thresh``, ``nms_thresh``, ...). Every default is this class's
+        (defined once, here); an unknown name is an error naming the accepted ones."""
+        run_names = {f.name for f in fields(cls)} - {"postprocess"}
+        post_names = {f.name for f in fields(PostprocessConfig)}
+        unknown = sorted(set(overrides) - run_names - post_names)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}: per-call options are RunOptions fields "
+                            f"{sorted(run_names)} or post-processing fields {sorted(post_names)}")
+        post = replace(postprocess or PostprocessConfig(), **{k: v for k, v in overrides.items() if k in post_names})
+        return cls(postprocess=post, **{k: v for k, v in overrides.items() if k in run_names})
 
 
 @dataclass

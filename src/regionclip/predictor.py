@@ -15,7 +15,7 @@ size (every region is computed independently).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -70,7 +70,8 @@ class RegionPredictor:
         dtype: compute dtype of the backbone and region head (``float32``, ``bfloat16``, ``float16``).
     """
 
-    def __init__(self, model: RegionCLIP, *, chunk_size: Optional[int] = None, dtype: str = "float32") -> None:
+    def __init__(self, model: RegionCLIP, *, chunk_size: Optional[int] = RunOptions.chunk_size,
+                 dtype: str = RunOptions.dtype) -> None:
         if not isinstance(model, RegionCLIP):
             raise TypeError(f"RegionPredictor needs a RegionCLIP (RegionCLIP.from_pretrained(...)), got "
                             f"{type(model).__name__}")
@@ -175,8 +176,8 @@ class RegionPredictor:
             options: full :class:`RunOptions`; default the model's settings with ``postprocess_overrides``.
         """
         prepared = self._require_image()
-        opts = options or RunOptions(**{**self.options.__dict__, "postprocess": self.model.run_options(
-            **postprocess_overrides).postprocess})
+        opts = options or replace(self.options, postprocess=replace(self.options.postprocess,
+                                                                    **postprocess_overrides))
         regions = None if boxes is None else [self.pipeline.user_regions(_as_boxes(boxes), prepared)]
         return self.pipeline.detect_prepared([prepared], self.vocabulary(vocab), opts, regions=regions,
                                              features=self.features)[0]

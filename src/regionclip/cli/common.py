@@ -13,12 +13,11 @@ from typing import Any, Iterable, Optional, Sequence
 from ..api import RegionCLIP, is_embedding_file
 from ..checkpoint.io import content_sha256
 from ..config import to_dict
-from ..data.images import DEFAULT_MAX_PIXELS
 from ..export import read_manifest
 from ..pipeline import RunOptions
 from ..presets import PRESETS, LoadOptions
 from ..pretrained import WeightsNotFound, resolve_weights
-from ..runtime import resolve_dtype
+from ..runtime import REQUESTABLE_DTYPES, resolve_dtype
 from ..vocab import Vocabulary, resolve_names
 from .argtypes import fraction, nonneg_int, positive_int
 
@@ -59,8 +58,9 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: Optional[int] = 2) -> N
     """Per-run inference settings (:class:`regionclip.pipeline.RunOptions`), shared by every inference command.
     ``workers=None``: the command decodes in its own process and refuses ``--num-workers`` above 0."""
     r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=positive_int, default=1, help="images per backbone pass (equal sizes batch together)")
-    r.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+    defaults = RunOptions()  # per-call defaults are defined once, on RunOptions
+    r.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per backbone pass (equal sizes batch together)")
+    r.add_argument("--dtype", choices=REQUESTABLE_DTYPES, default=defaults.dtype,
                    help="compute dtype of the backbone and region head (RPN and classifier stay float32); auto = "
                         "bfloat16 only where the hardware runs it natively. Accuracy cost: docs/BENCHMARKS.md")
     r.add_argument("--chunk-size", type=positive_int, default=None, help="regions per region-head call (bounds memory; results "
@@ -69,8 +69,8 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: Optional[int] = 2) -> N
     r.add_argument("--num-workers", type=nonneg_int, default=workers,
                    help="decoding worker processes (0: in the main one)" if workers is not None else
                    "only 0: this command decodes in the main process (a larger value is refused)")
-    r.add_argument("--max-pixels", type=nonneg_int, default=DEFAULT_MAX_PIXELS,
-                   help=f"skip images with more decoded pixels than this (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
+    r.add_argument("--max-pixels", type=nonneg_int, default=defaults.max_pixels,
+                   help=f"skip images with more decoded pixels than this (default {defaults.max_pixels:,}; 0 = no limit)")
     r.add_argument("--backend", choices=["torch", "onnxruntime", "openvino", "torch-export"], default="torch",
                    help="run the trunk, region head and RPN head from graphs written by `regionclip export` "
                         "(docs/EXPORT.md); CPU only")
