@@ -75,6 +75,10 @@ def test_resolve_dtype_auto_on_cuda_asks_the_driver(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    import regionclip.runtime as rt
+
+    assert resolve_dtype("auto", "cuda") == "float32"  # no 16-bit path meets the agreement bar faster (measured)
+    monkeypatch.setattr(rt, "AUTO_16BIT", True)  # the device decision itself, as it applies once one does
     assert resolve_dtype("auto", "cuda") == expected
     assert resolve_dtype("auto", torch.device("cuda", 1)) == expected
     assert calls, "resolve_dtype('auto', 'cuda') must ask torch.cuda.is_bf16_supported"

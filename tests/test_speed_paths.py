@@ -120,6 +120,10 @@ def test_resolve_dtype_cpu_auto(monkeypatch):
     assert runtime.resolve_dtype("auto", "cpu") == "float32"
     assert runtime.resolve_dtype("float32", "cpu") == "float32"
     _caps(monkeypatch, True)
+    # no 16-bit path is both within the agreement bar and faster (docs/DESIGN.md#trusted-bf16): auto stays float32
+    assert not runtime.AUTO_16BIT
+    assert runtime.resolve_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(runtime, "AUTO_16BIT", True)
     assert runtime.resolve_dtype("auto", "cpu") == "bfloat16"
 
 
@@ -147,6 +151,8 @@ def test_resolve_dtype_rejects_bad_requests(monkeypatch):
 
 def test_resolve_dtype_cuda_auto(monkeypatch):
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    assert runtime.resolve_dtype("auto", "cuda") == "float32"  # AUTO_16BIT is False (measured)
+    monkeypatch.setattr(runtime, "AUTO_16BIT", True)
     assert runtime.resolve_dtype("auto", "cuda") == "bfloat16"
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     assert runtime.resolve_dtype("auto", "cuda") == "float16"

@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 __all__ = ["cpu_capabilities", "native_bf16", "resolve_dtype", "gemm_peak_gflops", "cpu_flags_line",
-           "REQUESTABLE_DTYPES", "EMULATED_BF16_SLOWDOWN", "BF16_STAGES"]
+           "REQUESTABLE_DTYPES", "EMULATED_BF16_SLOWDOWN", "BF16_STAGES", "AUTO_16BIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,14 @@ def native_bf16(device: Union[str, torch.device] = "cpu") -> bool:
 
 _warned: set[str] = set()
 
+# Whether "auto" may pick a 16-bit dtype on hardware that runs it natively. False, measured (docs/DESIGN.md#trusted-bf16,
+# benchmarks/bf16_stages.py: RN50, demo images, lvis-rpn, 1000 proposals): the plain 16-bit head misses the agreement
+# bar (98.7 % of the float32 detections on one image, 87-92 % from the same proposal), and the trusted path meets it
+# (100 %) only by encoding every proposal again in float32 there - slower than float32 alone. So the fastest path
+# that meets the bar is float32; set True once a 16-bit path meets it and is faster (then "auto" is as documented
+# in resolve_dtype).
+AUTO_16BIT = False
+
 
 def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> str:
     """The compute dtype to run the region head in: one of "float32", "bfloat16", "float16".
@@ -129,10 +137,13 @@ def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> s
     A 16-bit dtype is the *trusted* reduced-precision path (docs/DESIGN.md#cpu-speed): only the stages in
     :data:`BF16_STAGES` run in 16 bits, and the regions whose float32 result could change the detections are
     encoded again in float32 (:mod:`regionclip.precision`, ``RunOptions.refine_float32``), so it reports float32's
-    detections (measured >= 99 %, benchmarks/bf16_stages.py). That is what makes it eligible for ``"auto"``.
+    detections (measured 100 %, benchmarks/bf16_stages.py). That is what would make it eligible for ``"auto"``;
+    it is not picked while it is slower than float32 (:data:`AUTO_16BIT`).
 
-    ``"auto"``: CUDA -> "bfloat16" where supported, else "float16"; CPU -> "bfloat16" only with native support
-    (:func:`native_bf16`), else "float32" (emulated bf16 is slower than float32); other devices -> "float32". Explicit dtypes are returned as asked;
+    ``"auto"``: "float32" while :data:`AUTO_16BIT` is False (no 16-bit path is both within the agreement bar and
+    faster, measured); with it True: CUDA -> "bfloat16" where supported, else "float16"; CPU -> "bfloat16" only
+    with native support (:func:`native_bf16`), else "float32" (emulated bf16 is slower than float32); other
+    devices -> "float32". Explicit dtypes are returned as asked;
     "bfloat16" on a CPU without native support logs one warning (per process) that it is emulated and typically
     slower; "float16" on a CPU is rejected (CPU autocast runs float16 as emulation only).
     """
@@ -140,6 +151,8 @@ def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> s
         raise ValueError(f"dtype must be one of {REQUESTABLE_DTYPES}, got {requested!r}")
     dev = torch.device(device)
     if requested == "auto":
+        if not AUTO_16BIT:
+            return "float32"
         if dev.type == "cuda":
             return "bfloat16" if native_bf16(dev) else "float16"
         if dev.type == "cpu" and native_bf16(dev):

@@ -61,8 +61,9 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: Optional[int] = 2) -> N
     defaults = RunOptions()  # per-call defaults are defined once, on RunOptions
     r.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per backbone pass (equal sizes batch together)")
     r.add_argument("--dtype", choices=REQUESTABLE_DTYPES, default=defaults.dtype,
-                   help="compute dtype of the backbone and region head (RPN and classifier stay float32); auto = "
-                        "bfloat16 only where the hardware runs it natively. Accuracy cost: docs/BENCHMARKS.md")
+                   help="compute dtype of the region head (bfloat16: layer4 only, then the regions that decide the "
+                        "detections again in float32); auto = the fastest dtype that keeps >= 99 %% of the float32 "
+                        "detections: float32 for now (docs/DESIGN.md#trusted-bf16)")
     r.add_argument("--chunk-size", type=positive_int, default=None, help="regions per region-head call (bounds memory; results "
                    "unchanged; default: 64 on CPU, 256 on GPUs)")
     r.add_argument("--max-proposals", type=positive_int, help="keep only the k best RPN proposals per image")
