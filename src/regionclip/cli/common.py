@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from ..api import RegionCLIP, is_embedding_file
+from ..api import RegionCLIP
 from ..checkpoint.io import content_sha256
 from ..config import to_dict
 from ..export import read_manifest
@@ -18,7 +18,7 @@ from ..pipeline import RunOptions
 from ..presets import PRESETS, LoadOptions
 from ..pretrained import WeightsNotFound, resolve_weights
 from ..runtime import REQUESTABLE_DTYPES, resolve_dtype
-from ..vocab import Vocabulary, resolve_names
+from ..vocab import Vocabulary, is_embedding_file, resolve_names
 from .argtypes import fraction, nonneg_int, positive_int
 
 

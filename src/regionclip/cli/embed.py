@@ -19,7 +19,7 @@ import torch
 
 from regionclip.pretrained import resolve_weights  # a path as is, or a released name -> cached file
 from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings, load_text_encoder, save_concept_embeddings
-from regionclip.text.vocabulary import parse_vocabulary
+from regionclip.vocab import resolve_names
 
 from .argtypes import positive_int
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     try:
-        names = parse_vocabulary(args.concepts)
+        names = resolve_names(args.concepts)[0]  # the one vocabulary resolver (names part)
         encoder = load_text_encoder(resolve_weights(args.weights), allow_jit=args.allow_jit, device=device)
         t1 = time.perf_counter()
         emb = concept_embeddings(names, encoder, templates=args.templates, average=args.average,
