@@ -71,8 +71,12 @@ class StagedRecognizer:
         return props
 
     def compute_features(self, images: Sequence[Tensor]) -> Tensor:
+        from regionclip.modeling.detector import normalize_and_pad
+
+        # the backbone directly: the detector's own compute_features keeps the trunk float32 (runtime.BF16_STAGES)
+        batch = normalize_and_pad(images, self.inner.pixel_mean, self.inner.pixel_std)
         with _ac("trunk" in self.stages):
-            return self.inner.compute_features(images)
+            return self.inner.backbone.forward_res4(batch)
 
     def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 64,
                        return_res5: bool = False) -> tuple[Tensor, None]:
