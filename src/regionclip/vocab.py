@@ -181,7 +181,8 @@ def resolve_vocabulary(vocab: VocabularyLike = None, class_embeddings: Embedding
             raise ValueError(f"the vocabulary {os.fspath(vocab)!r} is a tensor file, not class names, and "
                              "class_embeddings= is given too; pass the names (a list, a names file, coco65, "
                              "...) as the vocabulary and the embedding file as class_embeddings=")
-        vocab, class_embeddings = None, os.fspath(vocab)
+        class_embeddings = os.fspath(vocab)
+        vocab = None
     if vocab is None and class_embeddings is None:
         vocab, class_embeddings = default_vocab, default_embeddings
         if vocab is None and class_embeddings is None:

@@ -105,7 +105,7 @@ def _extract(args: argparse.Namespace, items: list, dist: DistInfo) -> int:
     cfg = ExtractConfig(regions=args.regions, topk=args.topk or args.max_proposals, batch_size=args.batch_size,
                         num_workers=args.num_workers, dtype=dtype, save_dtype=args.save_dtype,
                         chunk_size=args.chunk_size, pad_mixed_sizes=args.pad_mixed_sizes, shard_mb=args.shard_mb,
-                        write_original=args.format == "original")
+                        write_original=args.format == "original", max_pixels=args.max_pixels or None)
     wpath = model.weights_path
     model_id = f"{wpath}#{checkpoint_fingerprint(wpath)[:16]}" if wpath is not None else "<weights>"
     rpn = "none"

@@ -77,6 +77,7 @@ class ExtractConfig:
     pad_mixed_sizes: batch images of different sizes with the original's zero padding (changes features near
         the bottom/right border of the smaller images); default batches only equal sizes.
     shard_mb / shard_images: a shard is written when either is reached (bounds memory and lost work on a kill).
+    max_pixels: skip (as an error) images with more decoded pixels than this (None: no limit); RunOptions' default.
     """
 
     regions: str = "rpn"
@@ -90,6 +91,7 @@ class ExtractConfig:
     shard_mb: float = 256.0
     shard_images: int = 1000
     write_original: bool = False
+    max_pixels: Optional[int] = RunOptions.max_pixels  # the default is defined once, on RunOptions
 
     def __post_init__(self) -> None:
         if self.regions not in REGION_MODES:
@@ -106,7 +108,8 @@ def run_options_for(cfg: ExtractConfig, postprocess: Optional[PostprocessConfig]
     it is asked for (work skipping is a detection-only optimisation)."""
     return RunOptions(postprocess=postprocess or PostprocessConfig(), dtype=cfg.dtype, chunk_size=cfg.chunk_size,
                       batch_size=cfg.batch_size, max_proposals=cfg.topk, skip_unreachable=False, keep_probs=True,
-                      keep_features=True, num_workers=cfg.num_workers, pad_mixed_sizes=cfg.pad_mixed_sizes)
+                      keep_features=True, num_workers=cfg.num_workers, pad_mixed_sizes=cfg.pad_mixed_sizes,
+                      max_pixels=cfg.max_pixels)
 
 
 @torch.no_grad()
