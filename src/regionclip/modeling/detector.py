@@ -61,10 +61,18 @@ def boxes_to_rois(boxes: Sequence[Tensor], like: Tensor) -> Tensor:
                       for i, b in enumerate(boxes)], dim=0)
 
 
+def _autocast_on(device: torch.device) -> bool:
+    """Whether an autocast region is active for ``device`` (False for device types autocast does not know: meta)."""
+    try:
+        return bool(torch.is_autocast_enabled(device.type))
+    except RuntimeError:
+        return False
+
+
 def _stage_autocast(stage: str, device: torch.device) -> AbstractContextManager:
     """Inside a 16-bit autocast region, turn autocast off for ``stage`` unless it is one of
     :data:`regionclip.runtime.BF16_STAGES` (mixed precision by stage); a no-op outside autocast."""
-    if stage in BF16_STAGES or not torch.is_autocast_enabled(device.type):
+    if stage in BF16_STAGES or not _autocast_on(device):
         return nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -140,9 +148,11 @@ class RegionCLIPDetector(nn.Module):
                                spatial_scale=1.0 / RES4_STRIDE, sampling_ratio=self.sampling_ratio,
                                aligned=True).to(features.dtype)
             res5 = self.backbone.forward_res5(pooled)
-            with _stage_autocast("attnpool", res5.device):  # float32 unless a bf16 stage (runtime.BF16_STAGES)
-                embs.append(self.backbone.attnpool(res5 if torch.is_autocast_enabled(res5.device.type)
-                                                   else res5.float()))
+            if _autocast_on(res5.device) and "attnpool" not in BF16_STAGES:  # mixed precision by stage
+                with torch.autocast(device_type=res5.device.type, enabled=False):
+                    embs.append(self.backbone.attnpool(res5.to(self.backbone.attnpool.c_proj.weight.dtype)))
+            else:
+                embs.append(self.backbone.attnpool(res5))
             if return_res5:
                 res5s.append(res5)
         emb = torch.cat(embs) if embs else features.new_zeros(0, self.embed_dim)
