@@ -43,6 +43,11 @@ from regionclip.text.tokenizer import ClipTokenizer, default_tokenizer
 AVERAGE_MODES = ("mean", "normalized")
 SAFETENSORS_KEY = "embeddings"
 TEXT_DTYPES = ("auto", "float32", "bfloat16")
+# Whether dtype "auto" may pick bfloat16 for the text tower on native hardware. False: on the shared 2-core
+# AVX512-BF16 machine (load 9-11) float32 did 0.66 names/s and bfloat16 0.55 (benchmarks/text_embeddings.py,
+# 30 names): the bf16 GEMMs are ~2.5x faster there, but the packed-prefix attention, gathers and mixed-dtype adds
+# around them are not. Set True once an idle-machine run shows bfloat16 faster.
+TEXT_AUTO_BF16 = False
 DEFAULT_BATCH_SIZE = 1024  # prompts per forward (~4k packed tokens): fastest of 256/512/1024 on a loaded 2-core CPU
 
 
@@ -89,7 +94,7 @@ class PromptEncoder:
         tokenizer: default the packaged CLIP BPE.
         batch_size: prompts per forward pass.
         dtype: "float32", "bfloat16" (the linear layers in bf16 under autocast; LayerNorms, the residual stream
-            and the attention softmax stay float32) or "auto" (bfloat16 where native: :func:`resolve_text_dtype`).
+            and the attention softmax stay float32) or "auto" (:func:`resolve_text_dtype`).
 
     The template prefixes' keys/values are computed on first use and reused for every later call, so one
     instance serves a whole vocabulary computed chunk by chunk.
@@ -178,13 +183,17 @@ class PromptEncoder:
 
 def resolve_text_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> str:
     """The text tower's compute dtype: "auto" -> "bfloat16" where the device runs it natively
-    (:func:`regionclip.runtime.native_bf16`: AVX512_BF16/AMX/Arm BF16 CPUs, Ampere+ GPUs), else "float32".
+    (:func:`regionclip.runtime.native_bf16`: AVX512_BF16/AMX/Arm BF16 CPUs, Ampere+ GPUs) and
+    :data:`TEXT_AUTO_BF16` is set, else "float32".
 
-    bfloat16 here is safe to pick automatically (unlike the detector's, docs/DESIGN.md#cpu-speed): the residual
+    bfloat16 here meets the agreement bar (unlike the detector's, docs/DESIGN.md#trusted-bf16): the residual
     stream and LayerNorms stay float32, and the 81-template mean of each name agrees with float32 to cosine
-    >= 0.9999 (measured min 0.99998 on 20 LVIS names, seed-0 RN50 tower; tests/test_text_encoder.py checks it)."""
+    >= 0.9999 (measured min 0.999985 on 30 LVIS names, seed-0 RN50 tower; tests/test_text_encoder.py checks it).
+    It was not measured faster yet (see :data:`TEXT_AUTO_BF16`), so "auto" stays float32 for now."""
     if requested not in TEXT_DTYPES:
         raise ValueError(f"dtype must be one of {TEXT_DTYPES}, got {requested!r}")
+    if requested == "auto" and not TEXT_AUTO_BF16:
+        return "float32"
     if requested == "auto":
         from regionclip.runtime import native_bf16
 
@@ -314,5 +323,5 @@ def load_concept_embeddings(path: PathLike, expected_dim: Optional[int] = None) 
     return emb
 
 
-__all__ = ["AVERAGE_MODES", "DEFAULT_BATCH_SIZE", "TEXT_DTYPES", "PromptEncoder", "resolve_text_dtype", "concept_embeddings", "embed_with",
+__all__ = ["AVERAGE_MODES", "DEFAULT_BATCH_SIZE", "TEXT_AUTO_BF16", "TEXT_DTYPES", "PromptEncoder", "resolve_text_dtype", "concept_embeddings", "embed_with",
            "encode_tokens", "load_concept_embeddings", "load_text_encoder", "save_concept_embeddings"]
