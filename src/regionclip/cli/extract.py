@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..data.loader import items_from_coco, items_from_inputs
 from ..distributed import DistInfo, barrier, cleanup, init_distributed
-from ..engine.extract import ExtractConfig, extract_regions, load_index
+from ..engine.extract import DTYPES, ExtractConfig, extract_regions, load_index
 from ..formats import match_boxes, read_boxes_file
 from ..runtime import resolve_dtype
 from ..sharding import rank_device
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default="output/regions")
     p.add_argument("--format", choices=["shards", "original"], default="shards",
                    help="original: also write the original tool's per-image <name>.pth dicts to OUTPUT/original/")
-    p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    p.add_argument("--save-dtype", choices=list(DTYPES), default=ExtractConfig.save_dtype,
                    help="dtype of the stored feats/probs")
     p.add_argument("--pad-mixed-sizes", action="store_true",
                    help="batch images of different sizes with zero padding as the original's batched eval "
