@@ -5,7 +5,7 @@
 Same inputs through the code ``regionclip pretrain`` runs (:func:`regionclip.engine.pretrain.build_pretrainer` ->
 :class:`regionclip.modeling.pretrainer.RegionTextPretrainer`): seed-0 random RegionCLIP checkpoint as student (and
 text encoder), the seed-0 random R50-FPN RPN (NMS 0.5, 300 proposals), two small images, two captions, random
-16-concept pools; teacher = student, and a perturbed teacher with its own concept pool. Compared: RPN proposals,
+1024-concept pools; teacher = student, and a perturbed teacher with its own concept pool. Compared: RPN proposals,
 the sampled regions (our ``torch.Generator`` seeded 0 must draw the original's ``randperm``), whole-image boxes,
 caption / whole-image / region embeddings, the teacher's pseudo labels, the three losses, full gradients of five
 parameters, the gradient norm of every trainable parameter and the trainable set. Tolerances: docs/PRETRAINING.md
@@ -28,12 +28,18 @@ from regionclip.modeling.pretrainer import RegionTextConfig
 pytestmark = pytest.mark.parity
 FIXTURE = Path(__file__).parent / "fixtures" / "pretrain_step.pt"
 
-# Tolerances (scale-relative: max |ours - original| / max |original|), ~10x the largest difference measured over the
+# Tolerances (scale-relative: max |ours - original| / max |original|), ~10x the largest difference measured with the
 # default and the AVX2 kernels (docs/PRETRAINING.md#fidelity), rounded up.
-EMB_REL = 1e-4  # caption / whole-image / region embeddings
-LOSS_REL, LOSS_ATOL = 1e-4, 1e-6  # the three losses (ATOL: the distillation loss is ~0 when teacher = student)
-PROB_ATOL = 1e-4  # teacher concept probabilities (softmax of cos / 0.01)
-GRAD_REL = 1e-3  # full gradients (scale-relative) and every per-parameter gradient norm (relative)
+EMB_REL = 1e-4  # caption / whole-image / region embeddings: measured <= 2.2e-6
+LOSS_REL, LOSS_ATOL = 2e-4, 1e-6  # losses: measured <= 7.7e-7 relative (2.0e-5 with an earlier 16-concept fixture);
+# ATOL: the distillation loss is ~0 when teacher = student
+PROB_ATOL = 1e-4  # teacher concept probabilities (softmax of cos / 0.01): measured <= 9.5e-6
+GRAD_REL = 1e-3  # every per-parameter gradient norm (relative) and the attnpool's full gradients: measured <= 9.9e-5
+# Full gradients of early convs collect the AVX2 rounding of the whole backward, amplified by the 1/0.01 of all three
+# losses: measured <= 5.2e-4 (layer3) and 2.9e-3 (layer2); with teacher = student 3.1e-3 (4.0e-3 with an earlier
+# fixture), where the distillation gradient (s - q) / 0.01 compares two softmaxes that are equal up to rounding.
+EARLY_GRAD_REL = {"same_teacher": 5e-2, "other_teacher": 3e-2}
+EARLY_LAYERS = ("backbone.layer2.", "backbone.layer3.")
 
 
 def perturbed_teacher(student: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -153,6 +159,7 @@ def test_pretrain_step_matches_original(case: str, fixture: dict, rn50_ckpts: di
     # trainable set: the student backbone minus stem and res2 (FREEZE_AT 2); nothing of teacher / text / RPN
     ref_trainable = sorted(ref["requires_grad"])
     assert sorted("backbone." + n.split("backbone.", 1)[1] for n in ours["trainable"]) == ref_trainable
-    check_grads(ours["grads"], ref["grad_norms"], ref["grads_full"], GRAD_REL, report, failures)
+    early = {n: EARLY_GRAD_REL[case] for n in ref["grads_full"] if n.startswith(EARLY_LAYERS)}
+    check_grads(ours["grads"], ref["grad_norms"], ref["grads_full"], GRAD_REL, report, failures, full_tol=early)
     print(case, {k: f"{v:.2e}" for k, v in report.items()})
     assert not failures, "\n".join(failures)
