@@ -128,6 +128,7 @@ def test_mask_targets_rasterised_as_original(fixture: dict):
         assert bad == 0, f"image {i}: {bad} of {ref.numel()} mask-target pixels differ from the original's"
 
 
+@pytest.mark.slow  # ~2 min on 2 idle cores
 def test_lvis_mask_step_matches_original(fixture: dict, rn50_ckpts: dict[str, Path], tmp_path: Path, monkeypatch):
     fx = fixture
     ours = run_our_step(fx, rn50_ckpts, tmp_path, monkeypatch)
