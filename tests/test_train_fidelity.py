@@ -115,3 +115,20 @@ def test_step_outputs_are_what_the_losses_use(tmp_path: Path) -> None:
     assert torch.equal(out.logits[:, -1], torch.zeros(len(out.logits)))  # background logit: zero embedding
     assert out.deltas is not None and task.detector.bbox_pred is not None
     torch.testing.assert_close(out.deltas, task.detector.bbox_pred(out.region_emb))  # raw, unnormalised input
+
+
+def test_training_rpn_pads_the_whole_batch_like_the_original(tmp_path: Path) -> None:
+    """The original's training forward runs the offline RPN on one ImageList padded to the batch's largest image,
+    so a smaller image's proposals depend on its batch-mates; ours must do the same during training."""
+    built = build_task(from_dict(TransferConfig, tiny_recipe(tmp_path)))
+    task = built.task.train()
+    batch = [built.train_set[(0, 0)], built.train_set[(1, 2)]]  # two scales: different sizes
+    assert batch[0].image.shape != batch[1].image.shape
+    out = task.step(batch, torch.Generator().manual_seed(3))
+    images = [s.image.float() for s in batch]
+    padded = task.detector.rpn(images, batch_padding=True)
+    alone = task.detector.rpn(images, batch_padding=False)
+    for got, want in zip(out.proposals, padded):
+        assert torch.equal(got.boxes, want.boxes) and torch.equal(got.objectness_logits, want.objectness_logits)
+    # the setting is visible here: padding with the batch changes the smaller image's proposals
+    assert any(not torch.equal(a.objectness_logits, p.objectness_logits) for a, p in zip(alone, padded))

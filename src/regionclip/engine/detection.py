@@ -160,8 +160,8 @@ class DetectionTask(nn.Module):
         dev = det.device
         images = [s.image for s in batch]
         if det.rpn is not None:
-            with torch.no_grad():
-                proposals = det.propose(images)
+            with torch.no_grad():  # one padded batch, as the original's ImageList (docs/TRAINING.md#fidelity)
+                proposals = det.rpn([x.to(dev).float() for x in images], batch_padding=True)
         else:  # GT boxes only (no RPN configured): the sampled RoIs are the GT boxes themselves
             proposals = [Proposals(torch.zeros(0, 4, device=dev)) for _ in batch]
         sampled = [sample_rois(p.boxes.to(dev), s.boxes.to(dev), s.labels.to(dev), k,
