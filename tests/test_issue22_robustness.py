@@ -332,7 +332,7 @@ def test_folders_take_every_format_pillow_reads_and_summarise_skipped_files(tmp_
 
     from regionclip.data.datasets import load_image_folder
     from regionclip.data.folders import image_extensions
-    from regionclip.data.images import list_images
+    from regionclip.data.folders import list_images
     from regionclip.data.loader import items_from_inputs
 
     assert {".avif", ".jfif", ".jpe", ".tif", ".webp", ".qoi"} <= set(image_extensions())

@@ -19,6 +19,7 @@ from ..formats import merge_journals
 from ..sharding import journals, rank_device
 from ..vocab import resolve_names
 from .argtypes import fraction, positive_int
+from .evaluate_metrics import run_metric
 from .common import (
     add_model_args,
     add_run_args,
@@ -90,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         dataset.records = dataset.records[:args.limit]
     if args.metric != "detection":
-        from .evaluate_metrics import run_metric
         return run_metric(args, dataset)
     if regions == "gt" and not dataset.has_annotations:
         raise ValueError("--regions gt needs a dataset with annotations (GT boxes); an image folder has none")

@@ -53,3 +53,16 @@ def folder_images(folder: Union[str, os.PathLike]) -> list[Path]:
         names = ", ".join(f.name for f in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         logger.warning("%s: %d file(s) skipped, not an image format Pillow reads here: %s", folder, len(skipped), names)
     return images
+
+
+def list_images(path: Union[str, os.PathLike]) -> list[Path]:
+    """Images of a folder (sorted by name, known extensions) or a single file."""
+    p = Path(path)
+    if p.is_dir():
+        files = folder_images(p)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}, ...) in folder {p}")
+        return files
+    if p.is_file():
+        return [p]
+    raise FileNotFoundError(f"no such image or folder: {p}")

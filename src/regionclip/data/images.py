@@ -394,18 +394,3 @@ def resize_image(image: Tensor, short_edge: int = 800, max_size: int = 1333,
     pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     out = np.asarray(pil.resize((nw, nh), interpolation))
     return torch.from_numpy(out.copy()).permute(2, 0, 1).contiguous()
-
-
-def list_images(path: Union[str, os.PathLike]) -> list[Path]:
-    """Images of a folder (sorted by name, known extensions) or a single file."""
-    p = Path(path)
-    if p.is_dir():
-        from .folders import folder_images  # (imports this module)
-
-        files = folder_images(p)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}, ...) in folder {p}")
-        return files
-    if p.is_file():
-        return [p]
-    raise FileNotFoundError(f"no such image or folder: {p}")

@@ -31,6 +31,7 @@ from ..data.train_data import (
     repeat_factors,
 )
 from ..distributed import DistInfo, cleanup, init_distributed
+from ..evaluation.proposals import evaluate_proposals
 from ..losses.rpn import label_and_sample_anchors, rpn_losses
 from ..modeling.rpn import OfflineRPN, build_offline_rpn
 from ..modeling.rpn.anchors import anchors_for_features
@@ -251,7 +252,6 @@ def _make_batches(train_set: TrainingDataset, cfg: RPNTrainConfig, dist: DistInf
 def _make_evaluate(task: RPNTask, cfg: RPNTrainConfig) -> Optional[Callable[[int], Optional[dict[str, Any]]]]:
     if cfg.data.test is None:
         return None
-    from ..evaluation.proposals import evaluate_proposals
 
     test = load_dataset(cfg.data.test, cfg.data.data_root)
 

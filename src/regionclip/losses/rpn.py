@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.sampling import subsample_labels
+from ..ops.sampling import subsample_labels
 from ..ops.box_coder import encode_boxes
 
 __all__ = ["pairwise_iou", "match_anchors", "label_and_sample_anchors", "smooth_l1_sum", "rpn_losses"]

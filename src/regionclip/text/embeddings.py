@@ -37,6 +37,7 @@ from regionclip.modeling.text_encoder import (
     PrefixStates,
     build_text_encoder_from_state_dict,
 )
+from regionclip.runtime import native_bf16
 from regionclip.text.prompts import fill_template, resolve_templates, validate_names
 from regionclip.text.tokenizer import ClipTokenizer, default_tokenizer
 
@@ -195,8 +196,6 @@ def resolve_text_dtype(requested: str, device: Union[str, torch.device] = "cpu")
     if requested == "auto" and not TEXT_AUTO_BF16:
         return "float32"
     if requested == "auto":
-        from regionclip.runtime import native_bf16
-
         return "bfloat16" if native_bf16(device) else "float32"
     return requested
 
