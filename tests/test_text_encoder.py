@@ -109,15 +109,14 @@ def test_bf16_class_embeddings_agree_with_float32(rn50_ckpts) -> None:
 
 
 def test_text_dtype_auto_follows_native_bf16(monkeypatch) -> None:
-    from regionclip import runtime
     from regionclip.text import embeddings
     from regionclip.text.embeddings import resolve_text_dtype
 
-    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": True)
+    monkeypatch.setattr(embeddings, "native_bf16", lambda device="cpu": True)
     assert resolve_text_dtype("auto") == "float32"  # bf16 not measured faster yet (TEXT_AUTO_BF16)
     monkeypatch.setattr(embeddings, "TEXT_AUTO_BF16", True)
     assert resolve_text_dtype("auto") == "bfloat16"
-    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(embeddings, "native_bf16", lambda device="cpu": False)
     assert resolve_text_dtype("auto") == "float32"
     assert resolve_text_dtype("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="dtype must be one of"):
