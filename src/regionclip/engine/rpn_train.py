@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,21 +23,17 @@ from ..checkpoint.io import load_into, load_state_dict
 from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..config import InputConfig, RPNConfig, from_dict, read_yaml_mapping
 from ..data.train_data import (
-    GroupedBatchSampler,
     TrainingDataset,
-    TrainingSampler,
     TrainSample,
-    filter_empty_records,
-    repeat_factors,
 )
-from ..distributed import DistInfo, cleanup, init_distributed
+from ..distributed import cleanup, init_distributed
 from ..evaluation.proposals import evaluate_proposals
 from ..losses.rpn import label_and_sample_anchors, rpn_losses
 from ..modeling.rpn import OfflineRPN, build_offline_rpn
 from ..modeling.rpn.anchors import anchors_for_features
 from ..pretrained import resolve_weights
 from .schedule import SolverConfig
-from .train import EngineConfig, Trainer, prepare_run_dir
+from .train import EngineConfig, Trainer, make_train_batches, prepare_run_dir, training_records
 from .transfer import DatasetSection, apply_overrides, load_dataset
 
 __all__ = ["RPNModelSection", "RPNDataSection", "RPNLossConfig", "RPNTrainConfig", "RPNTask", "load_rpn_config",
@@ -226,29 +222,6 @@ class RPNTask(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _collate(samples: list[Any]) -> list[Any]:
-    return samples
-
-
-def _make_batches(train_set: TrainingDataset, cfg: RPNTrainConfig, dist: DistInfo,
-                  repeat: Optional[Any]) -> Callable[[int], Iterator[Any]]:
-    s = cfg.solver
-    per_rank, rest = divmod(s.ims_per_batch, dist.world_size * s.grad_accum)
-    if rest or per_rank == 0:
-        raise ValueError(f"solver.ims_per_batch={s.ims_per_batch} must be a multiple of processes x grad_accum "
-                         f"= {dist.world_size} x {s.grad_accum}")
-    groups = train_set.aspect_groups() if cfg.data.aspect_ratio_grouping else None
-
-    def make(start_micro: int) -> Iterator[Any]:
-        sampler = TrainingSampler(len(train_set), cfg.train.seed, dist.rank, dist.world_size, repeat)
-        batches = GroupedBatchSampler(sampler, per_rank, groups, seed=cfg.train.seed, start_batch=start_micro)
-        return iter(torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=_collate,
-                                                num_workers=cfg.train.num_workers,
-                                                persistent_workers=cfg.train.num_workers > 0))
-
-    return make
-
-
 def _make_evaluate(task: RPNTask, cfg: RPNTrainConfig) -> Optional[Callable[[int], Optional[dict[str, Any]]]]:
     if cfg.data.test is None:
         return None
@@ -271,18 +244,13 @@ def run_rpn_training(cfg: RPNTrainConfig, *, resume: bool = False,
         torch.manual_seed(cfg.train.seed)  # identical random initialisation on every rank
         rpn = build_rpn_for_training(cfg.model)
         ds = load_dataset(cfg.data.train, cfg.data.data_root)
-        records = filter_empty_records(ds.records) if cfg.data.filter_empty else list(ds.records)
-        if len(records) < len(ds.records):
-            logger.info("removed %d training images without annotations", len(ds.records) - len(records))
+        records, repeat = training_records(ds.records, len(ds.class_names), filter_empty=cfg.data.filter_empty,
+                                           sampler=cfg.data.sampler, repeat_threshold=cfg.data.repeat_threshold)
         train_set = TrainingDataset(records, cfg.data.min_sizes, cfg.data.max_size, cfg.data.flip)
-        repeat = None
-        if cfg.data.sampler == "repeat_factor":
-            repeat = repeat_factors(records, len(ds.class_names), cfg.data.repeat_threshold)
-        elif cfg.data.sampler != "uniform":
-            raise ValueError(f"data.sampler must be 'uniform' or 'repeat_factor', got {cfg.data.sampler!r}")
         task = RPNTask(rpn, cfg.loss, cfg.model.freeze_at)
-        trainer = Trainer(task, cfg.solver, cfg.train, dist, _make_batches(train_set, cfg, dist, repeat),
-                          evaluate=_make_evaluate(task, cfg), hooks=hooks)
+        batches = make_train_batches(train_set, cfg.solver, cfg.train, dist,
+                                     aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, repeat=repeat)
+        trainer = Trainer(task, cfg.solver, cfg.train, dist, batches, evaluate=_make_evaluate(task, cfg), hooks=hooks)
         return trainer.train(resume=resume)
     finally:
         cleanup()

@@ -33,6 +33,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint.io import read_weight_file, save_file_atomic
 from ..config import to_dict
+from ..data.train_data import (
+    GroupedBatchSampler,
+    TrainingDataset,
+    TrainingSampler,
+    filter_empty_records,
+    repeat_factors,
+)
 from ..distributed import DistInfo, all_gather_object, barrier, reduce_dict_mean
 from ..utils import atomic_path, write_json_atomic
 from .schedule import SolverConfig, build_lr_scheduler, build_optimizer
@@ -352,3 +359,42 @@ def prepare_run_dir(cfg: Any, output_dir: Any, dist: Any) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(to_dict(cfg), out / "config.json", indent=1)
     return out
+
+
+# ------------------------------------------------------------------------------ data shared by the training tasks
+def training_records(records: Sequence[Any], num_classes: int, *, filter_empty: bool, sampler: str,
+                     repeat_threshold: float) -> tuple[list[Any], Optional[np.ndarray]]:
+    """The training images (without annotation-less ones when ``filter_empty``, as detectron2) and, for
+    ``sampler="repeat_factor"`` (LVIS), their repeat factors; shared by ``train`` and ``train-rpn``."""
+    kept = filter_empty_records(records) if filter_empty else list(records)
+    if len(kept) < len(records):
+        logger.info("removed %d training images without annotations", len(records) - len(kept))
+    if sampler == "repeat_factor":
+        return kept, repeat_factors(kept, num_classes, repeat_threshold)
+    if sampler != "uniform":
+        raise ValueError(f"data.sampler must be 'uniform' or 'repeat_factor', got {sampler!r}")
+    return kept, None
+
+
+def _collate(samples: list[Any]) -> list[Any]:
+    return samples
+
+
+def make_train_batches(train_set: TrainingDataset, solver: SolverConfig, engine: EngineConfig, dist: DistInfo, *,
+                       aspect_ratio_grouping: bool, repeat: Optional[np.ndarray]) -> Callable[[int], Iterator[Any]]:
+    """``Trainer``'s batch source: ``make(start_micro)`` iterates this rank's micro-batches from ``start_micro`` on
+    (seeded sampler and grouping: exact resume), ``solver.ims_per_batch`` split over processes x accumulation."""
+    per_rank, rest = divmod(solver.ims_per_batch, dist.world_size * solver.grad_accum)
+    if rest or per_rank == 0:
+        raise ValueError(f"solver.ims_per_batch={solver.ims_per_batch} must be a multiple of processes x grad_accum "
+                         f"= {dist.world_size} x {solver.grad_accum}")
+    groups = train_set.aspect_groups() if aspect_ratio_grouping else None
+
+    def make(start_micro: int) -> Iterator[Any]:
+        sampler = TrainingSampler(len(train_set), engine.seed, dist.rank, dist.world_size, repeat)
+        batches = GroupedBatchSampler(sampler, per_rank, groups, seed=engine.seed, start_batch=start_micro)
+        return iter(torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=_collate,
+                                                num_workers=engine.num_workers,
+                                                persistent_workers=engine.num_workers > 0))
+
+    return make

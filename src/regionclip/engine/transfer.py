@@ -29,12 +29,8 @@ from ..config import (
 )
 from ..data.datasets import DetectionDataset, load_annotations, load_lvis_json, load_registered
 from ..data.train_data import (
-    GroupedBatchSampler,
     TrainingDataset,
-    TrainingSampler,
-    filter_empty_records,
     load_segmentations,
-    repeat_factors,
 )
 from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..evaluation import evaluate_dataset
@@ -48,7 +44,7 @@ from ..text.vocabulary import class_embeddings
 from ..vocab import Vocabulary
 from .detection import DetectionTask, RoIConfig
 from .schedule import SolverConfig
-from .train import EngineConfig, Trainer, prepare_run_dir
+from .train import EngineConfig, Trainer, make_train_batches, prepare_run_dir, training_records
 
 __all__ = ["TransferConfig", "ModelSection", "DataSection", "DatasetSection", "ClassesSection", "load_config",
            "apply_overrides", "build_task", "run_transfer"]
@@ -250,43 +246,19 @@ def build_task(cfg: TransferConfig, dist: Optional[DistInfo] = None) -> BuiltRun
     elif test_file:  # a file without a test set: rows are taken as they are
         test_emb = class_embedding_file(read_weight_file(test_file)) if is_main else None
     train_emb, test_emb = broadcast_object((train_emb, test_emb))
-    records = filter_empty_records(train_ds.records) if cfg.data.filter_empty else list(train_ds.records)
-    if cfg.data.filter_empty and len(records) < len(train_ds.records):
-        logger.info("removed %d training images without annotations", len(train_ds.records) - len(records))
+    records, repeat = training_records(train_ds.records, len(train_ds.class_names), filter_empty=cfg.data.filter_empty,
+                                       sampler=cfg.data.sampler, repeat_threshold=cfg.data.repeat_threshold)
     train_ds.records = records
     segs = load_segmentations(train_ds) if cfg.model.mask_head else None
     train_set = TrainingDataset(records, cfg.data.min_sizes, cfg.data.max_size, cfg.data.flip, segs)
-    repeat = None
-    if cfg.data.sampler == "repeat_factor":
-        repeat = repeat_factors(records, len(train_ds.class_names), cfg.data.repeat_threshold)
-    elif cfg.data.sampler != "uniform":
-        raise ValueError(f"data.sampler must be 'uniform' or 'repeat_factor', got {cfg.data.sampler!r}")
     task = DetectionTask(det, train_emb, cfg.roi, test_embeddings=test_emb, freeze_at=cfg.model.freeze_at,
                          export_extra=extra)
     return BuiltRun(task, train_set, train_ds, test_ds, test_emb, repeat)
 
 
-def _collate(samples: list[Any]) -> list[Any]:
-    return samples
-
-
 def make_batch_iterator(built: BuiltRun, cfg: TransferConfig, dist: DistInfo) -> Callable[[int], Any]:
-    s = cfg.solver
-    per_rank, rest = divmod(s.ims_per_batch, dist.world_size * s.grad_accum)
-    if rest or per_rank == 0:
-        raise ValueError(f"solver.ims_per_batch={s.ims_per_batch} must be a multiple of processes x grad_accum "
-                         f"= {dist.world_size} x {s.grad_accum}")
-    groups = built.train_set.aspect_groups() if cfg.data.aspect_ratio_grouping else None
-
-    def make(start_micro: int) -> Any:
-        sampler = TrainingSampler(len(built.train_set), cfg.train.seed, dist.rank, dist.world_size, built.repeat)
-        batches = GroupedBatchSampler(sampler, per_rank, groups, seed=cfg.train.seed, start_batch=start_micro)
-        loader = torch.utils.data.DataLoader(built.train_set, batch_sampler=batches, collate_fn=_collate,
-                                             num_workers=cfg.train.num_workers,
-                                             persistent_workers=cfg.train.num_workers > 0)
-        return iter(loader)
-
-    return make
+    return make_train_batches(built.train_set, cfg.solver, cfg.train, dist,
+                              aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, repeat=built.repeat)
 
 
 def make_evaluate(built: BuiltRun, cfg: TransferConfig) -> Optional[Callable[[int], Optional[dict[str, Any]]]]:
