@@ -83,6 +83,22 @@ def parity_rpn(shared_dir: Path) -> dict:
 
 
 @pytest.fixture
+def tiny_ckpt(tmp_path: Path) -> Path:
+    """A tiny official-layout RegionCLIP checkpoint (width-8 trunk, 16-d embeddings); some files define their own."""
+    from _region_helpers import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path / "tiny.pth")
+
+
+@pytest.fixture
+def emb_file(tmp_path: Path) -> Path:
+    """Three random 16-d class embeddings matching :func:`tiny_ckpt`."""
+    p = tmp_path / "emb.pth"
+    torch.save(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), p)
+    return p
+
+
+@pytest.fixture
 def demo_images() -> list[Path]:
     from regionclip.assets import demo_image_paths
 

@@ -7,23 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _region_helpers import write_images, write_tiny_checkpoint
+from _region_helpers import write_images
 from regionclip.api import RegionCLIP
 from regionclip.cli.main import main
 from regionclip.formats import read_boxes_file
 from regionclip.formats.boxes import BoxesFileError
 
 
-@pytest.fixture
-def tiny_ckpt(tmp_path: Path) -> Path:
-    return write_tiny_checkpoint(tmp_path / "tiny.pth")
-
-
-@pytest.fixture
-def emb_file(tmp_path: Path) -> Path:
-    p = tmp_path / "emb.pth"
-    torch.save(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), p)
-    return p
 
 
 def _detect_args(tmp_path: Path, ckpt: Path, emb: Path, out: str = "out", *extra: str) -> list[str]:

@@ -8,23 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _region_helpers import write_images, write_tiny_checkpoint
+from _region_helpers import write_images
 from regionclip.api import RegionCLIP
 from regionclip.cli.main import main
 from regionclip.pipeline import Pipeline
 from regionclip.predictor import RegionPredictor
 
 
-@pytest.fixture
-def tiny_ckpt(tmp_path: Path) -> Path:
-    return write_tiny_checkpoint(tmp_path / "tiny.pth")
-
-
-@pytest.fixture
-def emb_file(tmp_path: Path) -> Path:
-    p = tmp_path / "emb.pth"
-    torch.save(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), p)
-    return p
 
 
 def _setup(tmp_path: Path) -> tuple[list[Path], Path]:
