@@ -5,7 +5,7 @@
 >>> model.set_vocabulary("car, traffic cone")
 >>> det = model.detect(["street.jpg"])[0]
 
-``weights`` is anything :func:`regionclip.pretrained.resolve_weights` accepts: a local file (``.pth`` or converted
+``weights`` is anything :func:`regionclip.weights.pretrained.resolve_weights` accepts: a local file (``.pth`` or converted
 ``.safetensors``), a released name, or ``hf://user/repo``. Other keywords go to
 :meth:`regionclip.RegionCLIP.from_pretrained` (``rpn_weights``, ``preset``, ``device``, post-processing overrides).
 """

@@ -272,7 +272,7 @@ def main() -> None:
     if max(args.batch_sizes) > args.images:
         ap.error(f"--images {args.images} is smaller than the largest batch size {max(args.batch_sizes)}")
 
-    from regionclip.runtime import cpu_flags_line
+    from regionclip.inference.hardware import cpu_flags_line
 
     print(f"# machine: {machine_info(args.device)}")
     print(f"# {cpu_flags_line()}")

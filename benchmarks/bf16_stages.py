@@ -8,7 +8,7 @@ feeds the classifier (region-embedding cosine to float32, max |logit| difference
 Stages: ``trunk`` (stem..layer3 -> the res4 map, rounded to bf16 on output), ``roi`` (the res4 map rounded to bf16
 before RoIAlign and the pooled RoIs rounded to bf16 before layer4, with a float32 trunk and layer4: the rounding
 RoIAlign sees), ``layer4`` (the region convs), ``attnpool`` (the attention pool), ``classifier`` (cosines and the
-1/0.01 temperature in bf16), ``rpn`` (the offline RPN). ``mixed`` = :data:`regionclip.runtime.BF16_STAGES`, the
+1/0.01 temperature in bf16), ``rpn`` (the offline RPN). ``mixed`` = :data:`regionclip.inference.hardware.BF16_STAGES`, the
 set ``--dtype bfloat16`` runs in bfloat16.
 
 Weights: the seed-0 random official-format checkpoints (tests/conftest.py::random_checkpoints); 65 random classes.
@@ -147,8 +147,8 @@ def main() -> None:
     from regionclip.api import RegionCLIP
     from regionclip.assets import demo_image_paths
     from regionclip.pipeline import Pipeline
-    from regionclip.runtime import BF16_STAGES, cpu_flags_line
-    from regionclip.vocab import Vocabulary
+    from regionclip.inference.hardware import BF16_STAGES, cpu_flags_line
+    from regionclip.text.vocabulary import Vocabulary
 
     print(f"# {cpu_flags_line()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
     ck = random_checkpoints(args.variant, 0, rpn_objectness_shift=args.shift)
@@ -225,7 +225,7 @@ def time_paths(args: argparse.Namespace) -> None:
     from regionclip.api import RegionCLIP
     from regionclip.assets import demo_image_paths
     from regionclip.pipeline import Pipeline
-    from regionclip.vocab import Vocabulary
+    from regionclip.text.vocabulary import Vocabulary
 
     ck = random_checkpoints(args.variant, 0, rpn_objectness_shift=args.shift)
     model = RegionCLIP.from_pretrained(ck["regionclip"], ck["rpn"], preset="lvis-rpn")

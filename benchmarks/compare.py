@@ -57,7 +57,7 @@ RPN_SHIFT = -0.95  # the shared generator's objshift: 70-87 % of the random RPN'
 
 def measured_peak() -> float:
     """Best float32 GEMM throughput (GFLOP/s) of this torch on this CPU: max(2048^3 mm, big 1x1 oneDNN conv)."""
-    from regionclip.runtime import gemm_peak_gflops
+    from regionclip.inference.hardware import gemm_peak_gflops
 
     x = torch.randn(1, 1024, 64, 64).contiguous(memory_format=torch.channels_last)
     w = torch.randn(1024, 1024, 1, 1).contiguous(memory_format=torch.channels_last)
@@ -128,8 +128,8 @@ def load_paths(variant: str, export_root: Path) -> dict[str, Any]:
     from regionclip.assets import demo_image_paths
     from regionclip.cli.export import calibration_data
     from regionclip.export import export_model, make_backend
-    from regionclip.runtime import native_bf16
-    from regionclip.vocab import Vocabulary
+    from regionclip.inference.hardware import native_bf16
+    from regionclip.text.vocabulary import Vocabulary
 
     out: dict[str, Any] = {}
     for kind, shift in (("rpn", 0.0), ("rpn-negative", RPN_SHIFT)):
@@ -261,7 +261,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging_quiet()
 
-    from regionclip.runtime import cpu_capabilities, cpu_flags_line
+    from regionclip.inference.hardware import cpu_capabilities, cpu_flags_line
 
     repeats = args.repeats or (1 if args.quick else 2)
     peaks = [measured_peak()]

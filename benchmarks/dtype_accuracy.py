@@ -33,7 +33,7 @@ def main() -> None:
         ap.error("--dtype float16 needs --device cuda (CPU autocast has no fast float16; use bfloat16)")
     import logging
 
-    from regionclip.runtime import cpu_flags_line, resolve_dtype
+    from regionclip.inference.hardware import cpu_flags_line, resolve_dtype
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     resolve_dtype(args.dtype, args.device)  # warns once where bfloat16 is emulated (slow) on this CPU

@@ -40,7 +40,7 @@ def load(export_dir: Path) -> dict[str, Any]:
     from regionclip.export import export_model, make_backend
     from regionclip.api import RegionCLIP
     from regionclip.pipeline import Pipeline
-    from regionclip.vocab import Vocabulary
+    from regionclip.text.vocabulary import Vocabulary
 
     ck = random_checkpoints("rn50", 0)
     model = RegionCLIP.from_pretrained(ck["regionclip"], ck["rpn"], regions="rpn",
@@ -166,7 +166,7 @@ def main() -> None:
         args.regions, args.detect_proposals = 128, 100
     import onnxruntime
 
-    from regionclip.runtime import cpu_flags_line
+    from regionclip.inference.hardware import cpu_flags_line
     from regionclip.utils import atomic_path
 
     env = load(args.export_dir)

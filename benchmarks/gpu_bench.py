@@ -23,7 +23,7 @@ from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, Pos
 from regionclip.factory import build_detector  # noqa: E402
 from regionclip.pipeline import Pipeline, RunOptions  # noqa: E402
 from regionclip.structures import PreparedImage  # noqa: E402
-from regionclip.vocab import Vocabulary  # noqa: E402
+from regionclip.text.vocabulary import Vocabulary  # noqa: E402
 
 
 def main() -> None:

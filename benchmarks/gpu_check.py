@@ -82,8 +82,8 @@ def main() -> None:
     from regionclip.assets import demo_image_paths
     from regionclip.config import PostprocessConfig
     from regionclip.pipeline import Pipeline, RunOptions
-    from regionclip.runtime import cpu_flags_line
-    from regionclip.vocab import Vocabulary
+    from regionclip.inference.hardware import cpu_flags_line
+    from regionclip.text.vocabulary import Vocabulary
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

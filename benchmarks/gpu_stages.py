@@ -12,7 +12,7 @@ from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, Pos
 from regionclip.factory import build_detector
 from regionclip.pipeline import Pipeline, RunOptions
 from regionclip.structures import PreparedImage
-from regionclip.vocab import Vocabulary
+from regionclip.text.vocabulary import Vocabulary
 dev = torch.device("cuda"); g = torch.Generator().manual_seed(0)
 det = build_detector(DetectorConfig(clip=ClipResNetConfig.rn50(), rpn=RPNConfig.fpn(nms_thresh=0.9, post_nms_topk=1000))).eval().to(dev)
 det.backbone.fuse_for_inference()

@@ -43,8 +43,8 @@ def main() -> None:
     from regionclip.export import export_model, make_backend
     from regionclip.export.quantize import _CalibrationReader
     from regionclip.pipeline import Pipeline, RunOptions
-    from regionclip.runtime import cpu_flags_line
-    from regionclip.vocab import Vocabulary
+    from regionclip.inference.hardware import cpu_flags_line
+    from regionclip.text.vocabulary import Vocabulary
 
     ck = random_checkpoints("rn50", 0)
     model = RegionCLIP.from_pretrained(ck["regionclip"], ck["rpn"], regions="rpn",

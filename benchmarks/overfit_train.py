@@ -28,7 +28,7 @@ from test_train_support import make_rect_dataset, tiny_arch, write_embeddings  #
 
 from regionclip.config import from_dict  # noqa: E402
 from regionclip.engine.transfer import TransferConfig, run_transfer  # noqa: E402
-from regionclip.runtime import cpu_flags_line  # noqa: E402
+from regionclip.inference.hardware import cpu_flags_line  # noqa: E402
 
 
 def dataset(kind: str, tmp: Path) -> tuple[Path, Path, int]:

@@ -146,7 +146,7 @@ def main() -> None:
     import torch
     from conftest import random_checkpoints
 
-    from regionclip.runtime import cpu_flags_line
+    from regionclip.inference.hardware import cpu_flags_line
 
     lines: list[str] = []
 

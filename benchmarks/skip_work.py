@@ -22,7 +22,7 @@ from conftest import random_checkpoints  # noqa: E402  (the official-format rand
 
 from regionclip.api import RegionCLIP  # noqa: E402
 from regionclip.assets import demo_image_paths  # noqa: E402
-from regionclip.runtime import cpu_flags_line  # noqa: E402
+from regionclip.inference.hardware import cpu_flags_line  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, Pos
 from regionclip.factory import build_detector
 from regionclip.modeling.detector import RegionCLIPDetector
 from regionclip.pipeline import Pipeline, RunOptions
-from regionclip.vocab import Vocabulary
+from regionclip.text.vocabulary import Vocabulary
 
 if TYPE_CHECKING:
     from regionclip.api import RegionCLIP
@@ -92,7 +92,7 @@ def as_regionclip(det: RegionCLIPDetector, input_cfg: InputConfig, postprocess: 
     from regionclip.checkpoint.io import LoadReport
     from regionclip.checkpoint.regionclip import SplitCheckpoint
     from regionclip.factory import LoadedCheckpoint
-    from regionclip.presets import Settings
+    from regionclip.inference.presets import Settings
 
     settings = Settings(kind="pretrained", preset=None, regions="rpn" if det.rpn is not None else "gt",
                         vocabulary="lvis1203", postprocess=postprocess or PostprocessConfig(), rpn=())

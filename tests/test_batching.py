@@ -109,7 +109,7 @@ def test_bfloat16_compute_dtype_keeps_classifier_float32(demo_images):
     from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig
     from regionclip.factory import build_detector
     from regionclip.pipeline import Pipeline, RunOptions
-    from regionclip.vocab import Vocabulary
+    from regionclip.text.vocabulary import Vocabulary
 
     torch.manual_seed(0)
     input_cfg = InputConfig(min_size=64, max_size=128)

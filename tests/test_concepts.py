@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import regionclip.text.vocabulary as vocab_mod
+import regionclip.text.name_cache as vocab_mod
 from regionclip.checkpoint.io import CheckpointError
-from regionclip.cli.embed import main as embed_main
+from regionclip.cli.embed_concepts import main as embed_main
 from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.text.embeddings import (concept_embeddings, load_concept_embeddings, load_text_encoder,
                                         save_concept_embeddings)
 from regionclip.text.prompts import default_templates, resolve_templates
 from regionclip.text.tokenizer import EOT_ID, SOT_ID, default_tokenizer
-from regionclip.text.vocabulary import class_embeddings, parse_vocabulary
+from regionclip.text.name_cache import class_embeddings, parse_vocabulary
 
 
 def _tiny_regionclip_ckpt(path: Path, seed: int) -> Path:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from _pretrain_helpers import TINY_RPN, write_tiny_openai_clip, write_tiny_rpn
 
-import regionclip.pretrained as pretrained
+import regionclip.weights.pretrained as pretrained
 from regionclip import RegionCLIP
 from regionclip.checkpoint.convert import EMBEDDINGS_KEY, file_info
 from regionclip.checkpoint.io import (
@@ -31,12 +31,12 @@ from regionclip.checkpoint.io import (
     read_weight_file,
 )
 from regionclip.cli.main import main
-from regionclip.hub import companion_files, convert_file, model_card, parse_hf_uri, push_to_hub
+from regionclip.weights.hub import companion_files, convert_file, model_card, parse_hf_uri, push_to_hub
 from regionclip.modeling.clip_resnet import ModifiedResNet
 from regionclip.modeling.rpn import build_offline_rpn
 from regionclip.modeling.text_encoder import CLIPTextTransformer
-from regionclip.presets import PRESETS
-from regionclip.pretrained import HashMismatchError, HashMismatchWarning, WeightsSpec, resolve_weights
+from regionclip.inference.presets import PRESETS
+from regionclip.weights.pretrained import HashMismatchError, HashMismatchWarning, WeightsSpec, resolve_weights
 from regionclip.text.embeddings import SAFETENSORS_KEY
 
 REPO = Path(__file__).resolve().parents[1]

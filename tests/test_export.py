@@ -190,7 +190,7 @@ def test_rn50_cli_export_matches_eager(rn50_ckpts: dict[str, Path], tmp_path: Pa
     from regionclip.cli.export import register, run
     from regionclip.config import PostprocessConfig
     from regionclip.pipeline import RunOptions
-    from regionclip.vocab import Vocabulary
+    from regionclip.text.vocabulary import Vocabulary
 
     import argparse
     parser = argparse.ArgumentParser()

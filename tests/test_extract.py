@@ -24,7 +24,7 @@ from regionclip.formats import match_boxes, read_boxes_file
 from regionclip.ops.boxes import clip_boxes, nonempty, scale_boxes
 from regionclip.pipeline import top_proposals
 from regionclip.predictor import RegionPredictor
-from regionclip.vocab import Vocabulary
+from regionclip.text.vocabulary import Vocabulary
 
 TESTS = Path(__file__).resolve().parent
 SIZES = [(90, 140), (120, 80), (90, 140), (64, 96), (90, 140)]

@@ -27,12 +27,12 @@ import regionclip.modeling.detector as detector_mod
 import regionclip.pipeline as pipeline_mod
 from _region_helpers import TINY_CLIP, TINY_RPN, tiny_options, tiny_pipeline, tiny_vocab
 from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig
-from regionclip.distributed import DistInfo, init_distributed
+from regionclip.parallel.distributed import DistInfo, init_distributed
 from regionclip.factory import build_detector
 from regionclip.modeling.detector import RegionCLIPDetector
 from regionclip.pipeline import Pipeline, RunOptions
-from regionclip.runtime import resolve_dtype
-from regionclip.sharding import rank_device
+from regionclip.inference.hardware import resolve_dtype
+from regionclip.parallel.sharding import rank_device
 from regionclip.utils import autocast_context
 
 CPU = torch.device("cpu")
@@ -75,14 +75,14 @@ def test_resolve_dtype_auto_on_cuda_asks_the_driver(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    import regionclip.runtime as rt
+    import regionclip.inference.hardware as rt
 
     assert resolve_dtype("auto", "cuda") == "float32"  # no 16-bit path meets the agreement bar faster (measured)
     monkeypatch.setattr(rt, "AUTO_16BIT", True)  # the device decision itself, as it applies once one does
     assert resolve_dtype("auto", "cuda") == expected
     assert resolve_dtype("auto", torch.device("cuda", 1)) == expected
     assert calls, "resolve_dtype('auto', 'cuda') must ask torch.cuda.is_bf16_supported"
-    with caplog.at_level(logging.WARNING, logger="regionclip.runtime"):
+    with caplog.at_level(logging.WARNING, logger="regionclip.inference.hardware"):
         assert resolve_dtype("float16", "cuda:0") == "float16"  # allowed on GPUs
         assert resolve_dtype("bfloat16", "cuda") == "bfloat16"
         assert resolve_dtype("float32", "cuda") == "float32"

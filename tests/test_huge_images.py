@@ -14,7 +14,7 @@ from PIL import Image
 from regionclip.assets import demo_image_paths
 from regionclip.data.images import (ImageReadError, decode_image, draft_scale_for, image_size, load_image,
                                     load_resized, resize_image, resized_shape)
-from regionclip.visualize import MAX_SIDE, bounded_size, class_color, draw_boxes, draw_results
+from regionclip.evaluation.visualize import MAX_SIDE, bounded_size, class_color, draw_boxes, draw_results
 
 
 def _smooth_jpeg(path: Path, w: int, h: int, orientation: int = 1) -> Path:

@@ -11,7 +11,7 @@ from _region_helpers import write_images
 from regionclip.api import RegionCLIP
 from regionclip.cli.main import main
 from regionclip.formats import read_boxes_file
-from regionclip.formats.boxes import BoxesFileError
+from regionclip.formats.box_files import BoxesFileError
 
 
 
@@ -209,7 +209,7 @@ def test_two_detect_runs_cannot_write_one_folder(tmp_path, tiny_ckpt, emb_file, 
     import subprocess
     import sys
 
-    from regionclip.sharding import LOCK_NAME
+    from regionclip.parallel.sharding import LOCK_NAME
 
     _images_and_boxes(tmp_path)
     out = tmp_path / "out"
@@ -274,7 +274,7 @@ def test_front_ends_that_process_fewer_images_say_so_and_fail(tmp_path, tiny_ckp
     import copy
 
     import regionclip.cli.evaluate as cli_evaluate
-    import regionclip.cli.extract as cli_extract
+    import regionclip.cli.extract_regions as cli_extract
 
     imgs = _images_and_boxes(tmp_path)
     orig_run = RegionCLIP.run

@@ -1,5 +1,5 @@
 """Trusted 16-bit inference (docs/DESIGN.md#cpu-speed): mixed precision by stage (runtime.BF16_STAGES) and the
-float32 refinement of the regions that decide the detections (regionclip.precision)."""
+float32 refinement of the regions that decide the detections (regionclip.inference.precision)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,13 +9,13 @@ import torch
 from torchvision.ops import box_iou
 from _region_helpers import random_boxes, tiny_detector, tiny_options
 
-from regionclip import runtime
+from regionclip.inference import hardware as runtime
 from regionclip.config import InputConfig, PostprocessConfig
 from regionclip.pipeline import Pipeline
-from regionclip.postprocess import combine_rpn_scores, postprocess_detections
-from regionclip.precision import decisive_regions
+from regionclip.inference.postprocess import combine_rpn_scores, postprocess_detections
+from regionclip.inference.precision import decisive_regions
 from regionclip.structures import Proposals
-from regionclip.vocab import Vocabulary
+from regionclip.text.vocabulary import Vocabulary
 
 BF16 = torch.bfloat16
 
@@ -52,7 +52,7 @@ def _iou_agree(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("rpn_score,full", [("raw", True), ("raw", False), ("none", True)])
 def test_decisive_regions_are_all_a_bounded_error_can_change(rpn_score, full):
-    """The margin argument of regionclip.precision, checked on random data: perturb every logit by at most the
+    """The margin argument of regionclip.inference.precision, checked on random data: perturb every logit by at most the
     bound and replace only the non-decisive regions' scores by the perturbed ones: what is reported keeps its
     class and box (IoU >= 0.5) both ways - so refining the decisive regions alone is enough."""
     g = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 from regionclip.config import PostprocessConfig
 from regionclip.modeling.heads import text_classifier_logits
 from regionclip.ops.boxes import soft_nms
-from regionclip.postprocess import combine_rpn_scores, postprocess_detections, rescale_to_original
+from regionclip.inference.postprocess import combine_rpn_scores, postprocess_detections, rescale_to_original
 
 
 def test_classifier_zero_background_and_temperature():

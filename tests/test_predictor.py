@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _region_helpers import random_boxes, tiny_model, write_images
 from regionclip.modeling.clip_resnet import AttentionPool2d
 from regionclip.predictor import RegionPredictor
-from regionclip.vocab import Vocabulary
+from regionclip.text.vocabulary import Vocabulary
 
 
 def _full_mha_attnpool(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ def test_checkpoint_loads_in_load_detector_and_detects(pretrained):
     from regionclip.factory import load_detector
     from regionclip.pipeline import Pipeline, RunOptions
     from regionclip.text.embeddings import concept_embeddings, load_text_encoder
-    from regionclip.vocab import Vocabulary
+    from regionclip.text.vocabulary import Vocabulary
 
     out = pretrained["tmp"] / "out"
     weights = out / latest_checkpoint(out)["model"]

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from regionclip.pretrained import WEIGHTS, WeightsNotFound, resolve_weights
+from regionclip.weights.pretrained import WEIGHTS, WeightsNotFound, resolve_weights
 
 
 def test_local_path_wins(tmp_path):

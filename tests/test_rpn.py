@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from regionclip.config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, RPNConfig
-from regionclip.checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from regionclip.checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from regionclip.modeling.rpn import (
     FrozenBatchNorm2d, OfflineRPN, build_offline_rpn, find_top_rpn_proposals, generate_cell_anchors,
     grid_anchors,
@@ -402,7 +402,7 @@ def test_clip_trunk_rpn_file_loads_as_rpn_weights_and_converts(tmp_path: Path) -
     from _region_helpers import write_tiny_checkpoint
 
     from regionclip.factory import load_detector
-    from regionclip.hub import convert_file
+    from regionclip.weights.hub import convert_file
 
     cfg = RPNConfig.fpn(**TINY_CLIP, nms_thresh=0.9, post_nms_topk=25)
     sd = _tiny(cfg).state_dict()

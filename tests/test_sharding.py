@@ -16,7 +16,7 @@ import torch
 from _region_helpers import write_images, write_tiny_checkpoint
 from regionclip.data.loader import InferenceItem
 from regionclip.engine.extract import load_regions
-from regionclip.sharding import shard_items
+from regionclip.parallel.sharding import shard_items
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 # torchrun gives each process one thread; the one-process reference uses one too, because float32 GEMM results

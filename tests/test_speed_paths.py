@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from regionclip import runtime
+from regionclip.inference import hardware as runtime
 from regionclip.modeling.clip_resnet import AttentionPool2d, ModifiedResNet, fused_copy
 from regionclip.modeling.layers import FrozenBatchNorm2d, fold_frozen_bn
 
@@ -129,14 +129,14 @@ def test_resolve_dtype_cpu_auto(monkeypatch):
 
 def test_resolve_dtype_explicit_bf16_warns_once_when_emulated(monkeypatch, caplog):
     _caps(monkeypatch, False)
-    with caplog.at_level(logging.WARNING, logger="regionclip.runtime"):
+    with caplog.at_level(logging.WARNING, logger="regionclip.inference.hardware"):
         assert runtime.resolve_dtype("bfloat16", "cpu") == "bfloat16"
         assert runtime.resolve_dtype("bfloat16", "cpu") == "bfloat16"
-    msgs = [r.getMessage() for r in caplog.records if r.name == "regionclip.runtime"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "regionclip.inference.hardware"]
     assert len(msgs) == 1 and "emulated" in msgs[0] and runtime.EMULATED_BF16_SLOWDOWN in msgs[0]
     _caps(monkeypatch, True)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="regionclip.runtime"):
+    with caplog.at_level(logging.WARNING, logger="regionclip.inference.hardware"):
         assert runtime.resolve_dtype("bfloat16", "cpu") == "bfloat16"
     assert not caplog.records
 

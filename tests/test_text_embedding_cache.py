@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import regionclip.text.vocabulary as vocab_mod
+import regionclip.text.name_cache as vocab_mod
 from regionclip.modeling.text_encoder import CLIPTextTransformer, PrefixedTokens
 from regionclip.text.embeddings import PromptEncoder, concept_embeddings
 from regionclip.text.prompts import build_prompts, default_templates
 from regionclip.text.tokenizer import default_tokenizer
-from regionclip.text.vocabulary import _name_key, cached_name_embeddings, class_embeddings
+from regionclip.text.name_cache import _name_key, cached_name_embeddings, class_embeddings
 
 NAMES = ["person", "hot+dog, food", "{curly} name", "naïve café", "traffic cone", "a", "very " * 40 + "long",
          "bat animal", "x-ray machine", "teddy bear"]

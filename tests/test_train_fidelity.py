@@ -14,7 +14,7 @@ from PIL import Image
 from regionclip.config import from_dict
 from regionclip.data.datasets import load_coco_json
 from regionclip.data.train_data import TrainingDataset
-from regionclip.engine.sampling import match_proposals, sample_rois
+from regionclip.engine.roi_sampling import match_proposals, sample_rois
 from regionclip.engine.transfer import TransferConfig, build_task
 from test_train_support import tiny_recipe
 

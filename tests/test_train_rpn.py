@@ -77,7 +77,7 @@ def test_sampling_with_the_global_rng_draws_detectron2s_permutations() -> None:
     num_pos = min(positive.numel(), 128)
     ref_pos = positive[torch.randperm(positive.numel())[:num_pos]]
     ref_neg = negative[torch.randperm(negative.numel())[:256 - num_pos]]
-    from regionclip.engine.sampling import subsample_labels
+    from regionclip.engine.roi_sampling import subsample_labels
 
     torch.manual_seed(0)
     pos, neg = subsample_labels(labels, 256, 0.5, 0, None)

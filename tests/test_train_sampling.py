@@ -11,7 +11,7 @@ import torch
 from regionclip.data.datasets import ImageRecord, load_coco_json
 from regionclip.data.train_data import (GroupedBatchSampler, TrainingDataset, TrainingSampler, load_segmentations,
                                         polygons_to_roi_masks, repeat_factors)
-from regionclip.engine.sampling import match_proposals, sample_rois, subsample_labels
+from regionclip.engine.roi_sampling import match_proposals, sample_rois, subsample_labels
 from regionclip.engine.schedule import SolverConfig, lr_factor
 from test_train_support import make_rect_dataset
 

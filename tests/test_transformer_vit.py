@@ -57,7 +57,7 @@ def test_openai_text_tower_matches_open_clip(tmp_path) -> None:
     assert report.ok
     assert math.isclose(det.logit_scale.item(), ref.logit_scale.item(), rel_tol=1e-6)
     from regionclip.text.tokenizer import tokenize
-    from regionclip.text.unicl import zeroshot_class_embeddings
+    from regionclip.text.unicl_embeddings import zeroshot_class_embeddings
 
     tokens = tokenize(["a photo of a cat.", "dog"])
     with torch.no_grad():

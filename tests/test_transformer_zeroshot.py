@@ -19,9 +19,9 @@ from regionclip.modeling.recognizer import RegionRecognizer, foreground_probs
 from regionclip.factory.transformer import export_branch_state_dict
 from regionclip.modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder
 from regionclip.modeling.transformer.vit import VisionTransformerTrunk
-from regionclip.postprocess import postprocess_detections
+from regionclip.inference.postprocess import postprocess_detections
 from regionclip.modeling.unicl_text import UniCLTextEncoder
-from regionclip.text.unicl import zeroshot_class_embeddings
+from regionclip.text.unicl_embeddings import zeroshot_class_embeddings
 
 SMALL_INPUT = InputConfig(min_size=128, max_size=224)
 TINY_TIMM = {

@@ -12,7 +12,7 @@ from PIL import Image
 
 from regionclip.evaluation.results import ResultsError
 from regionclip.structures import Detections
-from regionclip.visualize import class_color, draw_detections, draw_results, render_results, select_predictions
+from regionclip.evaluation.visualize import class_color, draw_detections, draw_results, render_results, select_predictions
 
 
 def _p(bbox, score, cid=1):

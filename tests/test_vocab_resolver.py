@@ -1,4 +1,4 @@
-"""The one vocabulary resolver (issue 25): every accepted shape goes through ``regionclip.vocab.resolve_vocabulary``,
+"""The one vocabulary resolver (issue 25): every accepted shape goes through ``regionclip.text.vocabulary.resolve_vocabulary``,
 and the front ends (``RegionCLIP.make_vocabulary``, ``RegionPredictor.vocabulary``) call it."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import regionclip
-from regionclip import vocab as vocab_mod
+from regionclip.text import vocabulary as vocab_mod
 from regionclip.api import RegionCLIP
 from regionclip.predictor import RegionPredictor
-from regionclip.vocab import Vocabulary, resolve_vocabulary
+from regionclip.text.vocabulary import Vocabulary, resolve_vocabulary
 
 DIM = 8
 
@@ -97,7 +97,7 @@ def test_defaults_vocabulary_passthrough_and_errors() -> None:
 
 
 def test_front_ends_go_through_the_one_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
-    """RegionCLIP.make_vocabulary and RegionPredictor.vocabulary call regionclip.vocab.resolve_vocabulary."""
+    """RegionCLIP.make_vocabulary and RegionPredictor.vocabulary call regionclip.text.vocabulary.resolve_vocabulary."""
     calls = []
 
     def spy(v, emb=None, **kw):

@@ -4,10 +4,10 @@ from .config import ClipResNetConfig, DetectorConfig, PostprocessConfig, RPNConf
 from .factory import build_detector, load_detector
 from .pipeline import Pipeline, RunOptions
 from .predictor import RegionPredictor
-from .presets import PRESETS
-from .pretrained import WEIGHTS
+from .inference.presets import PRESETS
+from .weights.pretrained import WEIGHTS
 from .structures import Detections, Proposals
-from .vocab import Vocabulary, resolve_vocabulary
+from .text.vocabulary import Vocabulary, resolve_vocabulary
 
 __version__ = "0.1.0"
 __all__ = ["RegionCLIP", "parse_names", "ClipResNetConfig", "DetectorConfig", "PostprocessConfig", "RPNConfig",

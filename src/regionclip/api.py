@@ -6,7 +6,7 @@
 >>> dets = model.detect(["street.jpg"])[0]      # Detections: boxes XYXY (original pixels), scores, labels, names
 
 ``RegionCLIP`` is a thin front door: loading goes through :mod:`regionclip.factory` with settings resolved once by
-:func:`regionclip.presets.resolve_settings`, and inference through :class:`regionclip.pipeline.Pipeline`.
+:func:`regionclip.inference.presets.resolve_settings`, and inference through :class:`regionclip.pipeline.Pipeline`.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ from .modeling.detector import RegionCLIPDetector
 from .modeling.recognizer import RegionRecognizer
 from .modeling.rpn.model import OfflineRPN
 from .pipeline import ImageResult, Pipeline, RunOptions
-from .presets import LoadOptions, Settings, resolve_settings
-from .pretrained import WeightsNotFound, resolve_weights
+from .inference.presets import LoadOptions, Settings, resolve_settings
+from .weights.pretrained import WeightsNotFound, resolve_weights
 from .structures import Detections
-from .text.unicl import zeroshot_class_embeddings
-from .text.vocabulary import cached_name_embeddings, checkpoint_fingerprint, class_embeddings, default_cache_dir
-from .vocab import (  # noqa: F401  (is_embedding_file: re-exported for older imports)
+from .text.unicl_embeddings import zeroshot_class_embeddings
+from .text.name_cache import cached_name_embeddings, checkpoint_fingerprint, class_embeddings, default_cache_dir
+from .text.vocabulary import (  # noqa: F401  (is_embedding_file: re-exported for older imports)
     Vocabulary,
     VocabularyArg,
     VocabularyLike,
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_names(vocab: VocabularyArg) -> list[str]:
-    """Class names of a vocabulary argument (see :func:`regionclip.vocab.resolve_names`)."""
+    """Class names of a vocabulary argument (see :func:`regionclip.text.vocabulary.resolve_names`)."""
     return resolve_names(vocab)[0]
 
 
@@ -86,8 +86,8 @@ class RegionCLIP:
                         regions: Optional[str] = None, rpn_overrides: Optional[dict[str, Any]] = None,
                         transformer_options: Optional[dict[str, Any]] = None, fuse: bool = True,
                         strict_hash: bool = False, **postprocess_overrides: Any) -> "RegionCLIP":
-        """Load a RegionCLIP checkpoint (a name from :data:`regionclip.pretrained.WEIGHTS` or a path) and an optional
-        RPN file. ``preset`` (see :mod:`regionclip.presets`) picks one of the original's scenarios; without one the
+        """Load a RegionCLIP checkpoint (a name from :data:`regionclip.weights.pretrained.WEIGHTS` or a path) and an optional
+        RPN file. ``preset`` (see :mod:`regionclip.inference.presets`) picks one of the original's scenarios; without one the
         checkpoint kind picks it (docs/DESIGN.md#settings). Keyword ``postprocess_overrides`` (e.g.
         ``score_thresh=0.1``) replace single fields. ``fuse``: fold the frozen BatchNorms and the attention pool's
         K/V projections for inference (docs/DESIGN.md#cpu-speed; exact up to float rounding; the loaded model then
@@ -122,7 +122,7 @@ class RegionCLIP:
                         class_embeddings: Union[PathLike, Tensor, None] = None, *,
                         cache_dir: Optional[PathLike] = None, show_progress: bool = False) -> Vocabulary:
         """A validated :class:`Vocabulary` (nothing stored), through the one resolver
-        :func:`regionclip.vocab.resolve_vocabulary`. Either class embeddings (a file or a [K, D] tensor; names
+        :func:`regionclip.text.vocabulary.resolve_vocabulary`. Either class embeddings (a file or a [K, D] tensor; names
         from ``vocab`` or numbered) or names, embedded once with this checkpoint's own text encoder and cached on
         disk. With neither, the settings' default vocabulary (and its released embedding file, when it is in the
         weights folder and the preset's own weights are used)."""

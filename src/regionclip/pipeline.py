@@ -32,16 +32,16 @@ from torch import Tensor
 from .config import InputConfig, PostprocessConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import IncompleteRunError, InferenceItem, batch_by_size, iter_loaded, make_loader, prepare_image
-from .formats.boxes import BadBoxesError, validate_user_boxes
+from .formats.box_files import BadBoxesError, validate_user_boxes
 from .modeling.heads import paste_masks
 from .modeling.recognizer import RegionRecognizer
 from .ops.boxes import clip_boxes, scale_boxes_like_d2
-from .runtime import default_chunk_size
-from .precision import refine_in_float32
-from .postprocess import combine_rpn_scores, postprocess_detections, reachable_by_rpn_score, rescale_to_original
+from .inference.hardware import default_chunk_size
+from .inference.precision import refine_in_float32
+from .inference.postprocess import combine_rpn_scores, postprocess_detections, reachable_by_rpn_score, rescale_to_original
 from .structures import Detections, PreparedImage, Proposals
 from .utils import COMPUTE_DTYPES, autocast_context
-from .vocab import Vocabulary
+from .text.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RunOptions:
     postprocess: thresholds, NMS, RPN-score multiplication, box deltas (:class:`PostprocessConfig`).
     dtype: compute dtype of the backbone and region head (autocast); the RPN and the classifier stay float32.
     chunk_size: regions per region-head call; bounds memory, never changes a result. None: the measured best for
-        the device (:func:`regionclip.runtime.default_chunk_size`).
+        the device (:func:`regionclip.inference.hardware.default_chunk_size`).
     batch_size: images per backbone pass (:meth:`Pipeline.run` / :meth:`Pipeline.detect`).
     max_proposals: keep only the k best RPN proposals per image (None = all the RPN returns).
     skip_unreachable: with raw-logit multiplication, do not encode proposals whose score can never pass the
@@ -64,7 +64,7 @@ class RunOptions:
         changes features near the padded border), default: only equal sizes share a batch.
     max_pixels: refuse images with more decoded pixels than this (None: no limit); docs/DESIGN.md#image-inputs.
     refine_float32: with a 16-bit dtype, encode again in float32 the regions whose float32 result could change
-        the detections (:mod:`regionclip.precision`); False = the plain 16-bit result (faster, less agreement).
+        the detections (:mod:`regionclip.inference.precision`); False = the plain 16-bit result (faster, less agreement).
     """
 
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)

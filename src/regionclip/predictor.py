@@ -27,7 +27,7 @@ from .data.images import ImageInput
 from .modeling.recognizer import foreground_probs
 from .pipeline import Pipeline, RunOptions
 from .structures import Detections, PreparedImage
-from .vocab import Vocabulary, VocabularyLike  # noqa: F401  (VocabularyLike: re-exported, defined once in vocab)
+from .text.vocabulary import Vocabulary, VocabularyLike  # noqa: F401  (VocabularyLike: re-exported, defined once in vocab)
 
 
 @dataclass
@@ -193,7 +193,7 @@ class RegionPredictor:
             if key not in self._vocab_cache:
                 self._vocab_cache[key] = self.model.make_vocabulary(vocab)
             return self._vocab_cache[key]
-        return self.model.make_vocabulary(vocab)  # the one resolver (regionclip.vocab.resolve_vocabulary)
+        return self.model.make_vocabulary(vocab)  # the one resolver (regionclip.text.vocabulary.resolve_vocabulary)
 
 
 def _as_boxes(boxes: Any) -> Tensor:

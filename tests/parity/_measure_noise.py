@@ -60,7 +60,7 @@ def compute_all() -> dict:
         # every candidate after threshold + NMS, not cut at 100: the margin at the top-100 cut
         from dataclasses import replace
 
-        from regionclip.postprocess import combine_rpn_scores, postprocess_detections
+        from regionclip.inference.postprocess import combine_rpn_scores, postprocess_detections
         scores = combine_rpn_scores(o["cls_probs"], o["proposal_objectness_logits"], "raw")
         allc = postprocess_detections(o["proposal_boxes"], scores, (750, 1333),
                                       replace(RPN_POSTPROCESS, detections_per_image=-1))

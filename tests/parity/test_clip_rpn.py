@@ -21,7 +21,7 @@ import torch
 from _compare import RES4_ATOL, RES4_RTOL, assert_close, assert_proposals_match
 
 from regionclip.checkpoint.io import load_into
-from regionclip.checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from regionclip.checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from regionclip.config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from regionclip.data.images import load_image, resize_image
 from regionclip.modeling.rpn import OfflineRPN, build_offline_rpn

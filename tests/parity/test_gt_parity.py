@@ -20,7 +20,7 @@ from regionclip.config import InputConfig, PostprocessConfig
 from regionclip.factory import load_detector
 from regionclip.pipeline import Pipeline, RunOptions
 from regionclip.structures import PreparedImage, Proposals
-from regionclip.vocab import Vocabulary
+from regionclip.text.vocabulary import Vocabulary
 
 pytestmark = pytest.mark.parity
 NAMES = ["sample_img1.jpg", "sample_img2.jpg"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from _compare import assert_proposals_match
 
-from regionclip.checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from regionclip.checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from regionclip.modeling.rpn import OfflineRPN, build_offline_rpn
 from regionclip.structures import Proposals
 

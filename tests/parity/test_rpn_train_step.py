@@ -20,7 +20,7 @@ import torch
 import regionclip.engine.rpn_train as rpn_train_module
 from regionclip.assets import demo_image_paths
 from regionclip.checkpoint.io import load_state_dict
-from regionclip.checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from regionclip.checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from regionclip.data.datasets import load_annotations
 from regionclip.data.train_data import TrainingDataset, TrainSample
 from regionclip.engine.rpn_train import RPNLossConfig, RPNTask

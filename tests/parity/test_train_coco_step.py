@@ -30,7 +30,7 @@ from torch import Tensor
 
 from regionclip.assets import demo_image_paths
 from regionclip.config import from_dict
-from regionclip.engine.detection import checkpoint_key
+from regionclip.engine.detection_task import checkpoint_key
 from regionclip.engine.transfer import BuiltRun, TransferConfig, build_task
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]  # ~2 min of 2 idle cores (forward + backward of 412 RoIs)
@@ -197,7 +197,7 @@ def _candidate_perm(step: dict[str, Any], ref: dict[str, Any], i: int) -> Tensor
 def test_proposals_matching_and_sampling(step: dict[str, Any], ref: dict[str, Any]) -> None:
     """Offline-RPN proposals (eval mode, top-k 200) and the sample: the same positions drawn, foreground first,
     with the same matched classes and GT boxes."""
-    from regionclip.engine.sampling import match_proposals
+    from regionclip.engine.roi_sampling import match_proposals
 
     k = 48
     for i, (sample, sampled) in enumerate(zip(step["batch"], step["out"].sampled)):

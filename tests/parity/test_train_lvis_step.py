@@ -4,7 +4,7 @@
 
 The fixture's inputs go through the code ``regionclip train`` runs: a COCO-style json with the GT boxes and
 polygons -> :func:`regionclip.engine.transfer.build_task` (dataset, training mapper, detector, class embeddings)
--> :meth:`regionclip.engine.detection.DetectionTask.step` (RPN proposals + appended GT, matching, sampling, the
+-> :meth:`regionclip.engine.detection_task.DetectionTask.step` (RPN proposals + appended GT, matching, sampling, the
 heads, the LVIS weighted cross-entropy, the box loss, the class-agnostic mask loss on res5 features with targets
 rasterised from polygons) -> backward. Compared: the resized images and GT, the RPN proposals, the sampled RoIs
 (same order: our generator seeded 0 draws the original's ``randperm``), box-predictor inputs, logits and deltas,
@@ -23,9 +23,9 @@ from _compare import BOX_ATOL, diff_stats
 from _train_compare import check_grads, check_losses, check_rel
 from torch import Tensor
 
-import regionclip.engine.detection as detection_module
+import regionclip.engine.detection_task as detection_module
 from regionclip.assets import demo_image_paths
-from regionclip.engine.detection import RoIConfig
+from regionclip.engine.detection_task import RoIConfig
 from regionclip.engine.transfer import (ClassesSection, DataSection, DatasetSection, ModelSection, TransferConfig,
                                         build_task)
 

@@ -1,7 +1,7 @@
 """Any supported weight file -> tensors + the metadata needed to load it without guessing (``regionclip convert``).
 
 Pure functions (dict -> dict): reading and writing files is :mod:`regionclip.checkpoint.io`'s job and the file-level
-conversion is :func:`regionclip.hub.convert_file`. Keys are kept exactly as the original file spells them (after
+conversion is :func:`regionclip.weights.hub.convert_file`. Keys are kept exactly as the original file spells them (after
 unwrapping a ``{'model': ...}`` container and a DDP ``module.`` prefix, which every loader does anyway), so the
 existing loaders read a converted file unchanged; the metadata only *describes* what the shapes already say, plus
 what they cannot say (class names, where the file came from and its sha256). docs/DESIGN.md#checkpoints.
@@ -36,7 +36,7 @@ from torch import Tensor
 from ..config import ClipResNetConfig, to_dict
 from .io import CheckpointError, PathLike, read_metadata, state_dict_from
 from .regionclip import describe_checkpoint, infer_clip_resnet_config
-from .rpn import infer_rpn_config
+from .rpn_keys import infer_rpn_config
 from .zeroshot_branch import transformer_layout
 
 FORMAT_VERSION = "1"
@@ -245,7 +245,7 @@ def file_info(path: PathLike) -> Optional[WeightsInfo]:
 
 def class_names_of(path: PathLike) -> tuple[Optional[list[str]], Optional[list[int]]]:
     """(class names, category ids) recorded in a converted class-embedding file, else (None, None). Ids default to
-    ``index + 1`` when only names were recorded (the convention of :func:`regionclip.vocab.resolve_names`)."""
+    ``index + 1`` when only names were recorded (the convention of :func:`regionclip.text.vocabulary.resolve_names`)."""
     info = file_info(path)
     if info is None or info.class_names is None:
         return None, None

@@ -217,7 +217,7 @@ def sha256_sidecar(path: PathLike) -> Path:
 
 def write_sha256_sidecar(path: PathLike, digest: Optional[str] = None) -> Path:
     """Record ``path``'s sha256 (computed when not given) in ``<file>.sha256``, atomically. ``sha256sum -c``
-    checks it, and :func:`regionclip.pretrained.resolve_weights` verifies it on every load."""
+    checks it, and :func:`regionclip.weights.pretrained.resolve_weights` verifies it on every load."""
     path = Path(path)
     digest = digest or file_sha256(path)
     out = sha256_sidecar(path)

@@ -15,10 +15,10 @@ from ..checkpoint.io import content_sha256
 from ..config import to_dict
 from ..export import read_manifest
 from ..pipeline import RunOptions
-from ..presets import PRESETS, LoadOptions
-from ..pretrained import WeightsNotFound, resolve_weights
-from ..runtime import REQUESTABLE_DTYPES, resolve_dtype
-from ..vocab import Vocabulary, is_embedding_file, resolve_names
+from ..inference.presets import PRESETS, LoadOptions
+from ..weights.pretrained import WeightsNotFound, resolve_weights
+from ..inference.hardware import REQUESTABLE_DTYPES, resolve_dtype
+from ..text.vocabulary import Vocabulary, is_embedding_file, resolve_names
 from .argtypes import fraction, nonneg_int, positive_int
 
 

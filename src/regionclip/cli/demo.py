@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..api import RegionCLIP
 from ..demo import build_demo, launch_demo
-from ..presets import PRESETS, LoadOptions
+from ..inference.presets import PRESETS, LoadOptions
 from ..search import RegionIndex
 from ..utils import require
 

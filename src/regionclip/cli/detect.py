@@ -15,11 +15,11 @@ from PIL import Image
 from ..assets import demo_image_paths
 from ..data.images import decode_image, image_size
 from ..data.loader import InferenceItem, items_from_inputs
-from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..formats import FORMATS, export_journal, match_boxes, read_boxes_file
-from ..sharding import ShardedResults, rank_device, shard_items
+from ..parallel.sharding import ShardedResults, rank_device, shard_items
 from ..utils import atomic_path
-from ..visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
+from ..evaluation.visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
 from .argtypes import fraction, nonneg_float, nonneg_int
 from .common import (
     add_model_args,

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ..data.datasets import load_annotations, load_image_folder, load_registered
-from ..distributed import DistInfo, cleanup, init_distributed
+from ..parallel.distributed import DistInfo, cleanup, init_distributed
 from ..evaluation import evaluate_dataset, format_metrics
 from ..evaluation.inference import dataset_predictor, results_file_name
 from ..evaluation.scenarios import SCENARIOS, get_scenario
-from ..presets import get_preset
+from ..inference.presets import get_preset
 from ..formats import merge_journals
-from ..sharding import journals, rank_device
-from ..vocab import resolve_names
+from ..parallel.sharding import journals, rank_device
+from ..text.vocabulary import resolve_names
 from .argtypes import fraction, positive_int
 from .evaluate_metrics import run_metric
 from .common import (

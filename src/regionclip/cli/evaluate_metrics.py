@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.io import load_state_dict
-from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from ..checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..data.datasets import DetectionDataset
 from ..evaluation.proposals import AR_MAX_DETS, evaluate_proposals, format_proposal_recall
 from ..evaluation.region_accuracy import evaluate_region_accuracy, format_region_accuracy
 from ..evaluation.report import write_metrics_json
 from ..modeling.rpn import build_offline_rpn
-from ..pretrained import resolve_weights
+from ..weights.pretrained import resolve_weights
 from .common import load_model, log, run_options, vocabulary_from_args
 
 __all__ = ["run_metric", "load_rpn_for_recall"]

@@ -26,7 +26,7 @@ from ..api import RegionCLIP
 from ..assets import demo_image_paths
 from ..export import FORMATS, ONNX_OPSET, calibration_pairs, export_model
 from ..pipeline import RunOptions
-from ..presets import LoadOptions
+from ..inference.presets import LoadOptions
 from .common import log
 
 NAME = "export"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from regionclip.assets import BUILTIN_VOCABULARIES, lvis_categories, vocabulary
 from regionclip.data.datasets import load_annotations, load_image_folder, load_registered
-from regionclip.visualize import render_results
+from regionclip.evaluation.visualize import render_results
 
 from .argtypes import fraction, nonneg_float, nonneg_int, positive_int
 

@@ -39,8 +39,8 @@ from ..search import RegionIndex
 from ..search.demo_tab import build_search_tab
 from ..structures import Detections
 from ..utils import require, write_json_atomic
-from ..visualize import draw_detections
-from ..vocab import Vocabulary, resolve_names
+from ..evaluation.visualize import draw_detections
+from ..text.vocabulary import Vocabulary, resolve_names
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class DemoBackend:
     Args:
         model: a loaded :class:`RegionCLIP` (loaded once, shared by all requests).
         embed_fn: names -> [K, D] class embeddings. Default: the checkpoint's own text encoder with the 81
-            prompt templates (:func:`regionclip.text.vocabulary.class_embeddings`, also cached on disk).
+            prompt templates (:func:`regionclip.text.name_cache.class_embeddings`, also cached on disk).
         cache_size: how many vocabularies keep their embeddings in memory (LRU).
         output_dir: where the per-request results JSON files go (default: a temp folder removed at exit).
         cache_dir: disk cache of the default ``embed_fn``.

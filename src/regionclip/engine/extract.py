@@ -43,14 +43,14 @@ from torch import Tensor
 from ..checkpoint.io import save_file_atomic
 from ..config import PostprocessConfig
 from ..data.loader import IncompleteRunError, InferenceItem
-from ..distributed import DistInfo, all_gather_object, barrier
+from ..parallel.distributed import DistInfo, all_gather_object, barrier
 from ..modeling.recognizer import foreground_probs
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
 from ..pipeline import ItemError, Pipeline, RunOptions, run_batch
-from ..sharding import shard_items
+from ..parallel.sharding import shard_items
 from ..structures import PreparedImage, Proposals
 from ..utils import lock_dir, write_json_atomic
-from ..vocab import Vocabulary
+from ..text.vocabulary import Vocabulary
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ExtractConfig:
     dtype: compute dtype of the CLIP backbone and RoI head (autocast); the RPN always runs in float32 because
         box decoding in 16-bit loses pixels.
     save_dtype: dtype of the stored ``feats``/``probs``.
-    chunk_size: regions per RoI-head call (None: the device default, regionclip.runtime.default_chunk_size); never
+    chunk_size: regions per RoI-head call (None: the device default, regionclip.inference.hardware.default_chunk_size); never
         changes results.
     pad_mixed_sizes: batch images of different sizes with the original's zero padding (changes features near
         the bottom/right border of the smaller images); default batches only equal sizes.

@@ -20,18 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.io import load_into, load_state_dict
-from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from ..checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..config import InputConfig, RPNConfig, from_dict, read_yaml_mapping
 from ..data.train_data import (
     TrainingDataset,
     TrainSample,
 )
-from ..distributed import cleanup, init_distributed
+from ..parallel.distributed import cleanup, init_distributed
 from ..evaluation.proposals import evaluate_proposals
 from ..losses.rpn import label_and_sample_anchors, rpn_losses
 from ..modeling.rpn import OfflineRPN, build_offline_rpn
 from ..modeling.rpn.anchors import anchors_for_features
-from ..pretrained import resolve_weights
+from ..weights.pretrained import resolve_weights
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, make_train_batches, prepare_run_dir, training_records
 from .transfer import DatasetSection, apply_overrides, load_dataset

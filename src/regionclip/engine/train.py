@@ -40,7 +40,7 @@ from ..data.train_data import (
     filter_empty_records,
     repeat_factors,
 )
-from ..distributed import DistInfo, all_gather_object, barrier, reduce_dict_mean
+from ..parallel.distributed import DistInfo, all_gather_object, barrier, reduce_dict_mean
 from ..utils import atomic_path, write_json_atomic
 from .schedule import SolverConfig, build_lr_scheduler, build_optimizer
 
@@ -175,7 +175,7 @@ class Trainer:
         task: module returning a loss dict; wrapped in DDP when ``dist.world_size > 1``.
         solver: optimiser / schedule / AMP / accumulation settings.
         cfg: run settings.
-        dist: this process' rank and device (:func:`regionclip.distributed.init_distributed`).
+        dist: this process' rank and device (:func:`regionclip.parallel.distributed.init_distributed`).
         make_batches: ``make_batches(start_micro_batch)`` -> infinite iterator of this rank's micro-batches,
             starting at the given micro-batch number (exact resume).
         evaluate: optional ``evaluate(iteration) -> metrics`` run on rank 0 with the task in eval mode.

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..checkpoint.io import load_into, load_state_dict, read_weight_file
 from ..checkpoint.regionclip import class_embedding_file
-from ..checkpoint.rpn import rpn_state_dict_from_checkpoint
+from ..checkpoint.rpn_keys import rpn_state_dict_from_checkpoint
 from ..config import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
@@ -32,17 +32,17 @@ from ..data.train_data import (
     TrainingDataset,
     load_segmentations,
 )
-from ..distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..evaluation import evaluate_dataset
 from ..evaluation.inference import dataset_predictor
 from ..factory import build_detector, load_detector
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import MaskHead
 from ..pipeline import Pipeline, RunOptions
-from ..pretrained import resolve_weights
-from ..text.vocabulary import class_embeddings
-from ..vocab import Vocabulary
-from .detection import DetectionTask, RoIConfig
+from ..weights.pretrained import resolve_weights
+from ..text.name_cache import class_embeddings
+from ..text.vocabulary import Vocabulary
+from .detection_task import DetectionTask, RoIConfig
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, make_train_batches, prepare_run_dir, training_records
 

@@ -18,12 +18,12 @@ import torch
 from tqdm import tqdm
 
 from ..data.datasets import DetectionDataset, ImageRecord
-from ..distributed import DistInfo
-from ..formats.coco import check_labels
+from ..parallel.distributed import DistInfo
+from ..formats.coco_json import check_labels
 from ..pipeline import Pipeline, RunOptions
-from ..sharding import ShardedResults, shard_items
+from ..parallel.sharding import ShardedResults, shard_items
 from ..structures import Detections, Proposals
-from ..vocab import Vocabulary
+from ..text.vocabulary import Vocabulary
 from .coco import evaluate_coco
 from .lvis import evaluate_lvis
 from .report import write_metrics_json
@@ -97,7 +97,7 @@ def run_inference(dataset: DetectionDataset, predict: Predictor, output_dir: Pat
 
     Finished images stream into a journal through the one results writer (:mod:`regionclip.formats`), so a killed
     run resumes where it stopped. Under ``torchrun`` (``dist`` with several ranks) the images are sharded and rank 0
-    merges the journals (:mod:`regionclip.sharding`); other ranks return None.
+    merges the journals (:mod:`regionclip.parallel.sharding`); other ranks return None.
 
     Args:
         dataset: the images (and, for category ids, the class table).

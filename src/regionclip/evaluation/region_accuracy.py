@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..data.datasets import DetectionDataset, ImageRecord
 from ..pipeline import Pipeline, RunOptions
-from ..vocab import Vocabulary
+from ..text.vocabulary import Vocabulary
 
 __all__ = ["topk_hits", "RegionAccuracyCounts", "summarize_region_accuracy", "evaluate_region_accuracy",
            "format_region_accuracy"]

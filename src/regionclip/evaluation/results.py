@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Union
 
-from ..formats.coco import ResultsError  # one error type for results, whoever raises it
+from ..formats.coco_json import ResultsError  # one error type for results, whoever raises it
 
 PathLike = Union[str, os.PathLike]
 __all__ = ["ResultsError", "load_results", "validate_results"]

@@ -1,6 +1,6 @@
 """Evaluation scenarios: the original's evaluation commands by name (docs/DESIGN.md#settings).
 
-A scenario = a model preset (:mod:`regionclip.presets`: weights, RPN, post-processing, region source) + the
+A scenario = a model preset (:mod:`regionclip.inference.presets`: weights, RPN, post-processing, region source) + the
 dataset the original evaluated it on + what the paper / model zoo reports. docs/EVALUATION.md lists the
 commands.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class EvalScenario:
     name: str
-    preset: str  # regionclip.presets name
+    preset: str  # regionclip.inference.presets name
     dataset: str  # regionclip.data.datasets.REGISTERED_DATASETS name
     original_config: str  # the original's config file (under configs/)
     reported: str  # the published number, or why there is none

@@ -34,8 +34,8 @@ from torchvision.ops import roi_align
 from ..modeling.clip_resnet import ModifiedResNet, fused_copy
 from ..modeling.detector import RES4_STRIDE, RegionCLIPDetector
 from ..modeling.rpn.model import OfflineRPN
-from ..modeling.rpn.rpn import RPN, StandardRPNHead
-from ..text.vocabulary import checkpoint_fingerprint
+from ..modeling.rpn.rpn_head import RPN, StandardRPNHead
+from ..text.name_cache import checkpoint_fingerprint
 from ..utils import atomic_path, require, write_json_atomic
 from .quantize import quantize_region_head
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..modeling.detector import RegionCLIPDetector, boxes_to_rois, normalize_and_pad
 from ..modeling.recognizer import RegionRecognizer
 from ..modeling.rpn.model import OfflineRPN
-from ..modeling.rpn.rpn import RPN
+from ..modeling.rpn.rpn_head import RPN
 from ..structures import Proposals
 from ..utils import require
 from .graphs import MANIFEST, MANIFEST_VERSION, state_fingerprint

@@ -9,7 +9,7 @@ Nothing else in the package builds a detector from a file. The pieces:
   :mod:`regionclip.factory.clip_towers` for both towers of an OpenAI CLIP file.
 
 The post-processing / RPN settings a checkpoint is run with are not chosen here: :func:`checkpoint_kind` tells
-:mod:`regionclip.presets` what kind of file it is and the preset layer resolves the settings once.
+:mod:`regionclip.inference.presets` what kind of file it is and the preset layer resolves the settings once.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ..checkpoint.regionclip import (
     infer_clip_resnet_config,
     split_regionclip_state_dict,
 )
-from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from ..checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..checkpoint.zeroshot_branch import transformer_layout
 from ..config import DetectorConfig, RPNConfig
 from ..modeling.clip_resnet import ModifiedResNet

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.io import CheckpointError, LoadReport, load_into, load_state_dict
-from ..checkpoint.rpn import infer_rpn_config, rpn_state_dict_from_checkpoint
+from ..checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..checkpoint.zeroshot_branch import (
     BranchSplit,
     ours_to_timm_vit,

@@ -9,8 +9,8 @@
 * :mod:`.boxes` - user boxes: :func:`read_boxes_file`, :func:`match_boxes`, :func:`validate_user_boxes`.
 """
 from .adapters import from_hf, from_supervision, to_hf, to_supervision
-from .boxes import BadBoxesError, BoxesFileError, box_problem, match_boxes, read_boxes_file, validate_user_boxes
-from .coco import ResultsError, categories, coco_to_detections, decode_masks, detections_to_coco, encode_masks
+from .box_files import BadBoxesError, BoxesFileError, box_problem, match_boxes, read_boxes_file, validate_user_boxes
+from .coco_json import ResultsError, categories, coco_to_detections, decode_masks, detections_to_coco, encode_masks
 from .exports import (
                     FORMATS,
                     CsvWriter,
@@ -26,7 +26,7 @@ from .exports import (
                     write_jsonl,
                     write_yolo,
 )
-from .results import (
+from .journal import (
                     JOURNAL_NAME,
                     ImageEntry,
                     Journal,

@@ -3,7 +3,7 @@
 Every writer has the same interface: ``add(key, det)`` per image, ``close()`` at the end (also as a context
 manager; an exception inside the ``with`` block leaves no partial output). Files become visible atomically: the
 JSONL / CSV file at ``close()``, each YOLO label file when its image is added and ``classes.txt`` at ``close()``.
-The COCO format is the results JSON of :mod:`regionclip.formats.results`; :func:`export_journal` renders a finished
+The COCO format is the results JSON of :mod:`regionclip.formats.journal`; :func:`export_journal` renders a finished
 (possibly resumed or merged) journal in any of the others, so resumable runs work for every format.
 
 Formats (boxes XYXY in original pixels unless said otherwise; ``label`` = contiguous class index):
@@ -31,7 +31,7 @@ import torch
 
 from ..structures import Detections
 from ..utils import atomic_path
-from .coco import decode_masks, encode_masks
+from .coco_json import decode_masks, encode_masks
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("coco", "jsonl", "yolo", "csv")
@@ -177,7 +177,7 @@ class YoloWriter(FormatWriter):
 def open_writer(fmt: str, out_dir: PathLike, class_names: Sequence[str], *, with_scores: bool = False
                 ) -> FormatWriter:
     """The writer of ``fmt`` in ``out_dir``: ``detections.jsonl``, ``detections.csv`` or ``labels/`` +
-    ``classes.txt``. ``coco`` has no writer here: it is :class:`~regionclip.formats.results.ResultsWriter`."""
+    ``classes.txt``. ``coco`` has no writer here: it is :class:`~regionclip.formats.journal.ResultsWriter`."""
     if fmt == "jsonl":
         return JsonlWriter(Path(out_dir) / "detections.jsonl")
     if fmt == "csv":
@@ -214,7 +214,7 @@ def write_yolo(dets: DetsLike, out_dir: PathLike, class_names: Sequence[str], *,
 
 def export_journal(journal: Any, fmt: str, out_dir: PathLike, *, order: Optional[Sequence[str]] = None,
                    with_scores: bool = False) -> Optional[Path]:
-    """Render a finished :class:`~regionclip.formats.results.Journal` (finished images in ``order``) in ``fmt``.
+    """Render a finished :class:`~regionclip.formats.journal.Journal` (finished images in ``order``) in ``fmt``.
     Returns the written file / folder, or None for ``coco`` (already written by the results writer)."""
     if fmt == "coco":
         return None

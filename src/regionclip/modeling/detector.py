@@ -22,7 +22,7 @@ from torchvision.ops import roi_align
 
 from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from ..ops.box_coder import decode_boxes
-from ..runtime import BF16_STAGES
+from ..inference.hardware import BF16_STAGES
 from ..structures import Proposals
 from .clip_resnet import ModifiedResNet
 from .heads import MaskHead, text_classifier_logits
@@ -71,7 +71,7 @@ def _autocast_on(device: torch.device) -> bool:
 
 def _stage_autocast(stage: str, device: torch.device) -> AbstractContextManager:
     """Inside a 16-bit autocast region, turn autocast off for ``stage`` unless it is one of
-    :data:`regionclip.runtime.BF16_STAGES` (mixed precision by stage); a no-op outside autocast."""
+    :data:`regionclip.inference.hardware.BF16_STAGES` (mixed precision by stage); a no-op outside autocast."""
     if stage in BF16_STAGES or not _autocast_on(device):
         return nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
@@ -112,9 +112,9 @@ class RegionCLIPDetector(nn.Module):
     def compute_features(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 resized images [3, h_i, w_i] -> res4 map [B, C4, ~H/16, ~W/16] of the padded batch.
 
-        Under a 16-bit autocast the trunk runs in it only if "trunk" is in :data:`regionclip.runtime.BF16_STAGES`
+        Under a 16-bit autocast the trunk runs in it only if "trunk" is in :data:`regionclip.inference.hardware.BF16_STAGES`
         (it is not: a bf16 res4 map alone moves the classifier logits by ~0.1, and the float32 refinement of
-        :mod:`regionclip.precision` needs the float32 map; docs/DESIGN.md#cpu-speed)."""
+        :mod:`regionclip.inference.precision` needs the float32 map; docs/DESIGN.md#cpu-speed)."""
         batch = normalize_and_pad(images, self.pixel_mean, self.pixel_std)
         with _stage_autocast("trunk", batch.device):
             return self.backbone.forward_res4(batch)

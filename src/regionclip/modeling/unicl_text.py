@@ -4,7 +4,7 @@ Module layout (our keys = the branch's ``roi_heads.box_predictor.lang_encoder.*`
 ``lang_encoder.{token_embedding.weight, positional_embedding, resblocks.N.{attn.in_proj_weight, attn.in_proj_bias,
 attn.out_proj.*, ln_1.*, mlp.c_fc.*, mlp.c_proj.*, ln_2.*}, ln_final.*}``, ``lang_proj`` [W, D]. ``logit_scale``
 belongs to the region classifier (the detector), not here. Tokenization and the class-embedding procedure are in
-:mod:`regionclip.text.unicl`.
+:mod:`regionclip.text.unicl_embeddings`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Random subsampling of labelled candidates (detectron2's ``subsample_labels``): a pure op shared by the RoI
-sampler of transfer learning (:mod:`regionclip.engine.sampling`) and the RPN's anchor sampler
+sampler of transfer learning (:mod:`regionclip.engine.roi_sampling`) and the RPN's anchor sampler
 (:mod:`regionclip.losses.rpn`)."""
 from __future__ import annotations
 

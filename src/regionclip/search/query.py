@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..api import RegionCLIP
 from ..predictor import RegionPredictor
-from ..text.vocabulary import checkpoint_fingerprint
+from ..text.name_cache import checkpoint_fingerprint
 from .features import weights_fingerprint_of
 
 PathLike = Union[str, os.PathLike]

@@ -37,7 +37,7 @@ from regionclip.modeling.text_encoder import (
     PrefixStates,
     build_text_encoder_from_state_dict,
 )
-from regionclip.runtime import native_bf16
+from regionclip.inference.hardware import native_bf16
 from regionclip.text.prompts import fill_template, resolve_templates, validate_names
 from regionclip.text.tokenizer import ClipTokenizer, default_tokenizer
 
@@ -184,7 +184,7 @@ class PromptEncoder:
 
 def resolve_text_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> str:
     """The text tower's compute dtype: "auto" -> "bfloat16" where the device runs it natively
-    (:func:`regionclip.runtime.native_bf16`: AVX512_BF16/AMX/Arm BF16 CPUs, Ampere+ GPUs) and
+    (:func:`regionclip.inference.hardware.native_bf16`: AVX512_BF16/AMX/Arm BF16 CPUs, Ampere+ GPUs) and
     :data:`TEXT_AUTO_BF16` is set, else "float32".
 
     bfloat16 here meets the agreement bar (unlike the detector's, docs/DESIGN.md#trusted-bf16): the residual

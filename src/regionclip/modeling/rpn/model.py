@@ -18,7 +18,7 @@ from ..layers import fold_frozen_bn
 from .clip_trunk import ClipResNetTrunk
 from .fpn import FPN
 from .resnet import Conv2dNorm, FrozenBatchNorm2d, ResNet
-from .rpn import RPN
+from .rpn_head import RPN
 
 __all__ = ["OfflineRPN", "build_offline_rpn", "C4Backbone"]
 

@@ -95,7 +95,7 @@ class TransformerRegionDetector(nn.Module):
         text_encoder: the checkpoint's text tower, kept with the model it belongs to (a
             :class:`regionclip.modeling.unicl_text.UniCLTextEncoder` for branch checkpoints, a
             :class:`regionclip.modeling.text_encoder.CLIPTextTransformer` for OpenAI / open_clip ViTs); the
-            class-embedding procedure is :func:`regionclip.text.unicl.zeroshot_class_embeddings`.
+            class-embedding procedure is :func:`regionclip.text.unicl_embeddings.zeroshot_class_embeddings`.
         logit_scale: initial log of the classifier's scale (the learned scalar is loaded from the checkpoint;
             ``log(1/0.07)`` is CLIP's initial value, 100 = exp(4.605) its trained clamp).
     """

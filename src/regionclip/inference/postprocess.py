@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .config import PostprocessConfig
-from .ops.boxes import classwise_nms, clip_boxes, nonempty, scale_boxes, soft_nms
+from ..config import PostprocessConfig
+from ..ops.boxes import classwise_nms, clip_boxes, nonempty, scale_boxes, soft_nms
 
 
 def combine_rpn_scores(probs: Tensor, objectness_logits: Optional[Tensor], mode: str) -> Tensor:

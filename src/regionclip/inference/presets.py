@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from .config import PostprocessConfig
+from ..config import PostprocessConfig
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ preferring ``<name>.safetensors`` (``regionclip convert`` output) over the relea
 checkpoint is fetched from the Hugging Face Space ``CVPR/regionclip-demo`` with ``huggingface_hub`` on first use.
 The other files are only on the authors' Google Drive (MODEL_ZOO.md), which has no stable programmatic download:
 a missing file stops with a message saying where to get it and where to put it. ``hf://user/repo[/file]`` resolves
-through :mod:`regionclip.hub`.
+through :mod:`regionclip.weights.hub`.
 
 Integrity (docs/WEIGHTS.md): a file is checked against the sha256 it is expected to have - the ``sha256`` of its
 :data:`WEIGHTS` entry, or a ``<file>.sha256`` sidecar (``regionclip convert`` writes one; ``sha256sum`` format).
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from .checkpoint.convert import file_info
-from .checkpoint.io import CheckpointError, file_sha256, read_sha256_sidecar, sha256_sidecar
+from ..checkpoint.convert import file_info
+from ..checkpoint.io import CheckpointError, file_sha256, read_sha256_sidecar, sha256_sidecar
 from .hub import HF_SCHEME, download_uri
 
 GDRIVE_ROOT = "https://drive.google.com/drive/folders/1hzrJBvcCrahoRcqJRqzkIGFO_HUSJIii"  # MODEL_ZOO pretrained_ckpt
@@ -151,7 +151,7 @@ def _local_candidates(stem: str, spec: Optional[WeightsSpec]) -> list[Path]:
 
 def resolve_weights(name_or_path: Union[str, os.PathLike], *, download: bool = True, strict_hash: bool = False
                     ) -> Path:
-    """A local path as is; ``hf://user/repo[@revision][/file]`` -> the downloaded file (:mod:`regionclip.hub`); a
+    """A local path as is; ``hf://user/repo[@revision][/file]`` -> the downloaded file (:mod:`regionclip.weights.hub`); a
     released name (or the stem of a file in the weights folder) -> ``<name>.safetensors`` / the released file in
     ``$REGIONCLIP_HOME``, downloading from the HF hub where possible. The file is then checked
     (:func:`verify_file`); ``strict_hash`` turns a hash mismatch from a warning into :class:`HashMismatchError`.

@@ -20,7 +20,7 @@ from ..losses.detection import box_regression_loss, classification_loss, mask_lo
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import text_classifier_logits
 from ..structures import Proposals
-from .sampling import SampledRoIs, sample_rois
+from .roi_sampling import SampledRoIs, sample_rois
 
 __all__ = ["RoIConfig", "DetectionTask", "StepOutputs", "checkpoint_key", "export_detector_state_dict"]
 

@@ -17,12 +17,12 @@ import shutil
 from pathlib import Path
 
 from ..data.loader import items_from_coco, items_from_inputs
-from ..distributed import DistInfo, barrier, cleanup, init_distributed
+from ..parallel.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.extract import DTYPES, ExtractConfig, extract_regions, load_index
 from ..formats import match_boxes, read_boxes_file
-from ..runtime import resolve_dtype
-from ..sharding import rank_device
-from ..text.vocabulary import checkpoint_fingerprint
+from ..inference.hardware import resolve_dtype
+from ..parallel.sharding import rank_device
+from ..text.name_cache import checkpoint_fingerprint
 from .argtypes import positive_float, positive_int
 from .common import (
     add_model_args,

@@ -1,7 +1,7 @@
 """Sharded inference on many processes (``torchrun``), for ``detect``, ``evaluate`` and ``extract-regions``.
 
 ``torchrun --nproc-per-node N [--nnodes M ...] -m regionclip.cli.main detect ...`` runs N×M copies of the command;
-each reads the torchrun environment (:func:`regionclip.distributed.init_distributed`: one process per GPU on
+each reads the torchrun environment (:func:`regionclip.parallel.distributed.init_distributed`: one process per GPU on
 ``--device cuda``, gloo on CPU). The work is split so that the outputs equal a one-process run
 (docs/DESIGN.md#sharding):
 
@@ -22,11 +22,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
-from .data.images import image_size
-from .data.loader import InferenceItem
+from ..data.images import image_size
+from ..data.loader import InferenceItem
 from .distributed import DistInfo, barrier, broadcast_object
-from .utils import DirLock, lock_dir
-from .formats import JOURNAL_NAME, Journal, ResultsWriter, make_meta, merge_journals, read_journal, write_results
+from ..utils import DirLock, lock_dir
+from ..formats import JOURNAL_NAME, Journal, ResultsWriter, make_meta, merge_journals, read_journal, write_results
 
 T = TypeVar("T")
 LOCK_NAME = ".results.lock"  # held by rank 0 of the run writing the folder's journals
@@ -148,7 +148,7 @@ class ShardedResults:
         return out  # the lock is held until the context exits (the caller may still write exports)
 
     def merged(self) -> Journal:
-        """Every rank's journal merged (duplicate rule of :mod:`regionclip.formats.results`)."""
+        """Every rank's journal merged (duplicate rule of :mod:`regionclip.formats.journal`)."""
         return merge_journals(journals(self.out_dir), expected_meta=self.meta)
 
     def __enter__(self) -> "ShardedResults":

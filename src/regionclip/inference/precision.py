@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .config import PostprocessConfig
+from ..config import PostprocessConfig
 from .postprocess import combine_rpn_scores, postprocess_detections
 
 # Bound on |logit(bf16 scan) - logit(float32)| the margin assumes, after the 1/0.01 temperature. Measured on the

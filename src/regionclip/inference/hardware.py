@@ -136,7 +136,7 @@ def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> s
 
     A 16-bit dtype is the *trusted* reduced-precision path (docs/DESIGN.md#cpu-speed): only the stages in
     :data:`BF16_STAGES` run in 16 bits, and the regions whose float32 result could change the detections are
-    encoded again in float32 (:mod:`regionclip.precision`, ``RunOptions.refine_float32``), so it reports float32's
+    encoded again in float32 (:mod:`regionclip.inference.precision`, ``RunOptions.refine_float32``), so it reports float32's
     detections (measured 100 %, benchmarks/bf16_stages.py). That is what would make it eligible for ``"auto"``;
     it is not picked while it is slower than float32 (:data:`AUTO_16BIT`).
 
@@ -172,7 +172,7 @@ def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> s
 # Stages of the CLIP detector that run in 16 bits under dtype "bfloat16"/"float16" (mixed precision by stage);
 # every other stage stays float32: the RPN and the classifier always, and the trunk (res4) and attention pool here.
 # Only layer4 (~90 % of the region head's FLOPs) gains much from bf16; the trunk stays float32 because the float32
-# refinement of the decisive regions (regionclip.precision) pools from the float32 map, the attention pool because
+# refinement of the decisive regions (regionclip.inference.precision) pools from the float32 map, the attention pool because
 # it is cheap and alone moves the logits as much as layer4 does. Measured per stage: benchmarks/bf16_stages.py,
 # docs/DESIGN.md#cpu-speed.
 BF16_STAGES = frozenset({"layer4"})

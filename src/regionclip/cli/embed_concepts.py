@@ -17,9 +17,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from regionclip.pretrained import resolve_weights  # a path as is, or a released name -> cached file
+from regionclip.weights.pretrained import resolve_weights  # a path as is, or a released name -> cached file
 from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings, load_text_encoder, save_concept_embeddings
-from regionclip.vocab import resolve_names
+from regionclip.text.vocabulary import resolve_names
 
 from .argtypes import positive_int
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point: ``python -m regionclip.cli.embed ...``."""
+    """Stand-alone entry point: ``python -m regionclip.cli.embed_concepts ...``."""
     parser = argparse.ArgumentParser(prog=f"regionclip {NAME}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

@@ -5,7 +5,7 @@
 * :func:`push_to_hub` - a converted (or convertible) file, optional RPN and class-embedding files, a
   ``regionclip.json`` manifest, the sidecars and a generated model card (:func:`model_card`) -> one Hub repository;
 * :func:`download` / :func:`download_uri` - the reverse; ``hf://user/repo[@revision][/file]`` is what
-  :func:`regionclip.pretrained.resolve_weights` and ``RegionCLIP.from_pretrained`` accept.
+  :func:`regionclip.weights.pretrained.resolve_weights` and ``RegionCLIP.from_pretrained`` accept.
 
 Repository layout written by :func:`push_to_hub` (docs/WEIGHTS.md#hub)::
 
@@ -26,17 +26,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .checkpoint.convert import PREFIX, build_metadata, converted_tensors, detect_format, file_info
-from .checkpoint.io import (
+from ..checkpoint.convert import PREFIX, build_metadata, converted_tensors, detect_format, file_info
+from ..checkpoint.io import (
     file_sha256,
     read_metadata,
     read_weight_file,
     save_file_atomic,
     write_sha256_sidecar,
 )
-from .factory import checkpoint_kind
-from .presets import PRESETS
-from .utils import require, write_json_atomic
+from ..factory import checkpoint_kind
+from ..inference.presets import PRESETS
+from ..utils import require, write_json_atomic
 
 PathLike = Union[str, os.PathLike]
 HF_SCHEME = "hf://"
@@ -99,7 +99,7 @@ def download(repo_id: str, revision: Optional[str] = None, *, filename: Optional
 
     Without ``filename`` the ``regionclip.json`` manifest names the files; the optional RPN and class-embedding
     files it lists are fetched into the same snapshot folder (:func:`companion_files` finds them). Every file's
-    ``.sha256`` sidecar is fetched when the repo has one, so :func:`regionclip.pretrained.verify_file` checks the
+    ``.sha256`` sidecar is fetched when the repo has one, so :func:`regionclip.weights.pretrained.verify_file` checks the
     download. A repository without a manifest falls back to ``model.safetensors``.
     """
     kw: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token)
@@ -119,7 +119,7 @@ def download(repo_id: str, revision: Optional[str] = None, *, filename: Optional
 
 def download_uri(uri: str, *, cache_dir: Optional[PathLike] = None, token: Any = None) -> Path:
     """:func:`download` for an ``hf://user/repo[@revision][/file]`` URI, with errors that name the URI. The caller
-    verifies the file (:func:`regionclip.pretrained.resolve_weights` does, against the downloaded sidecar)."""
+    verifies the file (:func:`regionclip.weights.pretrained.resolve_weights` does, against the downloaded sidecar)."""
     repo_id, filename, revision = parse_hf_uri(uri)
     try:
         return download(repo_id, revision, filename=filename, cache_dir=cache_dir, token=token)

@@ -5,7 +5,7 @@ Journal (``predictions.jsonl`` by default), append-only, one JSON object per lin
 * line 1: ``{"meta": {"version": 1, "categories": [{"id", "name"}, ...], **settings}}`` - the fingerprint of the
   run's settings; a resumed run with other settings is refused (mixing them would silently corrupt the results);
 * one line per finished image: ``{"key", "image_id", "file_name", "height", "width", "instances": [...]}`` with
-  ``instances`` exactly the image's COCO results dicts (:func:`~regionclip.formats.coco.detections_to_coco`);
+  ``instances`` exactly the image's COCO results dicts (:func:`~regionclip.formats.coco_json.detections_to_coco`);
 * one line per failed image: ``{"key", "file_name", "error"}``.
 
 Each line is flushed and fsynced when written, so a killed run loses at most the image in flight. On resume the
@@ -33,7 +33,7 @@ import numpy as np
 
 from ..structures import Detections
 from ..utils import atomic_path, write_json_atomic
-from .coco import ResultsError, categories, check_labels, coco_to_detections, detections_to_coco
+from .coco_json import ResultsError, categories, check_labels, coco_to_detections, detections_to_coco
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
