@@ -74,15 +74,7 @@ REQUIRED = {"torch", "torchvision", "numpy", "PIL", "yaml", "ftfy", "regex"}  # 
 OPTIONAL_SUBMODULES = ("torch.utils.tensorboard",)  # needs the optional tensorboard package
 PLATFORM_ONLY = {"fcntl", "msvcrt", "ctypes", "signal", "resource", "termios"}  # may be absent: imported where used
 KNOWN_FUNCTION_IMPORTS = {  # (module, imported top-level package)
-    ("regionclip.config", "yaml"), ("regionclip.config", "typing"),
     ("regionclip.data.captions", "argparse"),  # captions.py hides a second CLI (issue 25: move it to cli/)
-    ("regionclip.data.datasets", "PIL"),
-    ("regionclip.evaluation.lvis", "numpy"),
-    ("regionclip.search.backends", "logging"), ("regionclip.search.backends", "torch"),
-    ("regionclip.search.demo_tab", "torch"), ("regionclip.search.features", "torch"),
-    ("regionclip.search.html", "PIL"), ("regionclip.search.index", "numpy"),
-    ("regionclip.text.prompts", "warnings"),
-    ("regionclip.utils", "torch"),
 }
 
 

@@ -7,8 +7,11 @@ keys so a typo in a YAML file is an error, not a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, Type, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
@@ -41,8 +44,6 @@ def from_dict(cls: Type[T], data: dict[str, Any]) -> T:
 
 def read_yaml_mapping(path: Any, sections: str) -> dict[str, Any]:
     """A recipe file's top-level mapping (empty file -> {}); anything else is a ``ValueError`` naming ``sections``."""
-    import yaml
-
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
@@ -55,8 +56,6 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def _resolved_types(cls: type) -> dict[str, Any]:
-    import typing
-
     try:
         return typing.get_type_hints(cls)
     except Exception:  # pragma: no cover - only on exotic annotations
@@ -64,8 +63,6 @@ def _resolved_types(cls: type) -> dict[str, Any]:
 
 
 def _dataclass_in(tp: Any) -> Optional[type]:
-    import typing
-
     if tp is None:
         return None
     # resolved annotations are classes, never dataclass instances: the isinstance check only narrows the type

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..ops.boxes import scale_boxes_like_d2
 from .folders import folder_images
@@ -280,8 +281,6 @@ def load_image_folder(folder: PathLike, vocabulary: Sequence[str], *, name: Opti
     reproducible). ``category_ids`` default to ``index + 1`` (the LVIS convention the original uses for its
     custom-image dataset). Height and width are read from the file headers only.
     """
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")

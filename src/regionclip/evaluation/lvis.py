@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+import numpy as np
+
 from ..utils import require
 from .results import ResultsError, load_results, validate_results
 
@@ -24,8 +26,6 @@ LVIS_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 @contextlib.contextmanager
 def _numpy_float_alias() -> Iterator[None]:
     """lvis 0.5.3 (the latest release) calls ``np.float``, removed in NumPy 1.24; alias it only while it runs."""
-    import numpy as np
-
     added = "float" not in np.__dict__
     if added:
         np.float = float  # type: ignore[attr-defined]

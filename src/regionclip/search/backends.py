@@ -12,6 +12,7 @@ folder. Every back-end stores L2-normalised embeddings, so inner product = cosin
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import torch
 
 from ..utils import require
 
@@ -43,8 +45,6 @@ class FaissOptions:
 
 
 def _faiss() -> Any:
-    import logging
-
     # faiss's loader logs at INFO that it tried a per-ISA module first; the dynamic-dispatch build it then loads
     # has the AVX2 kernels, so that message is only noise in the CLI output
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -160,8 +160,6 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 13
     Returns:
         scores [Q, k'] float32 descending, rows [Q, k'] int64 (k' = min(k, N)).
     """
-    import torch
-
     n = vectors.shape[0]
     k_eff = min(k, n)
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))

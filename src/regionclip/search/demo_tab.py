@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional, Union
 
+import torch
+
 from .html import hit_crop
 from .index import RegionIndex
 
@@ -20,8 +22,6 @@ def search_gallery(index: RegionIndex, embed_text_fn: EmbedTextFn, query: str, t
                    image_root: Optional[PathLike] = None) -> tuple[list[tuple[Any, str]], str]:
     """Embed ``query``, search, crop. Returns ([(PIL crop, caption)], status line); raises ValueError on an empty
     query or a width mismatch (the demo shows it as an error message)."""
-    import torch
-
     query = (query or "").strip()
     if not query:
         raise ValueError("type what to search for, e.g. 'a red forklift'")

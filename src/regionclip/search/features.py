@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
+from safetensors import safe_open
 
 PathLike = Union[str, os.PathLike]
 STORE_FORMAT = "regionclip-regions/1"
@@ -54,8 +56,6 @@ def list_shards(features_dir: PathLike) -> list[ShardInfo]:
         FileNotFoundError: the folder has no ``shards/`` (not an ``extract-regions`` output).
         ValueError: a shard is not of this store format.
     """
-    from safetensors import safe_open
-
     shard_dir = Path(features_dir) / "shards"
     if not shard_dir.is_dir():
         raise FileNotFoundError(f"{features_dir} is not a region-feature folder (no shards/ inside); create one "
@@ -84,8 +84,6 @@ def read_shard(shard: ShardInfo, fields: tuple[str, ...] = ("boxes", "feats", "o
                ) -> dict[str, np.ndarray]:
     """The named tensors of a shard that exist, as numpy arrays (``feats`` in its stored dtype, as float32 when
     it was stored as bfloat16, which numpy lacks)."""
-    from safetensors import safe_open
-
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(shard.path), framework="pt") as sf:
@@ -93,7 +91,7 @@ def read_shard(shard: ShardInfo, fields: tuple[str, ...] = ("boxes", "feats", "o
             for k in fields:
                 if k in keys:
                     t = sf.get_tensor(k)
-                    if t.dtype.is_floating_point and t.dtype not in (_torch().float16, _torch().float32):
+                    if t.dtype.is_floating_point and t.dtype not in (torch.float16, torch.float32):
                         t = t.float()  # bfloat16 has no numpy dtype
                     out[k] = t.numpy()
     except Exception as e:  # SafetensorError: changed or damaged since it was listed
@@ -109,16 +107,8 @@ def damaged_shard_message(path: Path, error: Exception) -> str:
 
 def feats_dim(shard: ShardInfo) -> int:
     """D of a shard's ``feats`` [R, D], read from the header only."""
-    from safetensors import safe_open
-
     with safe_open(str(shard.path), framework="np") as sf:
         return int(sf.get_slice("feats").get_shape()[1])
-
-
-def _torch() -> Any:
-    import torch
-
-    return torch
 
 
 def load_store_index(features_dir: PathLike) -> Optional[dict[str, Any]]:

@@ -10,6 +10,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from PIL import Image, ImageDraw, ImageOps
+
 from ..utils import atomic_path
 from .index import Hit
 
@@ -31,8 +33,6 @@ def resolve_image(hit: Hit, image_root: Optional[PathLike] = None) -> Optional[P
 
 @lru_cache(maxsize=8)  # hits of one image come together often; keep a few decoded images around
 def _open_rgb(path: str) -> Any:
-    from PIL import Image, ImageOps
-
     with Image.open(path) as im:
         return ImageOps.exif_transpose(im).convert("RGB")  # the frame the detector saw (EXIF-rotated)
 
@@ -42,8 +42,6 @@ def crop_region(image: Any, box: Sequence[float], *, margin: float = 0.1, min_ma
     """The region ``box`` (XYXY original pixels) of a PIL image with a margin (``margin`` x box size, at least
     ``min_margin`` px), clipped to the image, its box outlined in red, scaled to fit ``thumb`` x ``thumb`` (crops
     smaller than half of that are enlarged to half)."""
-    from PIL import ImageDraw
-
     x1, y1, x2, y2 = (float(v) for v in box)
     mx = max(min_margin, margin * (x2 - x1))
     my = max(min_margin, margin * (y2 - y1))

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
 
 from ..utils import write_json_atomic
 from .backends import BACKENDS, VECTORS_FILE, FaissOptions, SegmentVectors, build_faiss, fsync_dir
@@ -337,9 +339,6 @@ def _opt(v: Any) -> Optional[float]:
 def _write_segment(tmp: Path, shards: Sequence[ShardInfo], manifest: dict[str, Any], *, progress: bool
                    ) -> dict[str, Any]:
     """Normalise and write the regions of ``shards`` into the new segment folder ``tmp``; build the back-end."""
-    from numpy.lib.format import open_memmap
-    from tqdm import tqdm
-
     tmp.mkdir(parents=True)
     n = sum(s.num_regions for s in shards)
     d = manifest["embed_dim"]

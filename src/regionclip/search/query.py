@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ..api import RegionCLIP
@@ -39,8 +40,6 @@ def load_query_embedding(path: PathLike) -> Tensor:
     if not p.is_file():
         raise FileNotFoundError(f"query embedding file not found: {p}")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         tensors = load_file(str(p))
         if len(tensors) != 1:
             raise ValueError(f"{p} holds {len(tensors)} tensors; save exactly one [D] query embedding")

@@ -6,6 +6,7 @@ commas and turning ``+`` into a space (``prompt_engineering`` in ``clip_prompt_u
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -80,8 +81,6 @@ def validate_names(names: Sequence[str], source: str = "vocabulary") -> list[str
     Raises:
         ValueError: no names at all, a non-string entry, or an empty name (its position is given).
     """
-    import warnings
-
     names = list(names)
     if not names:
         raise ValueError(f"{source}: no class names given")
