@@ -1,4 +1,5 @@
-"""Small shared helpers: optional-dependency import with an actionable message, atomic JSON writes."""
+"""Small shared helpers: optional-dependency import with an actionable message, atomic JSON writes, the compute-dtype
+table."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
+
+import torch
 
 
 def require(module: str, extra: str, purpose: str = "") -> Any:
@@ -48,13 +51,15 @@ def write_json_atomic(obj: Any, path: Union[str, os.PathLike], **dump_kwargs: An
     return Path(path)
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# The one dtype table: the compute dtypes a run may use (RunOptions.dtype), by name. Everything else derives from
+# it: the requestable CLI/API names add "auto" (regionclip.inference.hardware.REQUESTABLE_DTYPES), the region store's
+# save dtypes (regionclip.engine.extract) are these names.
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES: tuple[str, ...] = tuple(TORCH_DTYPES)
 
 
 def autocast_context(device: Any, dtype: str) -> contextlib.AbstractContextManager:
     """Autocast for 16-bit compute (``float32``: a no-op). bfloat16 works on CPU and GPU; float16 only on GPU."""
-    import torch
-
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     if dtype == "float32":
@@ -62,7 +67,7 @@ def autocast_context(device: Any, dtype: str) -> contextlib.AbstractContextManag
     device = torch.device(device)
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("float16 autocast is for GPUs; on the CPU use --dtype bfloat16 (or float32)")
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
 
 
 _LOCKED: set[str] = set()  # lock files this process holds (POSIX locks do not conflict within one process)

@@ -25,12 +25,14 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..utils import COMPUTE_DTYPES
+
 __all__ = ["cpu_capabilities", "native_bf16", "resolve_dtype", "gemm_peak_gflops", "cpu_flags_line",
            "REQUESTABLE_DTYPES", "EMULATED_BF16_SLOWDOWN", "BF16_STAGES", "AUTO_16BIT"]
 
 logger = logging.getLogger(__name__)
 
-REQUESTABLE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REQUESTABLE_DTYPES = ("auto", *COMPUTE_DTYPES)  # "auto" resolves to one of the compute dtypes (resolve_dtype)
 
 # Measured on an AVX2-only AMD EPYC (Zen 3): RN50 region head (layer4 + attnpool, 32 regions, 1-thread CPU time),
 # bf16 autocast vs float32 on the fused channels_last model: 265 vs 39 ms/region (6.7x); the unfused NCHW model
