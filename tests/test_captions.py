@@ -97,6 +97,32 @@ def test_tsv_lineidx_linelist_and_errors(tmp_path):
         TsvCaptions(img_tsv, txt_tsv)
 
 
+def test_prepare_tsv_command_writes_the_sidecars(tmp_path, capsys):
+    """``regionclip prepare-tsv`` (was the hidden ``python -m regionclip.data.captions``) writes each TSV's
+    ``.lineidx`` (what :class:`TsvCaptions` reads) and prints its path; a sidecar or a missing file given as a TSV
+    is refused, naming it, before anything is written."""
+    from regionclip.cli.main import main
+
+    pairs = synthetic_pairs(3)
+    img_tsv, txt_tsv = write_tsv(tmp_path, pairs)
+    want = [p.with_suffix(".lineidx").read_text() for p in (img_tsv, txt_tsv)]
+    for p in (img_tsv, txt_tsv):
+        p.with_suffix(".lineidx").unlink()
+    assert main(["prepare-tsv", str(img_tsv), str(txt_tsv)]) == 0
+    assert capsys.readouterr().out.split() == [str(img_tsv.with_suffix(".lineidx")), str(txt_tsv.with_suffix(".lineidx"))]
+    assert [p.with_suffix(".lineidx").read_text() for p in (img_tsv, txt_tsv)] == want
+    assert [TsvCaptions(img_tsv, txt_tsv).key(i) for i in range(3)] == [k for k, _, _ in pairs]
+
+    idx = img_tsv.with_suffix(".lineidx")
+    for bad, words in ((idx, "sidecar"), (tmp_path / "none.tsv", "no such TSV file")):
+        idx.unlink()
+        assert main(["prepare-tsv", str(img_tsv), str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and str(bad) in err
+        assert not idx.exists()  # the good file before it was not written either
+        idx.write_text(want[0])
+
+
 def test_iter_captions_and_concat(tmp_path, formats):
     _, sources = formats
     both = ConcatCaptions([sources["jsonl"], sources["tar"]])

@@ -73,9 +73,7 @@ KNOWN_WEIGHT_VIOLATIONS = {
 REQUIRED = {"torch", "torchvision", "numpy", "PIL", "yaml", "ftfy", "regex"}  # pyproject [project] dependencies
 OPTIONAL_SUBMODULES = ("torch.utils.tensorboard",)  # needs the optional tensorboard package
 PLATFORM_ONLY = {"fcntl", "msvcrt", "ctypes", "signal", "resource", "termios"}  # may be absent: imported where used
-KNOWN_FUNCTION_IMPORTS = {  # (module, imported top-level package)
-    ("regionclip.data.captions", "argparse"),  # captions.py hides a second CLI (issue 25: move it to cli/)
-}
+KNOWN_FUNCTION_IMPORTS: set[tuple[str, str]] = set()  # (module, imported top-level package)
 
 
 def _unit(module: str) -> str:

@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     "regionclip.cli.visualize",
     "regionclip.cli.extract_regions",
     "regionclip.cli.pretrain",
+    "regionclip.cli.prepare_tsv",
     "regionclip.cli.build_concepts",
     "regionclip.cli.demo",
     "regionclip.cli.index",

@@ -242,7 +242,7 @@ class _TsvFile:
         self.path = Path(path)
         idx = self.path.with_suffix(".lineidx")
         if not idx.is_file():
-            raise FileNotFoundError(f"{idx} not found: make it with `python -m regionclip.data.captions "
+            raise FileNotFoundError(f"{idx} not found: make it with `regionclip prepare-tsv "
                                     f"{self.path}` (the original requires it to exist as well)")
         self.offsets = [int(x) for x in idx.read_text(encoding="ascii").split()]
         lst = self.path.with_suffix(".linelist")
@@ -449,19 +449,3 @@ class CaptionDataset(torch.utils.data.Dataset):
             img = img.flip(-1).contiguous()
         tokens = default_tokenizer()([caption], context_length=self.context_length)[0]
         return CaptionSample(img, tokens, caption, name)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m regionclip.data.captions FILE.tsv ...``: write the ``.lineidx`` sidecar of each TSV."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m regionclip.data.captions",
-                                     description="write <name>.lineidx (byte offset of every row) for TSV files")
-    parser.add_argument("tsv", nargs="+", help="image or text TSV files")
-    for path in parser.parse_args(argv).tsv:
-        print(write_lineidx(path))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
