@@ -8,7 +8,7 @@ feeds the classifier (region-embedding cosine to float32, max |logit| difference
 Stages: ``trunk`` (stem..layer3 -> the res4 map, rounded to bf16 on output), ``roi`` (the res4 map rounded to bf16
 before RoIAlign and the pooled RoIs rounded to bf16 before layer4, with a float32 trunk and layer4: the rounding
 RoIAlign sees), ``layer4`` (the region convs), ``attnpool`` (the attention pool), ``classifier`` (cosines and the
-1/0.01 temperature in bf16), ``rpn`` (the offline RPN). ``mixed`` = :data:`regionclip.inference.hardware.BF16_STAGES`, the
+1/0.01 temperature in bf16), ``rpn`` (the offline RPN). ``mixed`` = :data:`regionclip.modeling.detector.BF16_STAGES`, the
 set ``--dtype bfloat16`` runs in bfloat16.
 
 Weights: the seed-0 random official-format checkpoints (tests/conftest.py::random_checkpoints); 65 random classes.
@@ -73,12 +73,12 @@ class StagedRecognizer:
     def compute_features(self, images: Sequence[Tensor]) -> Tensor:
         from regionclip.modeling.detector import normalize_and_pad
 
-        # the backbone directly: the detector's own compute_features keeps the trunk float32 (runtime.BF16_STAGES)
+        # the backbone directly: the detector's own compute_features keeps the trunk float32 (detector.BF16_STAGES)
         batch = normalize_and_pad(images, self.inner.pixel_mean, self.inner.pixel_std)
         with _ac("trunk" in self.stages):
             return self.inner.backbone.forward_res4(batch)
 
-    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 64,
+    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int,
                        return_res5: bool = False) -> tuple[Tensor, None]:
         from torchvision.ops import roi_align
 
@@ -147,7 +147,8 @@ def main() -> None:
     from regionclip.api import RegionCLIP
     from regionclip.assets import demo_image_paths
     from regionclip.pipeline import Pipeline
-    from regionclip.inference.hardware import BF16_STAGES, cpu_flags_line
+    from regionclip.inference.hardware import cpu_flags_line
+    from regionclip.modeling.detector import BF16_STAGES
     from regionclip.text.vocabulary import Vocabulary
 
     print(f"# {cpu_flags_line()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)

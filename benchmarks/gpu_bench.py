@@ -21,6 +21,7 @@ except ImportError:
 
 from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, PostprocessConfig, RPNConfig  # noqa: E402
 from regionclip.factory import build_detector  # noqa: E402
+from regionclip.modeling.fusion import fused_for_inference  # noqa: E402
 from regionclip.pipeline import Pipeline, RunOptions  # noqa: E402
 from regionclip.structures import PreparedImage  # noqa: E402
 from regionclip.text.vocabulary import Vocabulary  # noqa: E402
@@ -45,7 +46,7 @@ def main() -> None:
         clip = ClipResNetConfig.rn50() if name == "rn50" else ClipResNetConfig.rn50x4()
         det = build_detector(DetectorConfig(clip=clip, rpn=RPNConfig.fpn(nms_thresh=0.9, post_nms_topk=1000)))
         det = det.eval().to(dev)
-        det.backbone.fuse_for_inference()
+        det = fused_for_inference(det)
         pipe = Pipeline(det, InputConfig())
         vocab = Vocabulary.create(torch.randn(1203, clip.embed_dim, generator=g)).to(dev)
         for mode in ("gt", "rpn"):

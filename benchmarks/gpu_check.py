@@ -36,6 +36,7 @@ def build(name: str, device: torch.device, proposals: int) -> Any:
     """A fused random-init detector (RPN-``proposals``, NMS 0.9) and its input config."""
     from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, RPNConfig
     from regionclip.factory import build_detector
+    from regionclip.modeling.fusion import fused_for_inference
 
     torch.manual_seed(0)
     if name == "tiny":  # tests/_region_helpers.py's tiny shapes: runs in seconds on a CPU
@@ -48,10 +49,7 @@ def build(name: str, device: torch.device, proposals: int) -> Any:
         rpn = RPNConfig.fpn(nms_thresh=0.9, post_nms_topk=proposals)
         inp = InputConfig()
     det = build_detector(DetectorConfig(clip=clip, rpn=rpn, input=inp)).eval()
-    det.backbone.fuse_for_inference()
-    if hasattr(det.rpn, "fuse_for_inference"):
-        det.rpn.fuse_for_inference()
-    return det.to(device), inp
+    return fused_for_inference(det).to(device), inp
 
 
 def agreement(ref: Any, det: Any) -> str:

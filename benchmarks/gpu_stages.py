@@ -10,12 +10,13 @@ except ImportError:
     sys.modules["ftfy"] = types.SimpleNamespace(fix_text=lambda s: s)
 from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig, PostprocessConfig, RPNConfig
 from regionclip.factory import build_detector
+from regionclip.modeling.fusion import fused_for_inference
 from regionclip.pipeline import Pipeline, RunOptions
 from regionclip.structures import PreparedImage
 from regionclip.text.vocabulary import Vocabulary
 dev = torch.device("cuda"); g = torch.Generator().manual_seed(0)
 det = build_detector(DetectorConfig(clip=ClipResNetConfig.rn50(), rpn=RPNConfig.fpn(nms_thresh=0.9, post_nms_topk=1000))).eval().to(dev)
-det.backbone.fuse_for_inference()
+det = fused_for_inference(det)
 pipe = Pipeline(det, InputConfig()); vocab = Vocabulary.create(torch.randn(1203, 1024, generator=g)).to(dev)
 for bs, dtype in ((8, "bfloat16"), (8, "float32")):
     imgs = [PreparedImage(torch.randint(0, 255, (3, 750, 1333), dtype=torch.uint8, generator=g).to(dev), (1080, 1920), (750, 1333)) for _ in range(bs)]

@@ -16,7 +16,8 @@ from regionclip.text.embeddings import (concept_embeddings, load_concept_embeddi
                                         save_concept_embeddings)
 from regionclip.text.prompts import default_templates, resolve_templates
 from regionclip.text.tokenizer import EOT_ID, SOT_ID, default_tokenizer
-from regionclip.text.name_cache import class_embeddings, parse_vocabulary
+from regionclip.text.name_cache import class_embeddings
+from regionclip.text.vocabulary import parse_vocabulary
 
 
 def _tiny_regionclip_ckpt(path: Path, seed: int) -> Path:

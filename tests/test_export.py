@@ -75,7 +75,7 @@ def test_roi_align_exports_with_half_pixel_semantics(tmp_path: Path) -> None:
     rois = torch.tensor([[0, 0.0, 0.0, 143.0, 111.0], [1, 3.3, 4.7, 5.1, 6.2], [1, 100.5, 80.25, 144.0, 112.0],
                          [0, 17.0, 9.0, 17.0, 9.0]])  # whole map, sub-pixel, touching the border, zero-size
     model = make_backend(det, "onnxruntime", tmp_path)
-    fast, _ = model.encode_regions(res4, [rois[rois[:, 0] == 0, 1:], rois[rois[:, 0] == 1, 1:]])
+    fast, _ = model.encode_regions(res4, [rois[rois[:, 0] == 0, 1:], rois[rois[:, 0] == 1, 1:]], chunk_size=256)
     with torch.no_grad():
         ref = RegionHeadGraph(det)(res4, torch.cat([rois[rois[:, 0] == 0], rois[rois[:, 0] == 1]]))
     assert rel_err(fast, ref) < EMB_RTOL
@@ -164,8 +164,8 @@ def test_int8_region_head_is_quantised_and_close(tiny_rpn: torch.nn.Module, imag
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     q8 = make_backend(tiny_rpn, "onnxruntime", tmp_path, int8=True)
     fp = make_backend(tiny_rpn, "onnxruntime", tmp_path)
-    emb_q, _ = q8.encode_regions(res4[0], [props[0]])
-    emb_f, _ = fp.encode_regions(res4[0], [props[0]])
+    emb_q, _ = q8.encode_regions(res4[0], [props[0]], chunk_size=256)
+    emb_f, _ = fp.encode_regions(res4[0], [props[0]], chunk_size=256)
     assert not torch.equal(emb_q, emb_f)  # it really runs the quantised graph
     cos = torch.nn.functional.cosine_similarity(emb_q, emb_f)
     assert float(cos.min()) > 0.9, f"int8 embeddings too far from float32: min cosine {float(cos.min()):.3f}"

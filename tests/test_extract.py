@@ -86,7 +86,7 @@ def test_rpn_regions_are_topk_proposals_in_original_frame(tmp_path, data) -> Non
         prepared = pipe.prepare(p)
         with torch.no_grad():
             props = top_proposals(det.propose([prepared.image]), 12)[0]
-            feats, _ = det.encode_regions(det.compute_features([prepared.image]), [props.boxes])
+            feats, _ = det.encode_regions(det.compute_features([prepared.image]), [props.boxes], chunk_size=256)
         b = clip_boxes(scale_boxes(props.boxes, 1 / prepared.scale_xy[0], 1 / prepared.scale_xy[1]),
                        *prepared.original_hw)
         keep = nonempty(b)

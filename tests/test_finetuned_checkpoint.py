@@ -62,7 +62,7 @@ def test_box_deltas_and_masks_applied(finetuned_ckpt, demo_images):
     regions = [pipe.user_regions(torch.tensor([[100.0, 100.0, 900.0, 700.0]]), prepared[0])]
     with torch.no_grad():
         res4 = det.compute_features([prepared[0].image])
-        emb, _ = det.encode_regions(res4, [regions[0].boxes])
+        emb, _ = det.encode_regions(res4, [regions[0].boxes], chunk_size=256)
         expected = decode_boxes(det.bbox_pred(emb), regions[0].boxes, weights=(10.0, 10.0, 5.0, 5.0))
         torch.testing.assert_close(det.predict_boxes(emb, regions[0].boxes), expected)
     # deltas are never applied to given boxes (GT mode), whatever the config says
@@ -96,7 +96,7 @@ def test_deltas_applied_to_rpn_proposals(finetuned_ckpt, demo_images, monkeypatc
     plain = pipe.detect_prepared([p], model.vocabulary, RunOptions(postprocess=replace(cfg, apply_box_deltas=False))
                                  )[0]
     with torch.no_grad():
-        emb, _ = det.encode_regions(det.compute_features([p.image]), [props.boxes])
+        emb, _ = det.encode_regions(det.compute_features([p.image]), [props.boxes], chunk_size=256)
         moved = decode_boxes(det.bbox_pred(emb), props.boxes, weights=(10.0, 10.0, 5.0, 5.0))
     sx, sy = 1920 / p.resized_hw[1], 1080 / p.resized_hw[0]
     assert len(out) > 0 and len(plain) > 0

@@ -30,6 +30,7 @@ from regionclip.config import ClipResNetConfig, DetectorConfig, InputConfig
 from regionclip.parallel.distributed import DistInfo, init_distributed
 from regionclip.factory import build_detector
 from regionclip.modeling.detector import RegionCLIPDetector
+from regionclip.modeling.fusion import fused_for_inference
 from regionclip.pipeline import Pipeline, RunOptions
 from regionclip.inference.hardware import resolve_dtype
 from regionclip.parallel.sharding import rank_device
@@ -113,8 +114,7 @@ def meta_detector(request: pytest.FixtureRequest) -> tuple[RegionCLIPDetector, C
     with torch.device("meta"):
         det = build_detector(DetectorConfig(clip=clip)).eval()
     assert isinstance(det, RegionCLIPDetector)
-    det.backbone.fuse_for_inference()
-    return det, clip
+    return fused_for_inference(det), clip
 
 
 def test_meta_full_size_region_head_shapes(meta_detector: tuple[RegionCLIPDetector, ClipResNetConfig]) -> None:
@@ -184,7 +184,7 @@ def test_roi_coordinates_stay_float32_under_16bit_autocast(monkeypatch: pytest.M
     with cpu_float16_autocast(monkeypatch):
         opts = RunOptions(dtype=dtype)
         features = pipe.features([prepared], opts)
-        # the trunk stays float32 under autocast (runtime.BF16_STAGES, docs/DESIGN.md#trusted-bf16); a 16-bit map
+        # the trunk stays float32 under autocast (modeling.detector.BF16_STAGES, docs/DESIGN.md#trusted-bf16); a 16-bit map
         # (a 16-bit trunk, or a caller's) must still give float32 RoIs
         assert features.dtype == torch.float32
         features = features.to(getattr(torch, dtype))

@@ -1,4 +1,4 @@
-"""Trusted 16-bit inference (docs/DESIGN.md#cpu-speed): mixed precision by stage (runtime.BF16_STAGES) and the
+"""Trusted 16-bit inference (docs/DESIGN.md#cpu-speed): mixed precision by stage (modeling.detector.BF16_STAGES) and the
 float32 refinement of the regions that decide the detections (regionclip.inference.precision)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torchvision.ops import box_iou
 from _region_helpers import random_boxes, tiny_detector, tiny_options
 
-from regionclip.inference import hardware as runtime
 from regionclip.config import InputConfig, PostprocessConfig
+from regionclip.modeling.detector import BF16_STAGES
 from regionclip.pipeline import Pipeline
 from regionclip.inference.postprocess import combine_rpn_scores, postprocess_detections
 from regionclip.inference.precision import decisive_regions
@@ -23,7 +23,7 @@ BF16 = torch.bfloat16
 def test_stage_policy_keeps_trunk_and_attnpool_float32_under_autocast():
     det = tiny_detector(0)
     img = [torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)]
-    assert "layer4" in runtime.BF16_STAGES and "trunk" not in runtime.BF16_STAGES
+    assert "layer4" in BF16_STAGES and "trunk" not in BF16_STAGES
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         feats = det.compute_features(img)
         assert feats.dtype == torch.float32  # trunk stays float32 (was bf16 under autocast)

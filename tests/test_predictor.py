@@ -60,7 +60,7 @@ def test_encode_boxes_matches_detector_and_keeps_order(setup) -> None:
     prepared = pipe.prepare(path)
     with torch.no_grad():
         ref, _ = det.encode_regions(det.compute_features([prepared.image]),
-                                    [pipe.user_regions(boxes, prepared).boxes])
+                                    [pipe.user_regions(boxes, prepared).boxes], chunk_size=256)
     assert emb.shape == (23, 16) and emb.dtype == torch.float32
     assert torch.equal(emb, ref)
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(1))

@@ -106,10 +106,10 @@ def test_export_onnxruntime_openvino_then_dataloader_and_subprocess_in_one_proce
         feats = torch.randn(1, det.backbone.layer3[-1].conv3.out_channels, 6, 8)
         boxes = [torch.tensor([[0.0, 0.0, 60.0, 50.0], [10.0, 5.0, 100.0, 90.0]])]
         with torch.no_grad():
-            ref, _ = det.encode_regions(feats, boxes)
+            ref, _ = det.encode_regions(feats, boxes, chunk_size=256)
         for backend in ("onnxruntime", "openvino", "openvino"):
             model = make_backend(det, backend, out)
-            emb, _ = model.encode_regions(feats, boxes)
+            emb, _ = model.encode_regions(feats, boxes, chunk_size=256)
             torch.testing.assert_close(emb, ref, rtol=1e-4, atol=1e-5)
             del model
             gc.collect()

@@ -4,7 +4,6 @@ Tiny widths and images only (the CI machine has 2 cores); full-size parity is in
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from regionclip.config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, RPNConfig
+from regionclip.modeling.fusion import fused_for_inference
 from regionclip.checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from regionclip.modeling.rpn import (
     FrozenBatchNorm2d, OfflineRPN, build_offline_rpn, find_top_rpn_proposals, generate_cell_anchors,
@@ -374,7 +374,7 @@ def test_clip_trunk_fused_equals_plain() -> None:
     model = _tiny(RPNConfig.fpn(**TINY_CLIP, post_nms_topk=30), seed=5)
     imgs = _images(6, (64, 96))
     plain = model(imgs)[0]
-    fused = copy.deepcopy(model).fuse_for_inference()
+    fused = fused_for_inference(model)
     assert fused.backbone.bottom_up.fused and not any(".bn1." in k for k in fused.state_dict())
     out = fused(imgs)[0]
     torch.testing.assert_close(out.objectness_logits, plain.objectness_logits, rtol=1e-5, atol=1e-5)

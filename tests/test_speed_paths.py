@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from regionclip.inference import hardware as runtime
-from regionclip.modeling.clip_resnet import AttentionPool2d, ModifiedResNet, fused_copy
+from regionclip.modeling.clip_resnet import AttentionPool2d, ModifiedResNet
+from regionclip.modeling.fusion import fused_for_inference
 from regionclip.modeling.layers import FrozenBatchNorm2d, fold_frozen_bn
 
 
@@ -34,7 +35,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
                                      {"channels_last": False, "fold_attnpool_kv": False}])
 def test_fused_equals_unfused_within_rounding(options):
     m = _tiny_resnet()
-    f = fused_copy(m, **options)
+    f = fused_for_inference(m, **options)
     x = torch.randn(2, 3, 70, 90)
     rois = torch.randn(5, 128, 4, 4)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_fused_equals_unfused_within_rounding(options):
     assert _rel_err(emb_f, emb) < 1e-5
     assert _rel_err(full_f, full) < 1e-5
     assert not any(isinstance(mod, FrozenBatchNorm2d) for mod in f.modules())  # every BN was folded
-    assert f.fused and not m.fused  # fused_copy leaves the original alone
+    assert f.fused and not m.fused  # fused_for_inference leaves the original alone
     assert any(isinstance(mod, FrozenBatchNorm2d) for mod in m.modules())
 
 
@@ -85,7 +86,7 @@ def test_fold_frozen_bn_is_bn_of_conv():
 def test_training_keeps_unfused_modules_and_fused_refuses_training():
     m = _tiny_resnet()
     keys = list(m.state_dict())
-    f = fused_copy(m)
+    f = fused_for_inference(m)
     # the original is untouched: same checkpoint keys, frozen BNs still modules, trainable convs, train() works
     assert list(m.state_dict()) == keys
     m.train()
@@ -103,7 +104,7 @@ def test_training_keeps_unfused_modules_and_fused_refuses_training():
 
 
 def test_fused_model_is_channels_last():
-    f = fused_copy(_tiny_resnet())
+    f = fused_for_inference(_tiny_resnet())
     with torch.no_grad():
         res5 = f.layer4(torch.randn(3, 128, 4, 4))
     assert res5.is_contiguous(memory_format=torch.channels_last)

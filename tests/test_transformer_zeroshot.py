@@ -196,7 +196,7 @@ def test_end_to_end_zero_shot_on_demo_images(tmp_path, family: str) -> None:
         prepared = pipe.prepare(img)
         regions = pipe.user_regions(boxes[0], prepared)  # same (integer) boxes as detect got
         with torch.no_grad():
-            emb, _ = d.encode_regions(d.compute_features([prepared.image]), [regions.boxes])
+            emb, _ = d.encode_regions(d.compute_features([prepared.image]), [regions.boxes], chunk_size=256)
         class_emb = model.vocabulary.class_embeddings
         probs = F.softmax(d.logit_scale.exp() * F.normalize(emb, dim=-1) @ F.normalize(class_emb, dim=-1).T, dim=-1)
         torch.testing.assert_close(det_i.scores, probs[det_i.region_index, det_i.labels], atol=1e-5, rtol=1e-4)

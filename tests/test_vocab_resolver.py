@@ -121,10 +121,26 @@ def test_front_ends_go_through_the_one_resolver(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(pred.vocabulary(v), Vocabulary)
 
 
-def test_public_names_are_exported() -> None:
-    from regionclip import Pipeline, RegionPredictor, RunOptions, Vocabulary, resolve_vocabulary  # noqa: F401
+def test_predictor_memo_tells_a_builtin_alias_from_a_one_name_list() -> None:
+    """"coco65" is the 65-class built-in, ["coco65"] one class of that name: the per-predictor memo keeps them apart
+    (it keyed both as ("coco65",) and answered the second with the first's 65 classes)."""
+    model = SimpleNamespace(make_vocabulary=lambda v: resolve(v), require_vocabulary=lambda: resolve("a,b"))
+    pred = RegionPredictor.__new__(RegionPredictor)
+    pred.model, pred._vocab_cache = model, {}  # type: ignore[assignment]
+    assert len(pred.vocabulary("coco65")) == 65
+    assert pred.vocabulary(["coco65"]).names == ("coco65",)
+    assert pred.vocabulary(None).names == ("a", "b")  # None: the model's current vocabulary
 
-    for name in ("RegionCLIP", "RegionPredictor", "Pipeline", "RunOptions", "Vocabulary", "resolve_vocabulary",
-                 "Detections", "PRESETS", "WEIGHTS", "load_detector", "parse_names"):
-        assert name in regionclip.__all__ and getattr(regionclip, name) is not None
-    assert regionclip.RegionPredictor is RegionPredictor
+
+def test_defaults_are_looked_up_only_when_used_and_source_labels_errors() -> None:
+    looked = []
+
+    def default_file():
+        looked.append(1)
+        return torch.randn(65, DIM)
+
+    assert resolve(["a"], default_vocab="coco65", default_embeddings=default_file).names == ("a",) and not looked
+    assert len(resolve(None, default_vocab="coco65", default_embeddings=default_file)) == 65 and looked == [1]
+    with pytest.raises(ValueError, match=r"^ft\.pth \(roi_heads.*all zeros"):
+        resolve(torch.zeros(2, DIM), source="ft.pth (roi_heads.box_predictor embeddings)")
+

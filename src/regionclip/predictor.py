@@ -27,7 +27,7 @@ from .data.images import ImageInput
 from .modeling.recognizer import foreground_probs
 from .pipeline import Pipeline, RunOptions
 from .structures import Detections, PreparedImage
-from .text.vocabulary import Vocabulary, VocabularyLike  # noqa: F401  (VocabularyLike: re-exported, defined once in vocab)
+from .text.vocabulary import MemoKey, Vocabulary, VocabularyLike, resolve_memoised
 
 
 @dataclass
@@ -78,7 +78,7 @@ class RegionPredictor:
         self.model = model
         self.pipeline: Pipeline = model.pipeline
         self.options = model.run_options(chunk_size=chunk_size, dtype=dtype)
-        self._vocab_cache: dict[tuple[str, ...], Vocabulary] = {}
+        self._vocab_cache: dict[MemoKey, Vocabulary] = {}
         self.reset_image()
 
     # ------------------------------------------------------------------ image state
@@ -185,15 +185,10 @@ class RegionPredictor:
     # ------------------------------------------------------------------ vocabulary
     def vocabulary(self, vocab: VocabularyLike = None) -> Vocabulary:
         """Resolve ``vocab`` to a validated :class:`Vocabulary`. Names are embedded once with the checkpoint's text
-        encoder (on-disk cache) and memoised in this predictor."""
-        if vocab is None:
-            return self.model.require_vocabulary()
-        if isinstance(vocab, (str, list)) and all(isinstance(v, str) for v in vocab):  # names: memoised
-            key = (vocab,) if isinstance(vocab, str) else tuple(vocab)
-            if key not in self._vocab_cache:
-                self._vocab_cache[key] = self.model.make_vocabulary(vocab)
-            return self._vocab_cache[key]
-        return self.model.make_vocabulary(vocab)  # the one resolver (regionclip.text.vocabulary.resolve_vocabulary)
+        encoder (on-disk cache) and memoised in this predictor; None is the model's vocabulary
+        (:func:`regionclip.text.vocabulary.resolve_memoised` over ``RegionCLIP.make_vocabulary``)."""
+        return resolve_memoised(vocab, self.model.make_vocabulary, self._vocab_cache,
+                                current=lambda: self.model.require_vocabulary())
 
 
 def _as_boxes(boxes: Any) -> Tensor:

@@ -9,7 +9,6 @@ rounding noise, same order except among near-tied logits, docs/PARITY_NOISE.md).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
@@ -25,6 +24,7 @@ from regionclip.checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from
 from regionclip.config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from regionclip.data.images import load_image, resize_image
 from regionclip.modeling.rpn import OfflineRPN, build_offline_rpn
+from regionclip.modeling.fusion import fused_for_inference
 
 pytestmark = pytest.mark.parity
 
@@ -102,7 +102,7 @@ def test_clip_trunk_rpn_matches_original(rpn: OfflineRPN, ref: Dict[str, Any], n
 
 def test_fused_clip_trunk_rpn_matches_original(rpn: OfflineRPN, ref: Dict[str, Any]) -> None:
     """What the API runs by default (BNs folded into the convs, channels-last): still the original's proposals."""
-    fused = copy.deepcopy(rpn).fuse_for_inference()
+    fused = fused_for_inference(rpn)
     assert fused.fused and fused.backbone.bottom_up.fused
     assert not any("bn" in k.split(".")[-2] for k in fused.state_dict() if k.startswith("backbone.bottom_up."))
     name = NAMES[0]

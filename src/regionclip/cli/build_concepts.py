@@ -19,7 +19,7 @@ from typing import Iterator
 
 from regionclip.data.captions import iter_captions
 from regionclip.text.concepts import DEFAULT_EXCLUDE, build_concept_pool, count_concepts, write_concepts
-from regionclip.text.name_cache import read_names_file
+from regionclip.text.vocabulary import read_names_file
 
 NAME = "build-concepts"
 

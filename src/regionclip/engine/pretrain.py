@@ -35,7 +35,7 @@ from ..modeling.rpn import build_offline_rpn
 from ..modeling.text_encoder import CLIPTextTransformer, build_text_encoder
 from ..weights.pretrained import resolve_weights
 from ..text.embeddings import concept_embeddings, load_concept_embeddings
-from ..text.name_cache import read_names_file
+from ..text.vocabulary import read_names_file
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir
 from .transfer import apply_overrides

@@ -18,7 +18,6 @@ model (:mod:`regionclip.export.runtime`) delegates them to the torch detector.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import os
@@ -31,8 +30,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from ..modeling.clip_resnet import ModifiedResNet, fused_copy
+from ..modeling.clip_resnet import ModifiedResNet
 from ..modeling.detector import RES4_STRIDE, RegionCLIPDetector
+from ..modeling.fusion import fused_for_inference
 from ..modeling.rpn.model import OfflineRPN
 from ..modeling.rpn.rpn_head import RPN, StandardRPNHead
 from ..text.name_cache import checkpoint_fingerprint
@@ -97,7 +97,7 @@ def state_fingerprint(detector: RegionCLIPDetector) -> str:
     """sha256 identifying the weights an export was made from, so a runtime cannot silently pair graphs with
     another checkpoint's classifier / box head. 64 hex chars.
 
-    It hashes what inference-time fusion (``fuse_for_inference`` of the CLIP trunk and of the RPN: BN folding,
+    It hashes what inference-time fusion (``fused_for_inference`` of the CLIP trunk and of the RPN: BN folding,
     channels_last) leaves unchanged: the attention pool's parameters (checkpoint-specific), the RPN's head,
     ``bbox_pred`` and ``mask_head``; so a fused and an unfused load of the same file have the same fingerprint.
     """
@@ -148,8 +148,7 @@ def _graph_specs(detector: RegionCLIPDetector) -> dict[str, dict[str, Any]]:
     folded into its single query: ~20x fewer attnpool FLOPs; exact up to float rounding, ~1e-6 relative) in NCHW
     (the runtimes choose their own layouts); ``detector`` itself is not changed."""
     bb = detector.backbone
-    fused = (copy.deepcopy(bb).use_channels_last(False) if bb.fused
-             else fused_copy(bb, channels_last=False))
+    fused = fused_for_inference(bb, channels_last=False)  # also takes an already fused (channels_last) trunk
     specs: dict[str, dict[str, Any]] = {
         "trunk": {"module": TrunkGraph(detector, fused), "inputs": {"images": ["batch", 3, "height", "width"]},
                   "outputs": {"res4": ["batch", "res4_channels", "res4_height", "res4_width"]}},

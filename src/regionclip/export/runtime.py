@@ -224,7 +224,7 @@ class ExportedRegionModel:
         batch = normalize_and_pad(images, self.detector.pixel_mean, self.detector.pixel_std)
         return self.trunk({"images": batch})[0]
 
-    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
+    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int,
                        return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """[sum R_i, D] raw region embeddings (graph ``region_head``, ``chunk_size`` regions per call), input
         order; ``return_res5`` (the mask head's res5 maps) runs the torch region head instead."""
@@ -264,7 +264,7 @@ class ExportedRegionModel:
     def predict_boxes(self, region_emb: Tensor, proposal_boxes: Tensor) -> Tensor:
         return self.detector.predict_boxes(region_emb, proposal_boxes)
 
-    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256) -> list[Tensor]:
+    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int) -> list[Tensor]:
         return self.detector.predict_masks(features, boxes, chunk_size=chunk_size)
 
 

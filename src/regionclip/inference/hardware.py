@@ -28,7 +28,7 @@ import torch
 from ..utils import COMPUTE_DTYPES
 
 __all__ = ["cpu_capabilities", "native_bf16", "resolve_dtype", "gemm_peak_gflops", "cpu_flags_line",
-           "REQUESTABLE_DTYPES", "EMULATED_BF16_SLOWDOWN", "BF16_STAGES", "AUTO_16BIT"]
+           "REQUESTABLE_DTYPES", "EMULATED_BF16_SLOWDOWN", "AUTO_16BIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> s
     """The compute dtype to run the region head in: one of "float32", "bfloat16", "float16".
 
     A 16-bit dtype is the *trusted* reduced-precision path (docs/DESIGN.md#cpu-speed): only the stages in
-    :data:`BF16_STAGES` run in 16 bits, and the regions whose float32 result could change the detections are
-    encoded again in float32 (:mod:`regionclip.inference.precision`, ``RunOptions.refine_float32``), so it reports float32's
+    :data:`regionclip.modeling.detector.BF16_STAGES` run in 16 bits, and the regions whose float32 result could
+    change the detections are encoded again in float32 (:mod:`regionclip.inference.precision`, ``RunOptions.refine_float32``), so it reports float32's
     detections (measured 100 %, benchmarks/bf16_stages.py). That is what would make it eligible for ``"auto"``;
     it is not picked while it is slower than float32 (:data:`AUTO_16BIT`).
 
@@ -169,15 +169,6 @@ def resolve_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> s
                        "ONEDNN_MAX_CPU_ISA/ATEN_CPU_CAPABILITY) and typically %s slower than float32; "
                        "use dtype 'auto' or 'float32'", EMULATED_BF16_SLOWDOWN)
     return requested
-
-
-# Stages of the CLIP detector that run in 16 bits under dtype "bfloat16"/"float16" (mixed precision by stage);
-# every other stage stays float32: the RPN and the classifier always, and the trunk (res4) and attention pool here.
-# Only layer4 (~90 % of the region head's FLOPs) gains much from bf16; the trunk stays float32 because the float32
-# refinement of the decisive regions (regionclip.inference.precision) pools from the float32 map, the attention pool because
-# it is cheap and alone moves the logits as much as layer4 does. Measured per stage: benchmarks/bf16_stages.py,
-# docs/DESIGN.md#cpu-speed.
-BF16_STAGES = frozenset({"layer4"})
 
 
 # Regions per region-head call when the user does not choose (RunOptions.chunk_size=None). CPU: 64 - with a chunk

@@ -72,7 +72,7 @@ def refine_in_float32(model: Any, features: Tensor, boxes: Sequence[Tensor], log
 
     Args:
         model: the recognizer (``encode_regions`` / ``classify`` / ``has_background``).
-        features: the float32 feature map the scan pooled from (the trunk stays float32: see runtime.BF16_STAGES).
+        features: the float32 feature map the scan pooled from (the trunk stays float32: see modeling.detector.BF16_STAGES).
         boxes / logits: per image, the encoded regions' boxes and RPN logits (None: user boxes).
         emb, probs: [sum R_i, D] / [sum R_i, K(+1)] of the scan, in region order.
     Returns (embeddings, probabilities, number of regions encoded again).

@@ -5,7 +5,6 @@ CLIP's ``visual.*`` keys without ``visual.``). Spec §1.1-1.3.
 """
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
@@ -37,7 +36,7 @@ class Bottleneck(nn.Module):
             self.downsample.add_module("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False))
             self.downsample.add_module("1", FrozenBatchNorm2d(planes * self.expansion))
 
-        self.fused = False  # set by ModifiedResNet.fuse_for_inference: BNs folded into the convs
+        self.fused = False  # True in an inference copy (fused_for_inference): BNs folded into the convs
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
@@ -73,7 +72,7 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(embed_dim, output_dim)
         self.num_heads = num_heads
         self.spacial_dim = spacial_dim
-        self.fold_kv = False  # set by ModifiedResNet.fuse_for_inference: see _forward_folded
+        self.fold_kv = False  # True in an inference copy (fused_for_inference): see _forward_folded
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, C, H, W] with H = W = spacial_dim -> [N, output_dim] (not normalized)."""
@@ -158,7 +157,7 @@ class ModifiedResNet(nn.Module):
         self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
         self.fused = False
-        self.channels_last = False  # set by fuse_for_inference
+        self.channels_last = False  # set in an inference copy (fused_for_inference)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         mods = [Bottleneck(self._inplanes, planes, stride)]
@@ -193,7 +192,7 @@ class ModifiedResNet(nn.Module):
 
     def stem(self, x: Tensor) -> Tensor:
         if self.fused:
-            x = F.relu_(self.conv1(x))  # BNs folded into conv1..3 (fuse_for_inference)
+            x = F.relu_(self.conv1(x))  # BNs folded into conv1..3 (fused_for_inference)
             x = F.relu_(self.conv2(x))
             return self.avgpool(F.relu_(self.conv3(x)))
         x = F.relu(self.bn1(self.conv1(x)))
@@ -232,31 +231,16 @@ class ModifiedResNet(nn.Module):
 
     def train(self, mode: bool = True) -> "ModifiedResNet":
         if mode and self.fused:
-            raise RuntimeError("this ModifiedResNet was fused for inference (fuse_for_inference): its BatchNorms are "
-                               "folded into the convs, so it cannot be trained; build/load an unfused model to train")
+            raise RuntimeError("this ModifiedResNet was fused for inference (an inference copy made by "
+                               "fused_for_inference): its BatchNorms are folded into the convs, so it cannot be "
+                               "trained; train the model it was copied from")
         return super().train(mode)
 
     @torch.no_grad()
-    def fuse_for_inference(self, *, channels_last: bool = True, fold_attnpool_kv: bool = True) -> "ModifiedResNet":
-        """Rewrite this model in place for faster inference; returns ``self`` (in eval mode, no gradients).
-
-        Call AFTER loading the weights, and only for inference: the state-dict keys change (``bn*`` disappear,
-        convs gain a ``bias``), ``train()`` then raises, and every parameter is frozen. Rewrites, each exact in
-        real arithmetic (float32 results differ from the unfused model only by rounding, ~1e-6 relative):
-
-        * every frozen BatchNorm is folded into the conv before it (:func:`~regionclip.modeling.layers.fold_frozen_bn`:
-          a frozen BN is a fixed per-channel affine map, and a conv is linear in its weights), and the ReLUs and
-          the residual add run in place on the conv outputs. Removes the memory-bound BN/ReLU passes: the trunk
-          (res4, wide maps, few channels) gets ~1.4x faster; layer4 (7x7/14x14 maps) is GEMM-bound, no change;
-        * ``channels_last``: conv weights in NHWC, so the convs produce NHWC maps (a layout change, no arithmetic;
-          it also makes attnpool's token view contiguous). ~6% on the float32 trunk, and essential for bfloat16
-          on CPU (NCHW bf16 convs are several times slower still);
-        * ``fold_attnpool_kv``: the attention pool folds its K/V projections into the single query
-          (:meth:`AttentionPool2d._forward_folded`): ~20x fewer attnpool FLOPs, ~6x less attnpool time, about
-          -18% of the whole RN50 region head.
-
-        Measured gains of each rewrite: docs/DESIGN.md#cpu-speed, benchmarks/results/fusion_steps_cpu.txt.
-        """
+    def _fold_for_inference(self, *, channels_last: bool, fold_attnpool_kv: bool) -> "ModifiedResNet":
+        """The rewrites of :func:`regionclip.modeling.fusion.fused_for_inference`, in place on ``self``: call it only
+        on a copy that nothing else holds (that function does). Idempotent: folding a folded model only changes
+        the layout / attention-pool options."""
         self.eval()
         pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
         owners: list[nn.Module] = [self, *self._bottlenecks()]
@@ -272,7 +256,8 @@ class ModifiedResNet(nn.Module):
                 setattr(ds, "1", nn.Identity())
             blk.fused = True
         self.fused = True
-        self.attnpool.fold_kv = fold_attnpool_kv
+        if isinstance(self.attnpool, AttentionPool2d):  # the RPN's CLIP trunk has none
+            self.attnpool.fold_kv = fold_attnpool_kv
         self.use_channels_last(channels_last)
         self.requires_grad_(False)
         return self
@@ -282,7 +267,7 @@ class ModifiedResNet(nn.Module):
         oneDNN runs fastest) and plain NCHW (what graph export wants: the runtimes choose their own layouts).
         Layout only: results differ by rounding at most."""
         if not self.fused:
-            raise RuntimeError("use_channels_last applies to a fused model (fuse_for_inference)")
+            raise RuntimeError("use_channels_last applies to a fused model (fused_for_inference)")
         self.channels_last = enabled
         # 4-D conv weights only; the attnpool's are 1-D/2-D
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
@@ -296,7 +281,3 @@ class ModifiedResNet(nn.Module):
                 for p in m.parameters():
                     p.requires_grad_(False)
 
-
-def fused_copy(model: ModifiedResNet, **options: bool) -> ModifiedResNet:
-    """A fused inference copy of ``model`` (:meth:`ModifiedResNet.fuse_for_inference`); ``model`` is unchanged."""
-    return copy.deepcopy(model).fuse_for_inference(**options)

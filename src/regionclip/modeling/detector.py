@@ -4,7 +4,9 @@ attnpool, and the text-embedding classifier.
 It works on tensors only (docs/DESIGN.md#model-boundary): uint8 resized images in, res4 maps, proposals, region
 embeddings and class probabilities out. Image decoding, vocabularies, the compute dtype, chunk sizes and
 post-processing belong to :mod:`regionclip.pipeline`, which passes them per call; nothing here changes between
-calls.
+calls. The pipeline calls the stages one by one (``compute_features``, ``propose``, ``encode_regions``,
+``classify``, ``predict_boxes``); :meth:`RegionCLIPDetector.forward` runs the same stages on one batch tensor, so
+hooks, ``torch.jit.trace`` and other module wrappers see the whole model.
 
 Composition (docs/DESIGN.md#architecture): ``backbone`` (CLIP ModifiedResNet, frozen BN), optional ``rpn``
 (offline detectron2 RPN, localization only), optional ``bbox_pred`` (class-agnostic regression of fine-tuned
@@ -13,7 +15,7 @@ checkpoints), optional ``mask_head`` (LVIS fine-tuned).
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,20 @@ from torchvision.ops import roi_align
 
 from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from ..ops.box_coder import decode_boxes
-from ..inference.hardware import BF16_STAGES
 from ..structures import Proposals
 from .clip_resnet import ModifiedResNet
 from .heads import MaskHead, text_classifier_logits
 
 BOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # detectron2 ROI_BOX_HEAD.BBOX_REG_WEIGHTS
 RES4_STRIDE = 16  # declared res4 stride: RoIAlign always uses exactly 1/16 even though res4 is floor-divided
+
+# Stages of the CLIP detector that run in 16 bits inside a 16-bit autocast region (dtype "bfloat16"/"float16":
+# mixed precision by stage); every other stage stays float32: the RPN and the classifier always, and the trunk
+# (res4) and attention pool here. Only layer4 (~90 % of the region head's FLOPs) gains much from bf16; the trunk
+# stays float32 because the float32 refinement of the decisive regions (regionclip.inference.precision) pools from
+# the float32 map, the attention pool because it is cheap and alone moves the logits as much as layer4 does.
+# Measured per stage: benchmarks/bf16_stages.py, docs/DESIGN.md#cpu-speed.
+BF16_STAGES = frozenset({"layer4"})
 
 
 def run_rpn(rpn: Optional[nn.Module], images: Sequence[Tensor], device: torch.device) -> list[Proposals]:
@@ -38,6 +47,19 @@ def run_rpn(rpn: Optional[nn.Module], images: Sequence[Tensor], device: torch.de
         raise RuntimeError("this model has no region proposal network: pass boxes (GT/user-box mode), or load "
                            "RPN weights (e.g. --rpn-weights rpn_lvis_866.pth)")
     return rpn([x.to(device).float() for x in images])
+
+
+def normalize_batch(images: Tensor, mean: Tensor, std: Tensor, image_sizes: Optional[Tensor] = None) -> Tensor:
+    """uint8 batch [B, 3, H, W] -> CLIP-normalised float batch, equal to :func:`normalize_and_pad` of the unpadded
+    images: with ``image_sizes`` ([B, 2] int (h, w) of each image's top-left part), every pixel outside an image is
+    0 after normalisation (the original's ImageList pads the normalised images), not the normalised uint8 0."""
+    normed = ((images.to(mean.device).float() / 255.0) - mean) / std
+    if image_sizes is None:
+        return normed
+    sizes = image_sizes.to(normed.device)
+    rows = torch.arange(normed.shape[2], device=normed.device)[None, :, None] < sizes[:, 0, None, None]
+    cols = torch.arange(normed.shape[3], device=normed.device)[None, None, :] < sizes[:, 1, None, None]
+    return torch.where((rows & cols)[:, None], normed, torch.zeros((), dtype=normed.dtype, device=normed.device))
 
 
 def normalize_and_pad(images: Sequence[Tensor], mean: Tensor, std: Tensor) -> Tensor:
@@ -71,10 +93,77 @@ def _autocast_on(device: torch.device) -> bool:
 
 def _stage_autocast(stage: str, device: torch.device) -> AbstractContextManager:
     """Inside a 16-bit autocast region, turn autocast off for ``stage`` unless it is one of
-    :data:`regionclip.inference.hardware.BF16_STAGES` (mixed precision by stage); a no-op outside autocast."""
+    :data:`BF16_STAGES` (mixed precision by stage); a no-op outside autocast."""
     if stage in BF16_STAGES or not _autocast_on(device):
         return nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+class RegionOutputs(NamedTuple):
+    """What a detector's ``forward`` returns for R regions of a batch: every region, before post-processing (no
+    score threshold, no NMS, no top-k, no rescaling to the original images).
+
+    Attributes:
+        boxes: [R, 4] float32 XYXY in the batch's pixels: the given RoIs' boxes, or every RPN proposal (per image,
+            sorted by objectness, images in batch order).
+        batch_index: [R] int64, the image of each region.
+        objectness: [R] float32 RPN objectness logits; NaN for given RoIs (they have none).
+        region_embeddings: [R, D] raw (unnormalised) region embeddings.
+        class_probs: [R, K+1] (background last) or [R, K]: the classifier's softmax (``has_background``).
+        pred_boxes: [R, 4] float32 boxes after the class-agnostic box regression (``boxes`` without ``bbox_pred``).
+    """
+
+    boxes: Tensor
+    batch_index: Tensor
+    objectness: Tensor
+    region_embeddings: Tensor
+    class_probs: Tensor
+    pred_boxes: Tensor
+
+
+class _Staged(Protocol):
+    """What :func:`forward_regions` needs of a detector: its stages, with a trunk that takes a normalised batch."""
+
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
+    def trunk_features(self, batch: Tensor) -> Tensor: ...
+
+    def propose(self, images: Sequence[Tensor]) -> list[Proposals]: ...
+
+    def encode_rois(self, features: Tensor, rois: Tensor, *, chunk_size: int,
+                    return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]: ...
+
+    def classify(self, region_emb: Tensor, class_embeddings: Tensor) -> Tensor: ...
+
+    def predict_boxes(self, region_emb: Tensor, proposal_boxes: Tensor) -> Tensor: ...
+
+
+def forward_regions(model: _Staged, images: Tensor, class_embeddings: Tensor, rois: Optional[Tensor],
+                    image_sizes: Optional[Tensor], chunk_size: int) -> RegionOutputs:
+    """The ``forward`` of both detectors: the pipeline's stages on one batch tensor
+    (see :meth:`RegionCLIPDetector.forward`)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a [B, 3, H, W] batch, got shape {tuple(images.shape)}")
+    features = model.trunk_features(normalize_batch(images, model.pixel_mean, model.pixel_std, image_sizes))
+    if rois is None:  # proposal mode (eager only: the RPN's top-k and NMS are data-dependent)
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()] if image_sizes is not None \
+            else [(int(images.shape[2]), int(images.shape[3]))] * images.shape[0]
+        props = model.propose([img[:, :h, :w] for img, (h, w) in zip(images, sizes)])
+        boxes = torch.cat([p.boxes for p in props]).float()
+        objectness = torch.cat([p.objectness_logits for p in props]).float()
+        batch_index = torch.cat([torch.full((len(p.boxes),), i, dtype=torch.long, device=boxes.device)
+                                 for i, p in enumerate(props)])
+        rois = torch.cat([batch_index[:, None].float(), boxes], dim=1)
+    else:
+        if rois.dim() != 2 or rois.shape[1] != 5:
+            raise ValueError(f"rois must be [R, 5] (batch index, x1, y1, x2, y2), got shape {tuple(rois.shape)}")
+        rois = rois.float()
+        boxes, batch_index = rois[:, 1:], rois[:, 0].long()
+        objectness = torch.full_like(rois[:, 0], float("nan"))
+    emb, _ = model.encode_rois(features, rois, chunk_size=chunk_size)
+    return RegionOutputs(boxes, batch_index, objectness, emb, model.classify(emb, class_embeddings),
+                         model.predict_boxes(emb, boxes))
 
 
 class RegionCLIPDetector(nn.Module):
@@ -108,14 +197,39 @@ class RegionCLIPDetector(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def forward(self, images: Tensor, class_embeddings: Tensor, rois: Optional[Tensor] = None,
+                image_sizes: Optional[Tensor] = None, *, chunk_size: int) -> RegionOutputs:
+        """The whole model on one batch: the stages the pipeline calls one by one, tensors in, tensors out.
+
+        Equal to ``compute_features`` -> ``propose`` (when no ``rois``) -> ``encode_regions`` -> ``classify`` /
+        ``predict_boxes`` on the same images and regions (tests/test_detector_forward.py). With ``rois`` it is
+        traceable (``torch.jit.trace``); proposal mode runs the RPN's data-dependent selection and is eager only.
+
+        Args:
+            images: [B, 3, H, W] uint8 resized images, zero padded at the bottom/right to one size.
+            class_embeddings: [K, D] (e.g. a :class:`~regionclip.text.vocabulary.Vocabulary`'s).
+            rois: [R, 5] float (batch index, x1, y1, x2, y2 in resized-image pixels): user / GT boxes; None:
+                every proposal of the offline RPN.
+            image_sizes: [B, 2] int (h, w) of each image inside its padding; None: every image fills the batch.
+                Pixels outside an image are 0 after normalisation, exactly as :meth:`compute_features` pads.
+            chunk_size: regions per layer4 call (bounds memory, never changes a result).
+        Returns:
+            :class:`RegionOutputs` (every region, before post-processing).
+        """
+        return forward_regions(self, images, class_embeddings, rois, image_sizes, chunk_size)
+
     # ------------------------------------------------------------------ stages (tensors only)
     def compute_features(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 resized images [3, h_i, w_i] -> res4 map [B, C4, ~H/16, ~W/16] of the padded batch.
 
-        Under a 16-bit autocast the trunk runs in it only if "trunk" is in :data:`regionclip.inference.hardware.BF16_STAGES`
+        Under a 16-bit autocast the trunk runs in it only if "trunk" is in :data:`BF16_STAGES`
         (it is not: a bf16 res4 map alone moves the classifier logits by ~0.1, and the float32 refinement of
         :mod:`regionclip.inference.precision` needs the float32 map; docs/DESIGN.md#cpu-speed)."""
-        batch = normalize_and_pad(images, self.pixel_mean, self.pixel_std)
+        return self.trunk_features(normalize_and_pad(images, self.pixel_mean, self.pixel_std))
+
+    def trunk_features(self, batch: Tensor) -> Tensor:
+        """A CLIP-normalised padded batch [B, 3, H, W] (:func:`normalize_and_pad`) -> res4 (the trunk of
+        :meth:`compute_features`)."""
         with _stage_autocast("trunk", batch.device):
             return self.backbone.forward_res4(batch)
 
@@ -124,7 +238,7 @@ class RegionCLIPDetector(nn.Module):
         preprocessing (BGR, caffe mean) and always runs in float32: its boxes must stay exact."""
         return run_rpn(self.rpn, images, self.device)
 
-    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
+    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int,
                        return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Region embeddings: RoIAlignV2 on res4 -> CLIP layer4 -> attnpool, ``chunk_size`` regions at a time.
 
@@ -138,9 +252,16 @@ class RegionCLIPDetector(nn.Module):
         Returns ([sum R_i, D] raw (unnormalized) embeddings in input order, res5 maps or None).
         """
         # RoIs in float32 always: a 16-bit res4 (autocast) would round box coordinates by up to 1 px (float16) or
-        # 8 px (bfloat16) at 1000+ px; RoIAlign then pools a float32 map (as torchvision's autocast rule does)
+        # 8 px (bfloat16) at 1000+ px
+        return self.encode_rois(features, boxes_to_rois(boxes, features.new_zeros((), dtype=torch.float32)),
+                                chunk_size=chunk_size, return_res5=return_res5)
+
+    def encode_rois(self, features: Tensor, rois: Tensor, *, chunk_size: int,
+                    return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """:meth:`encode_regions` for [R, 5] RoIs (batch index, x1, y1, x2, y2; float32) instead of per-image boxes."""
+        # RoIAlign pools a float32 map (as torchvision's autocast rule does)
         pool_in = features if features.dtype == torch.float32 else features.float()
-        rois = boxes_to_rois(boxes, pool_in)
+        rois = rois.to(pool_in.device, pool_in.dtype)
         chunk = max(1, int(chunk_size))
         embs, res5s = [], []
         for start in range(0, rois.shape[0], chunk):
@@ -176,7 +297,7 @@ class RegionCLIPDetector(nn.Module):
         deltas = self.bbox_pred(region_emb.to(self.bbox_pred.weight.dtype)).float()
         return decode_boxes(deltas, proposal_boxes.float(), weights=BOX_REG_WEIGHTS)
 
-    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256) -> list[Tensor]:
+    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int) -> list[Tensor]:
         """Mask logits [N_i, 1, M, M] per image at the given (final, resized-frame) boxes: like detectron2's
         ``forward_with_given_boxes``, res4 is pooled again at the final boxes."""
         if self.mask_head is None:

@@ -4,7 +4,12 @@ Two models implement it, side by side (composition, no inheritance): the CLIP-Re
 :class:`regionclip.modeling.detector.RegionCLIPDetector` and the ViT / Swin / DaViT / FocalNet
 :class:`regionclip.modeling.transformer.region_head.TransformerRegionDetector`. Everything above the model (the
 API, the predictor, region extraction, evaluation, the demo) goes through the pipeline, which only uses these
-members.
+members. ``chunk_size`` has no default here: the one default is the pipeline's
+(:func:`regionclip.inference.hardware.default_chunk_size`, through ``RunOptions``).
+
+Both torch detectors also have a ``forward`` (one batch tensor in, :class:`regionclip.modeling.detector.RegionOutputs`
+out: the same stages in one call, for hooks, tracing and module wrappers); it is not part of this interface, which
+exported-graph backends implement too.
 """
 from __future__ import annotations
 
@@ -49,15 +54,14 @@ class RegionRecognizer(Protocol):
 
     def propose(self, images: Sequence[Tensor]) -> list[Proposals]: ...
 
-    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
+    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int,
                        return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]: ...
 
     def classify(self, region_emb: Tensor, class_embeddings: Tensor) -> Tensor: ...
 
     def predict_boxes(self, region_emb: Tensor, proposal_boxes: Tensor) -> Tensor: ...
 
-    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256
-                      ) -> list[Tensor]: ...
+    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int) -> list[Tensor]: ...
 
 
 def foreground_probs(has_background: bool, probs: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""Run-time vocabularies: parse ``--vocab``, compute class embeddings with the checkpoint's own text encoder,
-cache them on disk.
+"""Class embeddings of run-time names, computed with the checkpoint's own text encoder and cached on disk (the
+names themselves come from :mod:`regionclip.text.vocabulary`).
 
 Cache design
 ------------
@@ -43,8 +43,6 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from regionclip.assets import BUILTIN_VOCABULARIES
-from regionclip.assets import vocabulary as builtin_vocabulary
 from regionclip.checkpoint.io import PathLike, save_file_atomic
 from regionclip.text.embeddings import AVERAGE_MODES, DEFAULT_BATCH_SIZE, PromptEncoder, embed_with, load_text_encoder
 from regionclip.text.prompts import resolve_templates, validate_names
@@ -84,69 +82,6 @@ def _settings_key(templates: Sequence[str], average: str) -> str:
 
 def _name_key(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:40]
-
-
-def read_names_file(path: PathLike) -> list[str]:
-    """One name per line (UTF-8, stripped). Trailing blank lines are ignored; a blank line in the middle is an
-    error because row order defines class indices.
-
-    Raises:
-        ValueError: a line that is not valid UTF-8, or a blank line before the last name (file and line named).
-    """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):  # BOM from Windows editors
-        raw = raw[3:]
-    names: list[str] = []
-    lines = raw.split(b"\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}, line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start}: "
-                             f"{line[max(0, e.start - 10):e.start + 10]!r}); save the file as UTF-8") from None
-        text = text.strip()
-        if not text:
-            raise ValueError(f"{path}, line {lineno}: blank line; every line must hold one class name (row order "
-                             "defines class indices, so blank lines are not skipped)")
-        names.append(text)
-    if not names:
-        raise ValueError(f"{path}: no class names (the file is empty)")
-    return names
-
-
-def parse_vocabulary(arg: str) -> list[str]:
-    """Turn a ``--vocab`` argument into a list of names.
-
-    Resolution order: a built-in name (``coco65``, ``coco48``, ``coco17``, ``lvis1203``, ``lvis866``; LVIS names
-    are the original's prompt names, ``bat_(animal)`` -> ``bat animal``), then an existing text file (one name per
-    line, see :func:`read_names_file`), else a comma-separated list (``"car,traffic cone"``; names are stripped).
-    Commas inside a name can only be given through a file (the embedding removes them anyway, like the original).
-
-    Raises:
-        FileNotFoundError: the argument looks like a path (ends in ``.txt`` or contains a path separator) but
-            does not exist.
-        ValueError: empty argument, empty entries in a comma list, or a bad file.
-    """
-    if not arg or not arg.strip():
-        raise ValueError("empty vocabulary; give names like 'car,traffic cone', a text file, or one of "
-                         + ", ".join(BUILTIN_VOCABULARIES))
-    try:
-        return builtin_vocabulary(arg.strip())
-    except ValueError:
-        pass  # not a built-in name
-    path = Path(arg).expanduser()
-    if path.is_file():
-        return read_names_file(path)
-    if arg.endswith(".txt") or os.sep in arg or (os.altsep and os.altsep in arg):
-        raise FileNotFoundError(f"vocabulary file not found: {arg}")
-    names = [n.strip() for n in arg.split(",")]
-    empty = [i for i, n in enumerate(names) if not n]
-    if empty:
-        raise ValueError(f"vocabulary {arg!r}: empty name at position(s) {empty} (stray comma?)")
-    return names
 
 
 def class_embeddings(names: Sequence[str], weights_path: PathLike, *,

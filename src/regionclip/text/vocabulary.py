@@ -3,7 +3,8 @@
 There is one resolver for every accepted vocabulary shape, :func:`resolve_vocabulary` (names list, comma string,
 names file, built-in alias such as ``coco65``/``lvis1203``, class-embedding file, [K, D] tensor, ``(names, tensor)``
 pair or a ready :class:`Vocabulary`); every front end (``RegionCLIP.make_vocabulary``, ``RegionPredictor``, the CLI)
-calls it. :func:`resolve_names` is its names-only part. :class:`Vocabulary` is the validated container the pipeline
+calls it. :func:`resolve_names` is its names-only part, built on :func:`parse_vocabulary` (a ``--vocab`` string)
+and :func:`read_names_file` (one name per line). :class:`Vocabulary` is the validated container the pipeline
 classifies against. "Class embeddings" is the one name for the [K, D] text embeddings across the package.
 """
 from __future__ import annotations
@@ -17,13 +18,76 @@ import torch
 from torch import Tensor
 
 from ..assets import BUILTIN_VOCABULARIES, builtin_name, builtin_vocabulary
+from ..assets import vocabulary as names_of_builtin
 from ..checkpoint.convert import class_names_of
-from ..checkpoint.io import read_weight_file, weight_file_kind
+from ..checkpoint.io import PathLike, read_weight_file, weight_file_kind
 from ..checkpoint.regionclip import class_embedding_file
 from .prompts import validate_names
-from .name_cache import parse_vocabulary
 
 VocabularyArg = Union[str, os.PathLike, Sequence[str]]
+
+
+def read_names_file(path: PathLike) -> list[str]:
+    """One name per line (UTF-8, stripped). Trailing blank lines are ignored; a blank line in the middle is an
+    error because row order defines class indices.
+
+    Raises:
+        ValueError: a line that is not valid UTF-8, or a blank line before the last name (file and line named).
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # BOM from Windows editors
+        raw = raw[3:]
+    names: list[str] = []
+    lines = raw.split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}, line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start}: "
+                             f"{line[max(0, e.start - 10):e.start + 10]!r}); save the file as UTF-8") from None
+        text = text.strip()
+        if not text:
+            raise ValueError(f"{path}, line {lineno}: blank line; every line must hold one class name (row order "
+                             "defines class indices, so blank lines are not skipped)")
+        names.append(text)
+    if not names:
+        raise ValueError(f"{path}: no class names (the file is empty)")
+    return names
+
+
+def parse_vocabulary(arg: str) -> list[str]:
+    """Turn a ``--vocab`` argument into a list of names.
+
+    Resolution order: a built-in name (``coco65``, ``coco48``, ``coco17``, ``lvis1203``, ``lvis866``; LVIS names
+    are the original's prompt names, ``bat_(animal)`` -> ``bat animal``), then an existing text file (one name per
+    line, see :func:`read_names_file`), else a comma-separated list (``"car,traffic cone"``; names are stripped).
+    Commas inside a name can only be given through a file (the embedding removes them anyway, like the original).
+
+    Raises:
+        FileNotFoundError: the argument looks like a path (ends in ``.txt`` or contains a path separator) but
+            does not exist.
+        ValueError: empty argument, empty entries in a comma list, or a bad file.
+    """
+    if not arg or not arg.strip():
+        raise ValueError("empty vocabulary; give names like 'car,traffic cone', a text file, or one of "
+                         + ", ".join(BUILTIN_VOCABULARIES))
+    try:
+        return names_of_builtin(arg.strip())
+    except ValueError:
+        pass  # not a built-in name
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return read_names_file(path)
+    if arg.endswith(".txt") or os.sep in arg or (os.altsep and os.altsep in arg):
+        raise FileNotFoundError(f"vocabulary file not found: {arg}")
+    names = [n.strip() for n in arg.split(",")]
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise ValueError(f"vocabulary {arg!r}: empty name at position(s) {empty} (stray comma?)")
+    return names
 
 
 def resolve_names(vocab: VocabularyArg) -> tuple[list[str], list[int]]:
@@ -126,6 +190,7 @@ class Vocabulary:
 # every shape a front end accepts as a vocabulary (see resolve_vocabulary)
 VocabularyLike = Union[Vocabulary, str, os.PathLike, Sequence[str], Tensor, tuple[Sequence[str], Tensor], None]
 EmbeddingsArg = Union[str, os.PathLike, Tensor, None]
+MemoKey = tuple[str, ...]
 
 
 def is_embedding_file(vocab: Any) -> bool:
@@ -150,8 +215,9 @@ def _numbered_or(default_vocab: Optional[VocabularyArg], rows: int) -> tuple[Opt
 
 def resolve_vocabulary(vocab: VocabularyLike = None, class_embeddings: EmbeddingsArg = None, *,
                        embed_names: Optional[Callable[[list[str]], Tensor]] = None, embed_dim: Optional[int] = None,
-                       default_vocab: Optional[VocabularyArg] = None, default_embeddings: EmbeddingsArg = None,
-                       model_name: str = "the model") -> Vocabulary:
+                       default_vocab: Optional[VocabularyArg] = None,
+                       default_embeddings: Union[EmbeddingsArg, Callable[[], EmbeddingsArg]] = None,
+                       model_name: str = "the model", source: Optional[str] = None) -> Vocabulary:
     """The one vocabulary resolver (docs/DESIGN.md#class-embeddings): any accepted shape -> a validated
     :class:`Vocabulary`.
 
@@ -160,7 +226,9 @@ def resolve_vocabulary(vocab: VocabularyLike = None, class_embeddings: Embedding
     tensor, or a ``(names, tensor)`` pair. ``class_embeddings``: a file or [K, D] tensor whose row i is name i.
     With neither, ``default_vocab`` (and ``default_embeddings`` when given). Names without embeddings are embedded
     by ``embed_names`` (the model's text tower, cached); embeddings without names get the names recorded in the
-    file, else ``default_vocab``'s when the row count matches, else numbers.
+    file, else ``default_vocab``'s when the row count matches, else numbers. ``default_embeddings`` may be a
+    callable, called only when the defaults are used (finding a preset's embedding file looks at the disk).
+    ``source`` labels the result and its errors (default: the embedding file, or the model's text embeddings).
 
     Raises:
         ValueError: an empty or malformed vocabulary, rows that do not match the names, bad embeddings, or names
@@ -184,7 +252,8 @@ def resolve_vocabulary(vocab: VocabularyLike = None, class_embeddings: Embedding
         class_embeddings = os.fspath(vocab)
         vocab = None
     if vocab is None and class_embeddings is None:
-        vocab, class_embeddings = default_vocab, default_embeddings
+        vocab = default_vocab
+        class_embeddings = default_embeddings() if callable(default_embeddings) else default_embeddings
         if vocab is None and class_embeddings is None:
             raise ValueError("no vocabulary given: pass class names (e.g. ['cat', 'dog'] or 'coco65') or class "
                              "embeddings")
@@ -199,10 +268,33 @@ def resolve_vocabulary(vocab: VocabularyLike = None, class_embeddings: Embedding
             class_embedding_file(read_weight_file(class_embeddings), src)
         if names is None:  # rows without names: the default vocabulary when the row count says it is that one
             names, ids = _numbered_or(default_vocab, int(emb.reshape(-1, emb.shape[-1]).shape[0]))
-        return Vocabulary.create(emb, names, ids, embed_dim=embed_dim, source=f"{src} (for model {model_name})")
+        return Vocabulary.create(emb, names, ids, embed_dim=embed_dim,
+                                 source=source or f"{src} (for model {model_name})")
     assert names is not None
     if embed_names is None:
         raise ValueError(f"class names {names[:3]}... need a text encoder to embed them; pass class embeddings "
                          "instead")
     return Vocabulary.create(embed_names(names), names, ids, embed_dim=embed_dim,
-                             source=f"text embeddings of {model_name}")
+                             source=source or f"text embeddings of {model_name}")
+
+
+def resolve_memoised(vocab: VocabularyLike, resolve: Callable[[VocabularyLike], Vocabulary],
+                     memo: dict[MemoKey, Vocabulary], *, current: Callable[[], Vocabulary]) -> Vocabulary:
+    """A front end's per-call vocabulary: ``None`` -> ``current()`` (the vocabulary already set); names (a string -
+    comma list, names file or built-in alias - or a list of strings) -> ``resolve(vocab)`` once, remembered in
+    ``memo`` (embedding names is the text tower's work); anything else -> ``resolve(vocab)`` every time.
+
+    The memo key tells a string from a list, so ``"coco65"`` (the built-in, 65 classes) and ``["coco65"]`` (one class
+    of that name) stay apart.
+    """
+    if vocab is None:
+        return current()
+    if isinstance(vocab, str):
+        key: MemoKey = ("str", vocab)
+    elif isinstance(vocab, list) and all(isinstance(n, str) for n in vocab):
+        key = ("names", *vocab)
+    else:
+        return resolve(vocab)
+    if key not in memo:
+        memo[key] = resolve(vocab)
+    return memo[key]

@@ -28,7 +28,8 @@ class ClipResNetTrunk(ModifiedResNet):
     Inputs must have H, W multiples of 32 (the FPN pads to that): the stem and every strided stage halve with an
     average pool, which would floor odd sizes and break the FPN's top-down x2 upsampling.
     Only the trunk: the whole-image CLIP methods of the parent (``encode_image``, ``forward_res5_pooled``) need the
-    attention pool and are not available here; ``fuse_for_inference`` (BN folding, channels-last) is the parent's.
+    attention pool and are not available here; the BN folding and channels-last rewrite
+    (``_fold_for_inference``) is the parent's.
     """
 
     def __init__(self, layers: Sequence[int], width: int = 64) -> None:
@@ -36,7 +37,7 @@ class ClipResNetTrunk(ModifiedResNet):
         super().__init__(tuple(layers), output_dim=width * 32, heads=max(1, width // 2), input_resolution=32,
                          width=width)
         # No attention pool: the RPN checkpoint has none (strict loading would report its keys missing). A
-        # parameter-free placeholder rather than `del`, so the parent's fuse_for_inference runs unchanged.
+        # parameter-free placeholder rather than `del`, so the parent's _fold_for_inference runs unchanged.
         self.attnpool = nn.Identity()  # type: ignore[assignment]
         self.stage_names: List[str] = ["res2", "res3", "res4", "res5"]
         self.out_channels: Dict[str, int] = {f"res{i + 2}": width * 4 * 2 ** i for i in range(4)}

@@ -57,7 +57,7 @@ class OfflineRPN(nn.Module):
     def __init__(self, cfg: RPNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.fused = False  # set by fuse_for_inference
+        self.fused = False  # True in an inference copy (fused_for_inference)
         if cfg.input_format not in ("BGR", "RGB"):
             raise ValueError(f"input_format must be 'BGR' or 'RGB', got {cfg.input_format!r}")
         if cfg.trunk not in ("resnet", "clip"):
@@ -180,16 +180,16 @@ class OfflineRPN(nn.Module):
         return out
 
     @torch.no_grad()
-    def fuse_for_inference(self, *, channels_last: bool = True) -> "OfflineRPN":
-        """Fold every frozen BatchNorm of the backbone into the conv before it and (``channels_last``) store the
-        conv weights NHWC; returns ``self``. The same rewrite as the CLIP trunk's
-        (:meth:`regionclip.modeling.clip_resnet.ModifiedResNet.fuse_for_inference`): exact in real arithmetic,
-        float32 rounding differs by ~1e-6 relative, so only proposals whose logits tie within that can swap
-        order (docs/DESIGN.md#numerics). The RPN head (no BN) is unchanged. The state-dict keys change
-        (``*.norm.*`` disappear): fuse a loaded model, never one that is saved afterwards."""
+    def _fold_for_inference(self, *, channels_last: bool) -> "OfflineRPN":
+        """The rewrite of :func:`regionclip.modeling.fusion.fused_for_inference`, in place on ``self`` (call it only
+        on a copy nothing else holds; that function does): every frozen BatchNorm of the backbone folded into the
+        conv before it and (``channels_last``) the conv weights stored NHWC. The same rewrite as the CLIP trunk's:
+        exact in real arithmetic, float32 rounding differs by ~1e-6 relative, so only proposals whose logits tie
+        within that can swap order (docs/DESIGN.md#numerics). The RPN head (no BN) is unchanged; the state-dict keys
+        change (``*.norm.*`` disappear)."""
         for trunk in self.backbone.modules():
             if isinstance(trunk, ClipResNetTrunk):  # the recognition trunk's own rewrite (no attention pool)
-                trunk.fuse_for_inference(channels_last=channels_last)
+                trunk._fold_for_inference(channels_last=channels_last, fold_attnpool_kv=False)
         for conv in self.backbone.modules():
             if isinstance(conv, Conv2dNorm) and isinstance(conv.norm, FrozenBatchNorm2d):
                 folded = fold_frozen_bn(conv, conv.norm)

@@ -20,7 +20,7 @@ from torchvision.ops import roi_align
 
 from ...config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from ...structures import Proposals
-from ..detector import boxes_to_rois, normalize_and_pad, run_rpn
+from ..detector import RegionOutputs, boxes_to_rois, forward_regions, normalize_and_pad, run_rpn
 from .timm_trunks import TimmTrunk
 from .vit import VisionTransformerTrunk
 
@@ -89,13 +89,12 @@ class TransformerRegionDetector(nn.Module):
     Implements :class:`regionclip.modeling.recognizer.RegionRecognizer` next to the CLIP-ResNet detector (no
     inheritance; the pipeline drives both the same way).
 
+    The checkpoint's text tower is not part of the detector (as for the CLIP-ResNet one): the factory builds it
+    from the file when names are embedded (:func:`regionclip.factory.load_text_tower`).
+
     Args:
         encoder: :class:`TransformerRegionEncoder` (keys ``backbone.*``).
         rpn: optional offline RPN (proposal mode); without it, regions are user / GT boxes.
-        text_encoder: the checkpoint's text tower, kept with the model it belongs to (a
-            :class:`regionclip.modeling.unicl_text.UniCLTextEncoder` for branch checkpoints, a
-            :class:`regionclip.modeling.text_encoder.CLIPTextTransformer` for OpenAI / open_clip ViTs); the
-            class-embedding procedure is :func:`regionclip.text.unicl_embeddings.zeroshot_class_embeddings`.
         logit_scale: initial log of the classifier's scale (the learned scalar is loaded from the checkpoint;
             ``log(1/0.07)`` is CLIP's initial value, 100 = exp(4.605) its trained clamp).
     """
@@ -108,7 +107,7 @@ class TransformerRegionDetector(nn.Module):
     pixel_std: Tensor
 
     def __init__(self, encoder: TransformerRegionEncoder, rpn: Optional[nn.Module] = None, *,
-                 text_encoder: Optional[nn.Module] = None, pooler_resolution: int = 14, sampling_ratio: int = 0,
+                 pooler_resolution: int = 14, sampling_ratio: int = 0,
                  logit_scale: float = math.log(1 / 0.07),
                  pixel_mean: Sequence[float] = CLIP_PIXEL_MEAN, pixel_std: Sequence[float] = CLIP_PIXEL_STD) -> None:
         super().__init__()
@@ -117,7 +116,6 @@ class TransformerRegionDetector(nn.Module):
         self.pooler_resolution = pooler_resolution
         self.sampling_ratio = sampling_ratio
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
-        self.text_encoder = text_encoder
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
 
@@ -129,21 +127,37 @@ class TransformerRegionDetector(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def forward(self, images: Tensor, class_embeddings: Tensor, rois: Optional[Tensor] = None,
+                image_sizes: Optional[Tensor] = None, *, chunk_size: int) -> RegionOutputs:
+        """The whole model on one batch, as :meth:`regionclip.modeling.detector.RegionCLIPDetector.forward` (same
+        inputs and :class:`~regionclip.modeling.detector.RegionOutputs`; ``class_probs`` [R, K], no background)."""
+        return forward_regions(self, images, class_embeddings, rois, image_sizes, chunk_size)
+
     # ------------------------------------------------------------------ RegionRecognizer
     def compute_features(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 resized images -> the trunk's map [B, C, H', W'] of the padded batch."""
-        return self.backbone.forward_dense(normalize_and_pad(images, self.pixel_mean, self.pixel_std))
+        return self.trunk_features(normalize_and_pad(images, self.pixel_mean, self.pixel_std))
+
+    def trunk_features(self, batch: Tensor) -> Tensor:
+        """A CLIP-normalised padded batch [B, 3, H, W] -> the trunk's map (the trunk of :meth:`compute_features`)."""
+        return self.backbone.forward_dense(batch)
 
     def propose(self, images: Sequence[Tensor]) -> list[Proposals]:
         return run_rpn(self.rpn, images, self.device)
 
-    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256,
+    def encode_regions(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int,
                        return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Region embeddings [sum R_i, D] (raw, unnormalised, input order) for per-image [R_i, 4] XYXY boxes in
         resized-image pixels; no res5 maps on this path (second element None)."""
-        # RoIs (and the pooled map) in float32 always: 16-bit box coordinates would move by up to several pixels
-        pool_in = features if features.dtype == torch.float32 else features.float()
-        rois = boxes_to_rois(boxes, pool_in)
+        # RoIs in float32 always: 16-bit box coordinates would move by up to several pixels
+        return self.encode_rois(features, boxes_to_rois(boxes, features.new_zeros((), dtype=torch.float32)),
+                                chunk_size=chunk_size)
+
+    def encode_rois(self, features: Tensor, rois: Tensor, *, chunk_size: int,
+                    return_res5: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """:meth:`encode_regions` for [R, 5] RoIs (batch index, x1, y1, x2, y2) instead of per-image boxes."""
+        pool_in = features if features.dtype == torch.float32 else features.float()  # the pooled map: float32
+        rois = rois.to(pool_in.device, pool_in.dtype)
         chunk = max(1, int(chunk_size))
         embs = [self.backbone.project(pool_regions(pool_in, rois[s:s + chunk], self.backbone.stride,
                                                    self.pooler_resolution, self.sampling_ratio).to(features.dtype))
@@ -165,5 +179,5 @@ class TransformerRegionDetector(nn.Module):
     def predict_boxes(self, region_emb: Tensor, proposal_boxes: Tensor) -> Tensor:
         return proposal_boxes
 
-    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int = 256) -> list[Tensor]:
+    def predict_masks(self, features: Tensor, boxes: Sequence[Tensor], *, chunk_size: int) -> list[Tensor]:
         raise RuntimeError("transformer region detectors have no mask head")
