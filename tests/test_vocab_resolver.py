@@ -74,6 +74,14 @@ def test_embedding_file_as_vocabulary_or_as_class_embeddings(tmp_path: Path) -> 
     assert resolve(["x", "y"], str(f)).names == ("x", "y")
     with pytest.raises(ValueError, match="is a tensor file, not class names"):
         resolve(str(f), emb)
+    vocab_mod.check_vocabulary_arg(str(f))  # an embedding file: read later, with the model
+    vocab_mod.check_vocabulary_arg(None)
+    with pytest.raises(ValueError, match="empty name at position"):
+        vocab_mod.check_vocabulary_arg("a,,b")
+    with pytest.raises(ValueError, match="empty"):
+        vocab_mod.check_vocabulary_arg(["a", " "])  # evaluate passes the dataset's names as a list
+    with pytest.raises(FileNotFoundError, match="not found"):
+        vocab_mod.check_vocabulary_arg(str(tmp_path / "missing.txt"))
 
 
 def test_embeddings_without_names_take_the_default_vocabulary_when_rows_match() -> None:

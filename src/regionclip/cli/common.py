@@ -18,7 +18,7 @@ from ..pipeline import RunOptions
 from ..inference.presets import PRESETS, LoadOptions
 from ..weights.pretrained import WeightsNotFound, resolve_weights
 from ..inference.hardware import REQUESTABLE_DTYPES, resolve_dtype
-from ..text.vocabulary import Vocabulary, is_embedding_file, resolve_names
+from ..text.vocabulary import Vocabulary, check_vocabulary_arg
 from .argtypes import fraction, nonneg_int, positive_int
 
 
@@ -100,8 +100,7 @@ def load_options(args: argparse.Namespace, *, regions: Optional[str] = None) -> 
 
 def check_cheap_args(args: argparse.Namespace) -> None:
     """Argument errors that need no model: found in milliseconds instead of after an 18 s checkpoint load."""
-    if getattr(args, "vocab", None) is not None and not is_embedding_file(args.vocab):
-        resolve_names(args.vocab)  # empty vocabulary, empty names, missing names file
+    check_vocabulary_arg(getattr(args, "vocab", None))  # empty vocabulary, empty names, missing names file
     if getattr(args, "concept_emb", None) is not None and not Path(args.concept_emb).exists():
         try:
             resolve_weights(args.concept_emb, download=False)

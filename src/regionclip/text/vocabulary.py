@@ -204,6 +204,14 @@ def is_embedding_file(vocab: Any) -> bool:
         return False
 
 
+def check_vocabulary_arg(vocab: Optional[VocabularyArg]) -> None:
+    """The checks of a vocabulary argument (names, a names file, a built-in alias or a class-embedding file) that
+    need no model - an empty vocabulary, empty names, a missing names file - so a CLI fails in milliseconds, before
+    the checkpoint loads. Embedding files are read later, with the model."""
+    if vocab is not None and not is_embedding_file(vocab):
+        resolve_names(vocab)
+
+
 def _numbered_or(default_vocab: Optional[VocabularyArg], rows: int) -> tuple[Optional[list[str]], Optional[list[int]]]:
     """(names, ids) of ``default_vocab`` when it has ``rows`` classes (coco_65_cls_emb with preset coco-gt gets the
     COCO names and ids), else (None, None): numbered classes."""
