@@ -7,7 +7,8 @@
 
 ``weights`` is anything :func:`regionclip.weights.pretrained.resolve_weights` accepts: a local file (``.pth`` or converted
 ``.safetensors``), a released name, or ``hf://user/repo``. Other keywords go to
-:meth:`regionclip.RegionCLIP.from_pretrained` (``rpn_weights``, ``preset``, ``device``, post-processing overrides).
+:meth:`regionclip.RegionCLIP.from_pretrained` (``rpn_weights``, ``preset``, ``device``, ...: load-time choices;
+post-processing is per call, ``model.detect(images, score_thresh=0.1)``).
 """
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def run_throughput(task: dict) -> dict:
     regions (extract) or detections (detect) per image."""
     from regionclip.data.loader import InferenceItem
     from regionclip.engine.extract import ExtractConfig, extract_batch
-    from regionclip.pipeline import ItemError
+    from regionclip.pipeline import ItemError, RunOptions
 
     sys.path.insert(0, str(REPO / "tests"))
     from _region_helpers import random_boxes
@@ -141,10 +141,9 @@ def run_throughput(task: dict) -> dict:
     boxes = [random_boxes(task["boxes"], 1080, 1920, seed=i).numpy() for i in range(len(files))]
     baseline = task["path"] == "baseline"
     chunk = 10**9 if baseline else task["chunk"]
-    cfg = ExtractConfig(regions="boxes" if gt else "rpn", topk=topk, batch_size=task["batch"],
-                        num_workers=0 if baseline else task["workers"], dtype=task["dtype"], chunk_size=chunk)
     options = model.run_options(batch_size=task["batch"], dtype=task["dtype"], chunk_size=chunk, max_proposals=topk,
                                 num_workers=0 if baseline else task["workers"])
+    cfg = ExtractConfig(regions="boxes" if gt else "rpn", run=options)
     items = [InferenceItem(key=str(i), file_name=str(f), boxes=boxes[i] if gt else None) for i, f in enumerate(files)]
     counts: list[int] = []
 
@@ -172,7 +171,7 @@ def run_throughput(task: dict) -> dict:
     run = one_at_a_time if baseline else streamed
     if task.get("warmup", True):  # one image with 8 boxes (allocator, oneDNN primitives); not timed
         p0 = pipe.prepare(files[0])
-        extract_batch(pipe, [p0], ExtractConfig(regions="boxes", dtype=task["dtype"]),
+        extract_batch(pipe, [p0], ExtractConfig(regions="boxes", run=RunOptions(dtype=task["dtype"])),
                       regions=[pipe.user_regions(boxes[0][:8], p0)])
     times, peaks = [], []
     for _ in range(task["repeats"]):

@@ -45,6 +45,7 @@ def main() -> None:
     from regionclip import RegionCLIP
     from regionclip.assets import demo_image_paths
     from regionclip.engine.extract import ExtractConfig, extract_batch
+    from regionclip.pipeline import RunOptions
 
     ckpts = random_checkpoints(args.variant, 0)
     # GT mode (no RPN file); the fused model is what every front end runs
@@ -57,7 +58,7 @@ def main() -> None:
     out, secs = {}, {}
     for dtype in ("float32", args.dtype, "float32"):  # float32 twice: the first run is a warm-up
         t0 = time.perf_counter()
-        out[dtype] = extract_batch(pipe, [prepared], ExtractConfig(regions="boxes", dtype=dtype), regions=regions,
+        out[dtype] = extract_batch(pipe, [prepared], ExtractConfig(regions="boxes", run=RunOptions(dtype=dtype)), regions=regions,
                                    vocabulary=vocab)[0]
         secs[dtype] = time.perf_counter() - t0
     ref, low = out["float32"], out[args.dtype]

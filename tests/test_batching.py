@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from _region_helpers import TINY_POST, random_boxes, tiny_pipeline, tiny_vocab, write_images
 from regionclip.data.loader import batch_by_size, items_from_inputs, make_loader
 from regionclip.engine.extract import ExtractConfig, extract_batch
+from regionclip.pipeline import RunOptions
 from regionclip.utils import autocast_context
 
 # float32 "equal": oneDNN's conv blocking depends on the batch size, so a batch can differ from single images by a
@@ -73,11 +74,12 @@ def _user_regions(pipe, prepared, boxes):
 @pytest.mark.parametrize("regions", ["boxes", "rpn", "detections"])
 def test_batched_equals_one_at_a_time(same_size, regions: str) -> None:
     pipe, prepared, boxes = same_size
-    cfg = ExtractConfig(regions=regions, topk=30, chunk_size=8)
-    kw = dict(vocabulary=tiny_vocab(5, seed=3), postprocess=TINY_POST)
+    cfg = ExtractConfig(regions=regions, run=RunOptions(postprocess=TINY_POST, max_proposals=30, chunk_size=8))
+    kw = dict(vocabulary=tiny_vocab(5, seed=3))
     batched = extract_batch(pipe, prepared, cfg,
                             regions=_user_regions(pipe, prepared, boxes) if regions == "boxes" else None, **kw)
-    single = [extract_batch(pipe, [p], ExtractConfig(regions=regions, topk=30, chunk_size=10**6),
+    single = [extract_batch(pipe, [p], ExtractConfig(regions=regions, run=RunOptions(
+                            postprocess=TINY_POST, max_proposals=30, chunk_size=10**6)),
                             regions=_user_regions(pipe, [p], [b]) if regions == "boxes" else None, **kw)[0]
               for p, b in zip(prepared, boxes)]
     for a, b in zip(batched, single):
@@ -94,7 +96,7 @@ def test_bfloat16_autocast_on_cpu_is_close_and_float16_needs_gpu(same_size) -> N
     pipe, prepared, boxes = same_size
     regions = _user_regions(pipe, prepared[:1], boxes[:1])
     ref = extract_batch(pipe, prepared[:1], ExtractConfig(regions="boxes"), regions=regions)[0]["feats"]
-    low = extract_batch(pipe, prepared[:1], ExtractConfig(regions="boxes", dtype="bfloat16"), regions=regions)[0]
+    low = extract_batch(pipe, prepared[:1], ExtractConfig(regions="boxes", run=RunOptions(dtype="bfloat16")), regions=regions)[0]
     assert low["feats"].dtype == torch.float32  # stored in float32 whatever the compute dtype
     cos = F.cosine_similarity(ref, low["feats"], dim=1)
     print(f"tiny model bf16 vs fp32 region-embedding cosine: min {cos.min():.4f}")

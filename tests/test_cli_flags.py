@@ -180,3 +180,165 @@ def test_extract_regions_honours_max_pixels(tmp_path, capsys):
     assert len(index["errors"]) == 1 and "pixel" in json.dumps(index["errors"]).lower()
     assert len(index["images"]) == 1
     assert "1 image(s) skipped" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each flag sets exactly one field (issue 25, "one options story"): a run / post-processing flag one field of the
+# RunOptions the command runs with (cli.common.run_options), a model flag one field of its LoadOptions
+# (cli.common.load_options). Flags that are neither say why, here; the test fails when that list goes stale.
+NOT_AN_OPTIONS_FIELD = {
+    "vocab": "the vocabulary: RegionCLIP.make_vocabulary, per call (detect(..., vocabulary=))",
+    "concept_emb": "the vocabulary's class embeddings: RegionCLIP.make_vocabulary",
+    "debug": "tracebacks: the dispatcher (cli.main)",
+    "quiet": "progress output of the command",
+    "backend": "load-time: the model is re-wrapped by RegionCLIP.with_backend (cli.common.load_model)",
+    "export_dir": "load-time: the graphs --backend runs (RegionCLIP.with_backend)",
+    "int8": "load-time: the int8 region head of --backend onnxruntime (RegionCLIP.with_backend)",
+}
+# a value different from every command's default, by dest (store_true flags are simply given)
+NON_DEFAULT = {"weights": "w.pth", "rpn_weights": "r.pth", "preset": "coco-gt", "device": "cuda:1",
+               "vit_act": "gelu", "text_causal": "no", "score_thresh": "0.37", "nms_thresh": "0.41",
+               "detections_per_image": "7", "rpn_score": "sigmoid", "soft_nms": "linear", "batch_size": "3",
+               "dtype": "bfloat16", "chunk_size": "5", "max_proposals": "11", "num_workers": "5", "max_pixels": "123"}
+
+
+def _common_groups() -> dict[str, str]:
+    """dest -> "load" / "run" for every flag cli.common adds (model group: load; run and post-processing: run)."""
+    from regionclip.cli import common
+
+    p = argparse.ArgumentParser()
+    common.add_model_args(p)
+    common.add_run_args(p)
+    out = {}
+    for g in p._action_groups:
+        kind = "load" if g.title == "model" else "run" if g.title == "run" or "post-processing" in (g.title or "") \
+            else None
+        out.update({a.dest: kind for a in g._group_actions if kind and a.dest not in NOT_AN_OPTIONS_FIELD})
+    return out
+
+
+def _fields(obj) -> dict:
+    """An options object as flat {field: value} (RunOptions.postprocess fields as ``postprocess.<name>``)."""
+    from dataclasses import fields, is_dataclass
+
+    flat = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        flat.update({f"{f.name}.{k}": w for k, w in _fields(v).items()} if is_dataclass(v) else {f.name: v})
+    return flat
+
+
+def _options_commands() -> list[tuple[str, str]]:
+    """The commands whose flags come from cli.common.add_model_args / add_run_args."""
+    return [(c, m) for c, m in _commands()
+            if "add_model_args(" in inspect.getsource(importlib.import_module(m).register)]
+
+
+@pytest.mark.parametrize("command,mod_name", _options_commands(), ids=[c for c, _ in _options_commands()])
+def test_each_options_flag_sets_exactly_one_field(command, mod_name):
+    from types import SimpleNamespace
+
+    from regionclip.api import RegionCLIP
+    from regionclip.cli import common
+    from regionclip.config import PostprocessConfig
+
+    model = SimpleNamespace(settings=SimpleNamespace(postprocess=PostprocessConfig(), regions="rpn"))
+    model.run_options = lambda **kw: RegionCLIP.run_options(model, **kw)
+    groups = _common_groups()
+    p = _registered(mod_name)[1]
+    actions = {a.dest: a for a in p._actions if a.option_strings}
+    base = p.parse_args([])
+
+    def options(args, kind):
+        return _fields(common.load_options(args) if kind == "load" else common.run_options(model, args))
+
+    checked = set()
+    for dest, a in actions.items():
+        kind = groups.get(dest)
+        if kind is None:
+            continue
+        flag = a.option_strings[-1]
+        argv = [flag] if a.nargs == 0 else [flag, NON_DEFAULT[dest]]
+        before, after = options(base, kind), options(p.parse_args(argv), kind)
+        changed = sorted(k for k in before if before[k] != after[k])
+        assert len(changed) == 1, (f"regionclip {command} {' '.join(argv)}: sets {changed or 'no field'} of its "
+                                   f"{'LoadOptions' if kind == 'load' else 'RunOptions'}; a flag sets exactly one")
+        checked.add(dest)
+    # every flag of cli.common that the command has was checked; the exempt ones exist
+    assert checked == set(groups) & set(actions)
+    assert set(NOT_AN_OPTIONS_FIELD) <= set(_flag_dests(p)) | {"vocab", "concept_emb"}
+
+
+def test_demo_load_flags_each_set_one_load_options_field():
+    """``regionclip demo`` builds its LoadOptions through cli.common.load_options too (one way from flags to it)."""
+    from regionclip.cli import common
+
+    p = _registered("regionclip.cli.demo")[1]
+    base = _fields(common.load_options(p.parse_args([])))
+    for argv in (["--weights", "w.pth"], ["--rpn-weights", "r.pth"], ["--preset", "coco-gt"], ["--device", "cuda:1"],
+                 ["--non-strict"]):
+        after = _fields(common.load_options(p.parse_args(argv)))
+        assert len([k for k in base if base[k] != after[k]]) == 1, argv
+    assert "load_options" in inspect.getsource(importlib.import_module("regionclip.cli.demo").run)
+
+
+def test_post_processing_at_load_time_is_a_type_error_saying_per_call(tmp_path):
+    """Post-processing is a per-call choice: ``from_pretrained(score_thresh=...)`` used to be a second way to set
+    it (at load time); now it is refused before anything is loaded, saying how to pass it per call."""
+    from regionclip.api import RegionCLIP
+    from regionclip.inference.presets import LoadOptions
+
+    with pytest.raises(TypeError, match=r"\['score_thresh'\].*per call.*model\.detect\(images, score_thresh=\.\.\.\)"):
+        RegionCLIP.from_pretrained(tmp_path / "never_read.pth", score_thresh=0.1)
+    with pytest.raises(TypeError, match=r"model\.run_options\(nms_thresh=\.\.\.\)"):
+        LoadOptions.create("w.pth", nms_thresh=0.3)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'chunk'"):
+        RegionCLIP.from_pretrained(tmp_path / "never_read.pth", chunk=3)
+    assert not (tmp_path / "never_read.pth").exists()
+
+
+def test_score_thresh_and_chunk_size_reach_the_model_from_argv(tmp_path, demo_images, tiny_ckpt, emb_file,
+                                                               monkeypatch, capsys):
+    """Follow --score-thresh and --chunk-size from the command line to the values the pipeline passes to
+    ``postprocess_detections`` and ``model.encode_regions``: one object each (RunOptions), one direction. The
+    printed settings line and the resume fingerprint show the values run with, not the preset's."""
+    import json
+
+    import regionclip.pipeline as pipeline_mod
+    from regionclip.api import RegionCLIP
+    from regionclip.cli.main import main
+
+    thresholds, chunks = [], []
+    real_post, real_load = pipeline_mod.postprocess_detections, RegionCLIP.load
+
+    def post_spy(boxes, scores, hw, cfg, **kw):
+        thresholds.append(cfg.score_thresh)
+        return real_post(boxes, scores, hw, cfg, **kw)
+
+    def load_spy(options):
+        model = real_load(options)
+        encode = model.detector.encode_regions
+
+        def encode_spy(*a, **kw):
+            chunks.append(kw.get("chunk_size"))
+            return encode(*a, **kw)
+
+        model.detector.encode_regions = encode_spy
+        return model
+
+    monkeypatch.setattr(pipeline_mod, "postprocess_detections", post_spy)
+    monkeypatch.setattr(RegionCLIP, "load", staticmethod(load_spy))
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({demo_images[0].name: [[100, 100, 900, 700], [1000, 200, 1500, 900],
+                                                       [120, 110, 880, 690]]}))
+    out = tmp_path / "out"
+    argv = ["detect", str(demo_images[0]), "--weights", str(tiny_ckpt), "--preset", "coco-gt", "--boxes", str(boxes),
+            "--concept-emb", str(emb_file), "--score-thresh", "0.37", "--chunk-size", "2", "--no-vis",
+            "--num-workers", "0", "-o", str(out)]
+    assert main(argv) == 0
+    assert thresholds == [0.37]  # coco-gt's own is 0.001
+    assert chunks and set(chunks) == {2}  # the CPU default would be 64
+    err = capsys.readouterr().err
+    assert "score>0.37" in err and "score>0.001" not in err  # the settings line shows what runs
+    journal = "".join(f.read_text() for f in out.rglob("*") if f.is_file() and f.suffix in (".json", ".jsonl"))
+    assert "score>0.37" in journal and '"score_thresh": 0.37' in journal  # the resume fingerprint too

@@ -22,7 +22,7 @@ from regionclip.engine.extract import (ExtractConfig, RegionStore, extract_regio
                                        original_name)
 from regionclip.formats import match_boxes, read_boxes_file
 from regionclip.ops.boxes import clip_boxes, nonempty, scale_boxes
-from regionclip.pipeline import top_proposals
+from regionclip.pipeline import RunOptions, top_proposals
 from regionclip.predictor import RegionPredictor
 from regionclip.text.vocabulary import Vocabulary
 
@@ -59,7 +59,7 @@ def test_user_boxes_equal_gt_mode_detection_features(tmp_path, data) -> None:
     model = tiny_model(seed=3)
     pipe, vocab = model.pipeline, Vocabulary.create(emb)
     items = attach_boxes(items_from_inputs([root / "imgs"]), boxes)
-    extract_regions(pipe, items, tmp_path, ExtractConfig(regions="boxes", batch_size=2, num_workers=0, chunk_size=3),
+    extract_regions(pipe, items, tmp_path, ExtractConfig(regions="boxes", run=RunOptions(batch_size=2, chunk_size=3)),
                     vocabulary=vocab, progress=False)
     got = load_regions(tmp_path)
     assert sorted(got) == sorted(p.name for p in paths)
@@ -79,7 +79,7 @@ def test_rpn_regions_are_topk_proposals_in_original_frame(tmp_path, data) -> Non
     root, paths, _, _ = data
     pipe = tiny_pipeline(seed=4, rpn=True)
     det = pipe.model
-    extract_regions(pipe, items_from_inputs(paths[:2]), tmp_path, ExtractConfig(regions="rpn", topk=12, num_workers=0),
+    extract_regions(pipe, items_from_inputs(paths[:2]), tmp_path, ExtractConfig(regions="rpn", run=RunOptions(max_proposals=12)),
                     progress=False)
     for p in paths[:2]:
         rec = load_regions(tmp_path, str(p))
@@ -101,9 +101,9 @@ def test_detection_regions_mode_b_and_original_format(tmp_path, data) -> None:
     root, paths, _, emb = data
     pipe = tiny_pipeline(seed=5, rpn=True)
     det, vocab = pipe.model, Vocabulary.create(emb, ["a", "b", "c"])
-    cfg = ExtractConfig(regions="detections", topk=20, num_workers=0, write_original=True)
-    extract_regions(pipe, items_from_inputs(paths[:2]), tmp_path, cfg, vocabulary=vocab, postprocess=TINY_POST,
-                    progress=False)
+    cfg = ExtractConfig(regions="detections", run=RunOptions(postprocess=TINY_POST, max_proposals=20),
+                        write_original=True)
+    extract_regions(pipe, items_from_inputs(paths[:2]), tmp_path, cfg, vocabulary=vocab, progress=False)
     assert load_index(tmp_path)["class_names"] == ["a", "b", "c"]
     for p in paths[:2]:
         rec = load_regions(tmp_path, str(p))
@@ -126,7 +126,7 @@ def test_resume_skips_done_images_and_rejects_other_settings(tmp_path, data) -> 
     root, paths, boxes, _ = data
     pipe = tiny_pipeline(seed=6)
     items = attach_boxes(items_from_inputs(paths), {k: v for k, v in boxes.items()})
-    cfg = ExtractConfig(regions="boxes", num_workers=0, shard_images=2)
+    cfg = ExtractConfig(regions="boxes", shard_images=2)
     first = extract_regions(pipe, items[:3], tmp_path, cfg, progress=False)
     assert first.num_done_before == 0 and len(list((tmp_path / "shards").glob("*.safetensors"))) == 2
     second = extract_regions(pipe, items, tmp_path, cfg, progress=False)
@@ -136,7 +136,8 @@ def test_resume_skips_done_images_and_rejects_other_settings(tmp_path, data) -> 
     index = load_index(tmp_path)
     assert index["num_images"] == 5 and index["num_regions"] == sum(len(b) for b in boxes.values())
     with pytest.raises(ValueError, match="other settings"):
-        extract_regions(pipe, items, tmp_path, ExtractConfig(regions="boxes", dtype="bfloat16"), progress=False)
+        extract_regions(pipe, items, tmp_path, ExtractConfig(regions="boxes", run=RunOptions(dtype="bfloat16")),
+                        progress=False)
     with RegionStore(tmp_path / "locked", {"x": 1}):
         with pytest.raises(RuntimeError, match="another extraction"):
             RegionStore(tmp_path / "locked", {"x": 1})  # same process
@@ -156,8 +157,7 @@ def test_bad_boxes_and_unreadable_images_are_reported_not_fatal(tmp_path, data) 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     items = attach_boxes(items_from_inputs(paths[:3]), bad)
     items.append(InferenceItem("broken", str(tmp_path / "broken.png"), boxes=np.zeros((0, 4), np.float32)))
-    s = extract_regions(tiny_pipeline(), items, tmp_path / "out", ExtractConfig(regions="boxes", num_workers=0),
-                        progress=False)
+    s = extract_regions(tiny_pipeline(), items, tmp_path / "out", ExtractConfig(regions="boxes"), progress=False)
     index = load_index(tmp_path / "out")
     assert s.num_errors == 2 and index["num_images"] == 2
     errors = {e["key"]: e["error"] for e in index["errors"]}
@@ -191,6 +191,7 @@ sys.path.insert(0, {tests!r})
 from _region_helpers import tiny_pipeline
 from regionclip.data.loader import items_from_inputs
 from regionclip.engine.extract import ExtractConfig, extract_regions
+from regionclip.pipeline import RunOptions
 
 pipe = tiny_pipeline(seed=8, rpn=True)
 if {slow}:
@@ -200,7 +201,8 @@ if {slow}:
         return inner(*a, **k)
     pipe.model.encode_regions = slow
 extract_regions(pipe, items_from_inputs([{imgs!r}]), {out!r},
-                ExtractConfig(regions="rpn", topk=10, num_workers=1, shard_images=2, batch_size=2), progress=False)
+                ExtractConfig(regions="rpn", run=RunOptions(max_proposals=10, num_workers=1, batch_size=2), shard_images=2),
+                progress=False)
 """
 
 

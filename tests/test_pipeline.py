@@ -43,9 +43,10 @@ def test_defaults_without_preset_follow_the_checkpoint_kind(tmp_path, tiny_rpn_c
     assert (pp.score_thresh, pp.detections_per_image, pp.rpn_score) == (0.02, 300, "raw")
     assert pp.soft_nms == "gaussian" and pp.apply_box_deltas
     assert len(m2.vocabulary) == 1203 and m2.vocabulary.category_ids[:3] == (1, 2, 3)  # embedded test classes
-    # an explicit preset / flag still wins
-    m3 = RegionCLIP.from_pretrained(ft, preset="coco-gt", score_thresh=0.5)
-    assert m3.settings.postprocess.score_thresh == 0.5 and m3.settings.regions == "gt" and m3.detector.rpn is None
+    # an explicit preset still wins at load time; a post-processing value is a per-call choice
+    m3 = RegionCLIP.from_pretrained(ft, preset="coco-gt")
+    assert m3.run_options(score_thresh=0.5).postprocess.score_thresh == 0.5
+    assert m3.settings.regions == "gt" and m3.detector.rpn is None
 
 
 def test_detect_batch_size_batches_the_model(tmp_path, tiny_rpn_ckpt, demo_images, monkeypatch) -> None:
@@ -110,7 +111,7 @@ def test_gt_evaluation_truncates_whole_number_boxes_and_allows_empty_images(tmp_
         return orig(prepared, vocabulary, options, regions=regions, features=features)
 
     pipe.detect_prepared = spy  # type: ignore[method-assign]
-    dets = dataset_predictor(pipe, vocab, tiny_options(), "gt")(list(ds))
+    dets = [d for _, d in dataset_predictor(pipe, vocab, tiny_options(), "gt")(list(ds))]
     assert len(dets) == 2 and len(dets[1]) == 0 and dets[1].image_id == ds.records[1].image_id
     p = pipe.prepare(paths[0])
     want = scale_boxes_like_d2(torch.tensor([[7, 9, 40, 50]]), *p.scale_xy, truncate=True)

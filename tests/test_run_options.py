@@ -15,7 +15,7 @@ from regionclip.pipeline import RunOptions
 
 
 def fake_model(**post):
-    model = SimpleNamespace(settings=SimpleNamespace(postprocess=PostprocessConfig(**post)))
+    model = SimpleNamespace(settings=SimpleNamespace(postprocess=PostprocessConfig(**post), regions="rpn"))
     model.run_options = lambda **kw: RegionCLIP.run_options(model, **kw)  # type: ignore[arg-type]
     return model
 

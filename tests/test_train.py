@@ -87,10 +87,10 @@ def test_trained_checkpoint_runs_in_detect_and_evaluate(tmp_path: Path) -> None:
     assert loaded.split.test_class_embeddings is not None
 
     emb = Path(r["data"]["classes"]["test_embeddings"])
-    model = RegionCLIP.from_pretrained(weights, score_thresh=0.0, apply_box_deltas=True)
+    model = RegionCLIP.from_pretrained(weights)
     model.set_vocabulary(["red box", "green box", "blue box"], emb)
     image = next(Path(r["data"]["train"]["image_root"]).glob("*.png"))
-    dets = model.detect([str(image)])[0]
+    dets = model.detect([str(image)], score_thresh=0.0, apply_box_deltas=True)[0]
     assert len(dets) > 0 and dets.masks is not None
 
     out = tmp_path / "eval"

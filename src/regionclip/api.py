@@ -29,7 +29,7 @@ from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_d
 from .modeling.fusion import fused_for_inference
 from .modeling.recognizer import RegionRecognizer
 from .pipeline import ImageResult, Pipeline, RunOptions
-from .inference.presets import LoadOptions, Settings, resolve_settings
+from .inference.presets import LoadOptions, Settings, refuse_postprocess_at_load, resolve_settings
 from .weights.pretrained import WeightsNotFound, resolve_weights
 from .structures import Detections
 from .text.unicl_embeddings import zeroshot_class_embeddings
@@ -84,16 +84,20 @@ class RegionCLIP:
                         preset: Optional[str] = None, device: Union[str, torch.device] = "cpu", strict: bool = True,
                         regions: Optional[str] = None, rpn_overrides: Optional[dict[str, Any]] = None,
                         transformer_options: Optional[dict[str, Any]] = None, fuse: bool = True,
-                        strict_hash: bool = False, **postprocess_overrides: Any) -> "RegionCLIP":
+                        strict_hash: bool = False, **unexpected: Any) -> "RegionCLIP":
         """Load a RegionCLIP checkpoint (a name from :data:`regionclip.weights.pretrained.WEIGHTS` or a path) and an optional
         RPN file. ``preset`` (see :mod:`regionclip.inference.presets`) picks one of the original's scenarios; without one the
-        checkpoint kind picks it (docs/DESIGN.md#settings). Keyword ``postprocess_overrides`` (e.g.
-        ``score_thresh=0.1``) replace single fields. ``fuse``: fold the frozen BatchNorms and the attention pool's
-        K/V projections for inference (docs/DESIGN.md#cpu-speed; exact up to float rounding; the loaded model then
-        cannot be trained or saved)."""
+        checkpoint kind picks it (docs/DESIGN.md#settings). Load-time choices only: post-processing is per call
+        (``model.detect(images, score_thresh=0.1)``, :meth:`run_options`); a post-processing keyword here is a
+        TypeError saying so. ``fuse``: fold the frozen BatchNorms and the attention pool's K/V projections for
+        inference (docs/DESIGN.md#cpu-speed; exact up to float rounding; the loaded model then cannot be trained or
+        saved)."""
+        refuse_postprocess_at_load(unexpected, "RegionCLIP.from_pretrained")
+        if unexpected:
+            raise TypeError(f"RegionCLIP.from_pretrained got unexpected keyword argument(s) {sorted(unexpected)}")
         return cls.load(LoadOptions.create(weights, rpn_weights, preset=preset, device=str(device), strict=strict,
-                                           regions=regions, postprocess=postprocess_overrides, rpn=rpn_overrides,
-                                           transformer=transformer_options, fuse=fuse, strict_hash=strict_hash))
+                                           regions=regions, rpn=rpn_overrides, transformer=transformer_options,
+                                           fuse=fuse, strict_hash=strict_hash))
 
     @classmethod
     def load(cls, options: LoadOptions) -> "RegionCLIP":
@@ -175,10 +179,15 @@ class RegionCLIP:
 
     # ------------------------------------------------------------------ inference
     def run_options(self, **overrides: Any) -> RunOptions:
-        """:class:`RunOptions` from this model's resolved post-processing settings plus per-call overrides by field
-        name (``batch_size``, ``dtype``, ``chunk_size``, ``score_thresh``, ...; :meth:`RunOptions.create`). The
-        defaults are :class:`RunOptions`' own, defined once there."""
-        return RunOptions.create(self.settings.postprocess, **overrides)
+        """:class:`RunOptions` from this model's default per-call post-processing (``settings.postprocess``) plus
+        per-call overrides by field name (``batch_size``, ``dtype``, ``chunk_size``, ``score_thresh``, ...;
+        :meth:`RunOptions.create`). The defaults are :class:`RunOptions`' own, defined once there. The one place a
+        call's settings are made: the CLI's ``--score-thresh`` etc. come here too (``cli.common.run_options``)."""
+        opts = RunOptions.create(self.settings.postprocess, **overrides)
+        if self.settings.regions == "gt" and opts.postprocess.rpn_score != "none":
+            # given boxes have no objectness: what the pipeline applies in GT mode, recorded in the options it ran
+            opts = opts.override(rpn_score="none")
+        return opts
 
     def require_vocabulary(self, vocabulary: Optional[Vocabulary] = None) -> Vocabulary:
         v = vocabulary or self.vocabulary

@@ -93,18 +93,23 @@ class RunOptions:
 
     @classmethod
     def create(cls, postprocess: Optional[PostprocessConfig] = None, **overrides: Any) -> "RunOptions":
-        """Options from a base post-processing config (a model's resolved settings) and overrides named by field:
-        any :class:`RunOptions` field (``batch_size``, ``dtype``, ``chunk_size``, ...) or
-        :class:`PostprocessConfig` field (``score_thresh``, ``nms_thresh``, ...). Every default is this class's
-        (defined once, here); an unknown name is an error naming the accepted ones."""
-        run_names = {f.name for f in fields(cls)} - {"postprocess"}
+        """Options from a base post-processing config (a model's default per-call post-processing,
+        ``Settings.postprocess``) and overrides named by field: any :class:`RunOptions` field (``batch_size``,
+        ``dtype``, ``chunk_size``, ...) or :class:`PostprocessConfig` field (``score_thresh``, ``nms_thresh``, ...).
+        Every default is this class's (defined once, here); an unknown name is an error naming the accepted ones."""
+        return cls(postprocess=postprocess or PostprocessConfig()).override(**overrides)
+
+    def override(self, **overrides: Any) -> "RunOptions":
+        """A copy with fields replaced by name, run and post-processing fields in one namespace (the one way to
+        change per-call settings: :meth:`create`, ``RegionCLIP.run_options``, the predictor)."""
+        run_names = {f.name for f in fields(self)} - {"postprocess"}
         post_names = {f.name for f in fields(PostprocessConfig)}
         unknown = sorted(set(overrides) - run_names - post_names)
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}: per-call options are RunOptions fields "
                             f"{sorted(run_names)} or post-processing fields {sorted(post_names)}")
-        post = replace(postprocess or PostprocessConfig(), **{k: v for k, v in overrides.items() if k in post_names})
-        return cls(postprocess=post, **{k: v for k, v in overrides.items() if k in run_names})
+        post = replace(self.postprocess, **{k: v for k, v in overrides.items() if k in post_names})
+        return replace(self, postprocess=post, **{k: v for k, v in overrides.items() if k in run_names})
 
 
 @dataclass

@@ -15,7 +15,7 @@ size (every region is computed independently).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -123,7 +123,7 @@ class RegionPredictor:
         return self._prepared
 
     def _options(self, chunk_size: Optional[int]) -> RunOptions:
-        return self.options if not chunk_size else RunOptions(**{**self.options.__dict__, "chunk_size": chunk_size})
+        return self.options if not chunk_size else self.options.override(chunk_size=chunk_size)
 
     # ------------------------------------------------------------------ regions
     @torch.no_grad()
@@ -166,18 +166,21 @@ class RegionPredictor:
 
     @torch.no_grad()
     def detect(self, vocab: VocabularyLike = None, *, boxes: Any = None, options: Optional[RunOptions] = None,
-               **postprocess_overrides: Any) -> Detections:
+               **overrides: Any) -> Detections:
         """Full detection on the set image, reusing its cached res4 map.
 
         Args:
             vocab: as in :meth:`classify_boxes`.
             boxes: optional [R, 4] user boxes (original pixels) -> GT mode (no RPN, no box deltas, no RPN score
                 multiplication); default RPN proposals.
-            options: full :class:`RunOptions`; default the model's settings with ``postprocess_overrides``.
+            options: full :class:`RunOptions`; default this predictor's with ``overrides`` by field name
+                (``score_thresh=0.1``, ``max_proposals=100``, ...; :meth:`RunOptions.override`).
         """
         prepared = self._require_image()
-        opts = options or replace(self.options, postprocess=replace(self.options.postprocess,
-                                                                    **postprocess_overrides))
+        if options is not None and overrides:
+            raise TypeError(f"give either options= or field overrides {sorted(overrides)}, not both "
+                            "(options.override(...) combines them)")
+        opts = options or self.options.override(**overrides)
         regions = None if boxes is None else [self.pipeline.user_regions(_as_boxes(boxes), prepared)]
         return self.pipeline.detect_prepared([prepared], self.vocabulary(vocab), opts, regions=regions,
                                              features=self.features)[0]

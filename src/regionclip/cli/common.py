@@ -43,7 +43,7 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
                    help="refuse a weight file whose sha256 differs from the expected one (WEIGHTS table / <file>.sha256 "
                         "sidecar) instead of warning")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
-    q = p.add_argument_group("post-processing (override the preset)")
+    q = p.add_argument_group("post-processing (per run: RunOptions.postprocess, starting from the preset's)")
     q.add_argument("--score-thresh", type=fraction, help="keep detections scoring at least this (0..1)")
     q.add_argument("--nms-thresh", type=fraction, help="IoU above which NMS removes a box (0..1)")
     q.add_argument("--max-dets", type=positive_int, dest="detections_per_image", help="detections kept per image")
@@ -81,12 +81,15 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: Optional[int] = 2) -> N
 
 
 def postprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The post-processing flags the user gave, by :class:`PostprocessConfig` field (what :func:`run_options`
+    applies; each flag's dest is its field)."""
     keys = ["score_thresh", "nms_thresh", "detections_per_image", "rpn_score", "soft_nms", "apply_box_deltas"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def load_options(args: argparse.Namespace, *, regions: Optional[str] = None) -> LoadOptions:
-    """The :class:`LoadOptions` of the command line (validated before anything heavy happens)."""
+    """The :class:`LoadOptions` of the command line: load-time flags only (validated before anything heavy
+    happens); the per-run flags go to :func:`run_options`."""
     topts: dict[str, Any] = {}
     if getattr(args, "vit_act", None):
         topts["act"] = args.vit_act
@@ -94,8 +97,7 @@ def load_options(args: argparse.Namespace, *, regions: Optional[str] = None) -> 
         topts["autoregressive"] = args.text_causal == "yes"
     return LoadOptions.create(args.weights, args.rpn_weights, preset=args.preset, device=args.device,
                               strict=not args.non_strict, strict_hash=getattr(args, "strict_hash", False),
-                              regions=regions, postprocess=postprocess_overrides(args),
-                              transformer=topts)
+                              regions=regions, transformer=topts)
 
 
 def check_cheap_args(args: argparse.Namespace) -> None:
@@ -121,7 +123,8 @@ def check_cheap_args(args: argparse.Namespace) -> None:
 
 
 def load_model(args: argparse.Namespace, *, regions: Optional[str] = None, verbose: bool = True) -> RegionCLIP:
-    """Load the model once, print what was loaded and the resolved settings in one line each."""
+    """Load the model once, print what was loaded and the settings the run uses (its post-processing flags
+    applied, as :func:`run_options` will) in one line each."""
     check_cheap_args(args)
     model = RegionCLIP.load(load_options(args, regions=regions))
     if getattr(args, "backend", "torch") != "torch":
@@ -130,7 +133,7 @@ def load_model(args: argparse.Namespace, *, regions: Optional[str] = None, verbo
             log(f"backend: {model.detector!r}")
     if verbose:
         log(model.loaded.report.summary(max_items=4))
-        log(model.settings.describe())
+        log(model.settings.describe(model.run_options(**postprocess_overrides(args)).postprocess))
     return model
 
 
@@ -169,11 +172,13 @@ def input_digests(model: RegionCLIP, args: argparse.Namespace, vocab: Optional[V
 
 
 def run_options(model: RegionCLIP, args: argparse.Namespace, **extra: Any) -> RunOptions:
-    """:class:`RunOptions` from the model's settings and the run flags (``--dtype auto`` resolved here)."""
+    """The run's :class:`RunOptions`: the model's default post-processing, the post-processing flags
+    (``--score-thresh`` ...) and the run flags (``--chunk-size`` ...; ``--dtype auto`` resolved here), each flag
+    setting one field. The only place a command's per-run flags go; ``extra``: fields the command sets itself."""
     dtype = resolve_dtype(args.dtype, args.device)
     return model.run_options(batch_size=args.batch_size, dtype=dtype, chunk_size=args.chunk_size,
                              max_proposals=args.max_proposals, num_workers=args.num_workers or 0,
-                             max_pixels=args.max_pixels or None, **extra)
+                             max_pixels=args.max_pixels or None, **postprocess_overrides(args), **extra)
 
 
 def report_unprocessed(given: Sequence[str], finished: Iterable[str], failed: Iterable[str] = (), *,

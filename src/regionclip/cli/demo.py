@@ -11,9 +11,10 @@ from pathlib import Path
 
 from ..api import RegionCLIP
 from ..demo import build_demo, launch_demo
-from ..inference.presets import PRESETS, LoadOptions
+from ..inference.presets import PRESETS
 from ..search import RegionIndex
 from ..utils import require
+from .common import load_options
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,13 +41,12 @@ def run(args: argparse.Namespace) -> int:
     # fail before the (slow) model load when the extra is missing
     require("gradio", "demo", "the web demo")
     index = RegionIndex.open(args.index) if args.index else None  # a bad index fails before the model loads
-    options = LoadOptions.create(args.weights, args.rpn_weights, preset=args.preset, device=args.device,
-                                 strict=not args.non_strict)
+    options = load_options(args)  # the load flags -> LoadOptions, as every command (post-processing: per request)
     print(f"loading {options.weights_name()}" + (f" + RPN {options.rpn_weights_name()}"
                                                  if options.rpn_weights_name() else "") + " ...", flush=True)
     model = RegionCLIP.load(options)
     print(model.loaded.report.summary(max_items=4))
-    print(model.settings.describe())
+    print(model.settings.describe())  # the per-request default post-processing (score / max boxes: the sliders)
     if model.detector.rpn is None:
         print("no RPN loaded: the demo classifies boxes drawn or typed by the user (--rpn-weights for proposals)")
     demo = build_demo(model, cache_dir=args.cache_dir, max_queue=args.max_queue, search_index=index,

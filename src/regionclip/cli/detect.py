@@ -81,8 +81,8 @@ def _run(args: argparse.Namespace, items: list[InferenceItem], dist: DistInfo) -
     options = run_options(model, args)
     out_dir = Path(args.output_dir)
     # the settings fingerprint of the journal: a resumed run with other settings or other input files (by content)
-    # is refused
-    settings = {"settings": model.settings.describe(), "postprocess": options.postprocess.__dict__,
+    # is refused; the settings are the RunOptions this run uses (its --score-thresh etc. applied)
+    settings = {"settings": model.settings.describe(options.postprocess), "postprocess": options.postprocess.__dict__,
                 "dtype": options.dtype, "max_proposals": options.max_proposals,
                 **input_digests(model, args, vocab)}
     keys = [it.key for it in items]

@@ -20,7 +20,6 @@ from ..data.loader import items_from_coco, items_from_inputs
 from ..parallel.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.extract import DTYPES, ExtractConfig, extract_regions, load_index
 from ..formats import match_boxes, read_boxes_file
-from ..inference.hardware import resolve_dtype
 from ..parallel.sharding import rank_device
 from ..text.name_cache import checkpoint_fingerprint
 from .argtypes import positive_float, positive_int
@@ -32,6 +31,7 @@ from .common import (
     load_model,
     log,
     report_unprocessed,
+    run_options,
     vocabulary_from_args,
 )
 
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="rpn: top-k RPN proposals; detections: classified + post-processed (needs a vocabulary); "
                    "boxes: user boxes from --boxes or --coco-json (default rpn)")
     p.add_argument("--boxes", help="user boxes: CSV file_name,x1,y1,x2,y2 / JSON {file: [[x1,y1,x2,y2]]} / COCO json")
-    p.add_argument("--topk", type=positive_int, help="RPN proposals kept per image (the original's README uses 100)")
+    p.add_argument("--topk", type=positive_int, dest="max_proposals",
+                   help="RPN proposals kept per image (the original's README uses 100); the same as --max-proposals")
     p.add_argument("-o", "--output-dir", default="output/regions")
     p.add_argument("--format", choices=["shards", "original"], default="shards",
                    help="original: also write the original tool's per-image <name>.pth dicts to OUTPUT/original/")
@@ -101,11 +102,9 @@ def _extract(args: argparse.Namespace, items: list, dist: DistInfo) -> int:
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "index.json").unlink(missing_ok=True)
     barrier()  # no rank reads the folder before rank 0 has cleared it
-    dtype = resolve_dtype(args.dtype, args.device)
-    cfg = ExtractConfig(regions=args.regions, topk=args.topk or args.max_proposals, batch_size=args.batch_size,
-                        num_workers=args.num_workers, dtype=dtype, save_dtype=args.save_dtype,
-                        chunk_size=args.chunk_size, pad_mixed_sizes=args.pad_mixed_sizes, shard_mb=args.shard_mb,
-                        write_original=args.format == "original", max_pixels=args.max_pixels or None)
+    # the run flags (--chunk-size, --max-proposals/--topk, --dtype, post-processing ...) -> cfg.run, in one place
+    cfg = ExtractConfig(regions=args.regions, run=run_options(model, args, pad_mixed_sizes=args.pad_mixed_sizes),
+                        save_dtype=args.save_dtype, shard_mb=args.shard_mb, write_original=args.format == "original")
     wpath = model.weights_path
     model_id = f"{wpath}#{checkpoint_fingerprint(wpath)[:16]}" if wpath is not None else "<weights>"
     rpn = "none"
@@ -116,14 +115,14 @@ def _extract(args: argparse.Namespace, items: list, dist: DistInfo) -> int:
     digests = input_digests(model, args)
     model_id += f"+rpn:{rpn}+inputs:" + ",".join(f"{k.replace('_sha256', '')}={v[:16]}"
                                                  for k, v in digests.items() if v is not None)
-    summary = extract_regions(model.pipeline, items, out, cfg, vocabulary=vocab,
-                              postprocess=model.settings.postprocess, model_id=model_id, progress=not args.quiet,
+    summary = extract_regions(model.pipeline, items, out, cfg, vocabulary=vocab, model_id=model_id,
+                              progress=not args.quiet,
                               boxes_source=args.boxes or args.coco_json or "", dist=dist)
     if not dist.is_main:
         return 0
     new = summary.num_images - summary.num_done_before - summary.num_errors
     print(f"{new} images extracted in {summary.seconds:.1f} s ({summary.images_per_s:.2f} images/s on "
-          f"{args.device}, {dtype}); {summary.num_done_before} were already done, {summary.num_errors} "
+          f"{args.device}, {cfg.run.dtype}); {summary.num_done_before} were already done, {summary.num_errors} "
           f"failed; {summary.num_regions} regions in {out / 'index.json'}")
     if summary.num_errors:
         log(f"{summary.num_errors} image(s) skipped: see 'errors' in {out / 'index.json'}")

@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from ..checkpoint.io import save_file_atomic
-from ..config import PostprocessConfig
 from ..data.loader import IncompleteRunError, InferenceItem
 from ..parallel.distributed import DistInfo, all_gather_object, barrier
 from ..modeling.recognizer import foreground_probs
@@ -49,7 +48,7 @@ from ..ops.boxes import clip_boxes, nonempty, scale_boxes
 from ..pipeline import ItemError, Pipeline, RunOptions, run_batch
 from ..parallel.sharding import shard_items
 from ..structures import PreparedImage, Proposals
-from ..utils import lock_dir, write_json_atomic
+from ..utils import TORCH_DTYPES, lock_dir, write_json_atomic
 from ..text.vocabulary import Vocabulary
 
 PathLike = Union[str, os.PathLike]
@@ -57,65 +56,56 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "regionclip-regions/1"
 REGION_MODES = ("rpn", "detections", "boxes")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TORCH_DTYPES  # save dtypes of feats/probs: the compute-dtype table (regionclip.utils), defined once
 _SHARD_RE = re.compile(r"^shard-(\d{5,})(-r\d+)?\.safetensors$")  # -r<rank>: written by one rank of a sharded run
 _TMP_RE = re.compile(r"^\.shard-\d{5,}(-r\d+)?\.safetensors\..*\.tmp$")
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Settings of one extraction run.
+    """Settings of one extraction run: the pipeline's per-call settings (``run``) plus what only extraction has.
 
     regions: ``"rpn"`` | ``"detections"`` | ``"boxes"`` (see the module docstring).
-    topk: keep the k best RPN proposals per image (rpn/detections; None = all the RPN returns). Proposals come
-        sorted by objectness, so this equals the original's ``OFFLINE_RPN_POST_NMS_TOPK_TEST k``.
-    dtype: compute dtype of the CLIP backbone and RoI head (autocast); the RPN always runs in float32 because
-        box decoding in 16-bit loses pixels.
+    run: the :class:`~regionclip.pipeline.RunOptions` the images run with - ``max_proposals`` (the k best RPN
+        proposals per image; proposals come sorted by objectness, so this equals the original's
+        ``OFFLINE_RPN_POST_NMS_TOPK_TEST k``), ``dtype`` (autocast of the backbone and RoI head; the RPN always
+        runs in float32 because box decoding in 16-bit loses pixels), ``chunk_size``, ``batch_size``,
+        ``num_workers``, ``pad_mixed_sizes``, ``max_pixels`` and, for ``"detections"``, ``postprocess``. Every
+        default is RunOptions' own. Extraction always keeps every region's features and probabilities
+        (:func:`run_options_for`).
     save_dtype: dtype of the stored ``feats``/``probs``.
-    chunk_size: regions per RoI-head call (None: the device default, regionclip.inference.hardware.default_chunk_size); never
-        changes results.
-    pad_mixed_sizes: batch images of different sizes with the original's zero padding (changes features near
-        the bottom/right border of the smaller images); default batches only equal sizes.
     shard_mb / shard_images: a shard is written when either is reached (bounds memory and lost work on a kill).
-    max_pixels: skip (as an error) images with more decoded pixels than this (None: no limit); RunOptions' default.
+    write_original: also write the original tool's per-image ``.pth`` dicts.
     """
 
     regions: str = "rpn"
-    topk: Optional[int] = None
-    batch_size: int = 1
-    num_workers: int = 2
-    dtype: str = "float32"
+    run: RunOptions = field(default_factory=RunOptions)
     save_dtype: str = "float32"
-    chunk_size: Optional[int] = None
-    pad_mixed_sizes: bool = False
     shard_mb: float = 256.0
     shard_images: int = 1000
     write_original: bool = False
-    max_pixels: Optional[int] = RunOptions.max_pixels  # the default is defined once, on RunOptions
 
     def __post_init__(self) -> None:
         if self.regions not in REGION_MODES:
             raise ValueError(f"regions must be one of {REGION_MODES}, got {self.regions!r}")
-        for name in ("dtype", "save_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
-        if self.topk is not None and self.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.save_dtype not in DTYPES:
+            raise ValueError(f"save_dtype must be one of {sorted(DTYPES)}, got {self.save_dtype!r}")
+        if not isinstance(self.run, RunOptions):
+            raise TypeError(f"run must be a RunOptions (RunOptions(max_proposals=100, ...)), got "
+                            f"{type(self.run).__name__}")
 
 
-def run_options_for(cfg: ExtractConfig, postprocess: Optional[PostprocessConfig] = None) -> RunOptions:
-    """The pipeline settings of an extraction run. Proposals are never skipped: extraction encodes every region
-    it is asked for (work skipping is a detection-only optimisation)."""
-    return RunOptions(postprocess=postprocess or PostprocessConfig(), dtype=cfg.dtype, chunk_size=cfg.chunk_size,
-                      batch_size=cfg.batch_size, max_proposals=cfg.topk, skip_unreachable=False, keep_probs=True,
-                      keep_features=True, num_workers=cfg.num_workers, pad_mixed_sizes=cfg.pad_mixed_sizes,
-                      max_pixels=cfg.max_pixels)
+def run_options_for(cfg: ExtractConfig) -> RunOptions:
+    """The pipeline settings of an extraction run: ``cfg.run``, keeping every region's features and
+    probabilities, and never skipping proposals (extraction encodes every region it is asked for; work skipping
+    is a detection-only optimisation)."""
+    return cfg.run.override(skip_unreachable=False, keep_probs=True, keep_features=True)
 
 
 @torch.no_grad()
 def extract_batch(pipeline: Pipeline, prepared: Sequence[PreparedImage], cfg: ExtractConfig, *,
-                  regions: Optional[Sequence[Proposals]] = None, vocabulary: Optional[Vocabulary] = None,
-                  postprocess: Optional[PostprocessConfig] = None) -> list[dict[str, Tensor]]:
+                  regions: Optional[Sequence[Proposals]] = None, vocabulary: Optional[Vocabulary] = None
+                  ) -> list[dict[str, Tensor]]:
     """Region records of a batch of prepared images (one backbone pass over the batch, chunked region head).
 
     Args:
@@ -125,7 +115,7 @@ def extract_batch(pipeline: Pipeline, prepared: Sequence[PreparedImage], cfg: Ex
     Returns:
         per image a dict of CPU tensors (float32; see the module docstring for the keys of each mode).
     """
-    options = run_options_for(cfg, postprocess)
+    options = run_options_for(cfg)
     if cfg.regions == "detections":
         if vocabulary is None:
             raise ValueError("regions='detections' needs a vocabulary (class embeddings)")
@@ -347,7 +337,7 @@ class ExtractSummary:
 
 def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_dir: PathLike,
                     cfg: ExtractConfig = ExtractConfig(), *, vocabulary: Optional[Vocabulary] = None,
-                    postprocess: Optional[PostprocessConfig] = None, model_id: str = "", progress: bool = True,
+                    model_id: str = "", progress: bool = True,
                     boxes_source: str = "", dist: Optional[DistInfo] = None) -> ExtractSummary:
     """Extract region records for ``items`` into ``output_dir`` (resuming a previous run there).
 
@@ -371,11 +361,14 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
         raise ValueError(f"regions={cfg.regions!r} needs RPN proposals but the model has no RPN: load RPN weights, "
                          "or use regions='boxes' with user / COCO boxes")
     emb = None if vocabulary is None else vocabulary.class_embeddings
+    # the run fingerprint (stored in every shard, compared on resume): the settings that change what is stored
+    run = cfg.run
     meta = {"format": FORMAT, "model": model_id, "embed_dim": pipeline.model.embed_dim,
-            "input": asdict(pipeline.input_cfg), "extract": {k: v for k, v in asdict(cfg).items() if k in (
-                "regions", "topk", "dtype", "save_dtype", "pad_mixed_sizes")},
+            "input": asdict(pipeline.input_cfg),
+            "extract": {"regions": cfg.regions, "topk": run.max_proposals, "dtype": run.dtype,
+                        "save_dtype": cfg.save_dtype, "pad_mixed_sizes": run.pad_mixed_sizes},
             "vocabulary_sha256": None if emb is None else hashlib.sha256(emb.cpu().numpy().tobytes()).hexdigest(),
-            "postprocess": asdict(postprocess or PostprocessConfig()) if cfg.regions == "detections" else None}
+            "postprocess": asdict(run.postprocess) if cfg.regions == "detections" else None}
     extra = {"class_names": list(vocabulary.names) if vocabulary is not None else None}
     t0 = time.perf_counter()
     with RegionStore(output_dir, meta, shard_mb=cfg.shard_mb, shard_images=cfg.shard_images,
@@ -389,14 +382,14 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
                    desc=f"extract {cfg.regions}", dynamic_ncols=True)
         t_run = time.perf_counter()
         n_seen = 0
-        for batch in pipeline.iter_batches(todo, run_options_for(cfg, postprocess), boxes_source=boxes_source):
+        for batch in pipeline.iter_batches(todo, run_options_for(cfg), boxes_source=boxes_source):
             if isinstance(batch, ItemError):
                 _skip(store, batch)
                 n_seen += 1
                 bar.update(1)
                 continue
             records = run_batch(batch, lambda b: extract_batch(pipeline, b.prepared, cfg, regions=b.regions,
-                                                               vocabulary=vocabulary, postprocess=postprocess))
+                                                               vocabulary=vocabulary))
             n_seen += len(batch.items)
             for it, p, rec in zip(batch.items, batch.prepared, records):
                 if isinstance(rec, ItemError):

@@ -1,8 +1,10 @@
 """Named scenarios reproducing the original's README / script settings (docs/DESIGN.md#settings), and the one
 place where a preset, the checkpoint kind and explicit flags are resolved into the settings a model runs with.
 
-A preset fixes the post-processing, the region source, the RPN overrides and the default vocabulary, so a user
-picks ``--preset lvis-rpn`` instead of ten config overrides. Explicit CLI/API arguments override a preset.
+A preset fixes the region source, the RPN overrides, the default vocabulary and the default post-processing, so a
+user picks ``--preset lvis-rpn`` instead of ten config overrides. Explicit load arguments (:class:`LoadOptions`)
+override a preset's load-time choices; post-processing is a per-call choice
+(:class:`regionclip.pipeline.RunOptions`) that starts from the preset's (``Settings.postprocess``).
 """
 from __future__ import annotations
 
@@ -77,13 +79,25 @@ KIND_PRESETS = {"pretrained": "lvis-rpn", "finetuned-coco": "coco-ovd", "finetun
 TRANSFORMER_DEFAULT = PostprocessConfig(score_thresh=0.001, nms_thresh=0.5, detections_per_image=100)
 
 
+def refuse_postprocess_at_load(names: Any, where: str) -> None:
+    """Post-processing is chosen per call, never at load time (docs/DESIGN.md#settings): a TypeError saying so."""
+    post = sorted(set(names) & (set(PostprocessConfig.__dataclass_fields__) | {"postprocess"}))
+    if post:
+        example = ", ".join(f"{k}=..." for k in post if k != "postprocess") or "score_thresh=..."
+        raise TypeError(f"{where} got post-processing option(s) {post}: post-processing is chosen per call, not at "
+                        f"load time; pass it to the call (model.detect(images, {example})) or build the options "
+                        f"once (model.run_options({example}))")
+
+
 @dataclass(frozen=True)
 class LoadOptions:
-    """Everything a user chooses when loading a model, as given (API keywords or CLI flags), before resolution.
+    """Everything a user chooses when loading a model (API keywords or CLI flags), before resolution: load-time
+    choices only (files, preset, regions, device, fusion, strictness, RPN and transformer build options).
+    Per-call choices (batch, dtype, chunk, post-processing) are :class:`regionclip.pipeline.RunOptions`.
 
-    ``postprocess`` / ``rpn`` / ``transformer`` hold only the fields the user set explicitly, as sorted
-    ``(name, value)`` pairs (hashable: a frozen record of the request). :func:`resolve_settings` turns this plus
-    the checkpoint's kind into :class:`Settings` exactly once.
+    ``rpn`` / ``transformer`` hold only the fields the user set explicitly, as sorted ``(name, value)`` pairs
+    (hashable: a frozen record of the request). :func:`resolve_settings` turns this plus the checkpoint's kind
+    into :class:`Settings` exactly once.
     """
 
     weights: Optional[str] = None  # None: the preset's, else regionclip_pretrained-cc_rn50
@@ -94,7 +108,6 @@ class LoadOptions:
     strict_hash: bool = False  # a weight file whose sha256 differs from the expected one: error instead of warning
     regions: Optional[str] = None  # "rpn" or "gt"; None: the preset's, else "rpn" when the model has an RPN
     fuse: bool = True  # fold frozen BNs / the attnpool K,V projections at load time (inference only; exact)
-    postprocess: tuple[tuple[str, Any], ...] = ()
     rpn: tuple[tuple[str, Any], ...] = ()
     transformer: tuple[tuple[str, Any], ...] = ()
 
@@ -103,22 +116,19 @@ class LoadOptions:
             get_preset(self.preset)  # an unknown preset is an error before anything is loaded
         if self.regions not in (None, "rpn", "gt"):
             raise ValueError(f"regions must be 'rpn' or 'gt', got {self.regions!r}")
-        fields = set(PostprocessConfig.__dataclass_fields__)
-        bad = [k for k, _ in self.postprocess if k not in fields]
-        if bad:
-            raise ValueError(f"unknown post-processing option(s) {bad}; valid: {sorted(fields)}")
 
     @classmethod
-    def create(cls, weights: Any = None, rpn_weights: Any = None, *, postprocess: Optional[dict[str, Any]] = None,
-               rpn: Optional[dict[str, Any]] = None, transformer: Optional[dict[str, Any]] = None,
-               **kwargs: Any) -> "LoadOptions":
+    def create(cls, weights: Any = None, rpn_weights: Any = None, *, rpn: Optional[dict[str, Any]] = None,
+               transformer: Optional[dict[str, Any]] = None, **kwargs: Any) -> "LoadOptions":
         """Build from plain values (paths become strings, dicts become sorted pairs; ``None`` values dropped)."""
+        refuse_postprocess_at_load(kwargs, "LoadOptions.create")
+
         def pairs(d: Optional[dict[str, Any]]) -> tuple[tuple[str, Any], ...]:
             return tuple(sorted((k, v) for k, v in (d or {}).items() if v is not None))
 
         return cls(weights=None if weights is None else str(weights),
-                   rpn_weights=None if rpn_weights is None else str(rpn_weights), postprocess=pairs(postprocess),
-                   rpn=pairs(rpn), transformer=pairs(transformer), **kwargs)
+                   rpn_weights=None if rpn_weights is None else str(rpn_weights), rpn=pairs(rpn),
+                   transformer=pairs(transformer), **kwargs)
 
     @property
     def preset_obj(self) -> Optional[Preset]:
@@ -138,19 +148,26 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class Settings:
-    """The resolved settings of one loaded model: what every front end runs with, unless a call overrides it."""
+    """The resolved settings of one loaded model.
+
+    ``postprocess`` is the *default per-call post-processing*: the preset's (or the checkpoint kind's), the base
+    that every :class:`regionclip.pipeline.RunOptions` of this model starts from (``RegionCLIP.run_options``).
+    Nothing at load time changes it; a call's own values (``score_thresh=...``, ``--score-thresh``) live in that
+    call's RunOptions only.
+    """
 
     kind: str
     preset: Optional[str]  # the preset given, or the one chosen for the checkpoint kind
     regions: str  # "rpn" or "gt"
     vocabulary: str  # default vocabulary (built-in name)
-    postprocess: PostprocessConfig
+    postprocess: PostprocessConfig  # default per-call post-processing (see above)
     rpn: tuple[tuple[str, Any], ...]  # RPNConfig fields applied when building the RPN
     class_embeddings_file: Optional[str] = None  # released embedding file of the default vocabulary
 
-    def describe(self) -> str:
-        """One line for logs / the CLI: where the settings came from and what they are."""
-        pp = self.postprocess
+    def describe(self, postprocess: Optional[PostprocessConfig] = None) -> str:
+        """One line for logs / the CLI: where the settings came from and what they are. ``postprocess``: what a
+        run actually uses (its ``RunOptions.postprocess``); default this model's per-call default."""
+        pp = postprocess if postprocess is not None else self.postprocess
         rpn = ", ".join(f"{k}={v}" for k, v in self.rpn) or "file defaults"
         post = (f"score>{pp.score_thresh}, {'soft-NMS ' + pp.soft_nms if pp.soft_nms else 'NMS'} {pp.nms_thresh}, "
                 f"{pp.detections_per_image}/image, rpn_score={pp.rpn_score}"
@@ -161,12 +178,11 @@ class Settings:
 
 
 def resolve_settings(kind: str, options: LoadOptions) -> Settings:
-    """Preset (given, or the one of the checkpoint kind) + explicit overrides -> :class:`Settings`, once."""
+    """Preset (given, or the one of the checkpoint kind) + explicit load options -> :class:`Settings`, once."""
     given = options.preset_obj
     name = options.preset or KIND_PRESETS.get(kind)
     p = given or (get_preset(name) if name else None)
     post = p.postprocess if p else TRANSFORMER_DEFAULT
-    post = replace(post, **dict(options.postprocess))
     regions = options.regions or (given.regions if given is not None else "rpn")  # p is given when given
     rpn = dict(p.rpn_overrides) if p else {}
     rpn.update(dict(options.rpn))
