@@ -99,7 +99,8 @@ def main() -> None:
     from regionclip.assets import vocabulary
     from regionclip.config import ClipTextConfig
     from regionclip.modeling.text_encoder import build_text_encoder
-    from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings, load_text_encoder
+    from regionclip.factory import load_text_tower
+    from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings
     from regionclip.text.prompts import default_templates
 
     if args.random_init:
@@ -108,7 +109,7 @@ def main() -> None:
     else:
         from conftest import random_checkpoints
 
-        encoder = load_text_encoder(random_checkpoints(args.variant, 0)["regionclip"])
+        encoder = load_text_tower(random_checkpoints(args.variant, 0)["regionclip"])
     lvis = vocabulary("lvis1203")
     step = max(1, len(lvis) // max(args.names, 1))
     names = lvis[::step][:args.names]  # spread over the alphabet: varied lengths

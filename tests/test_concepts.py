@@ -8,16 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import regionclip.text.name_cache as vocab_mod
+import regionclip.factory as factory_mod
+import regionclip.text.name_cache as name_cache
+from regionclip.checkpoint.embedding_files import load_concept_embeddings, save_concept_embeddings
 from regionclip.checkpoint.io import CheckpointError
 from regionclip.cli.embed_concepts import main as embed_main
+from regionclip.factory import load_text_tower
 from regionclip.modeling.text_encoder import CLIPTextTransformer
-from regionclip.text.embeddings import (concept_embeddings, load_concept_embeddings, load_text_encoder,
-                                        save_concept_embeddings)
+from regionclip.text.embeddings import concept_embeddings
 from regionclip.text.prompts import default_templates, resolve_templates
 from regionclip.text.tokenizer import EOT_ID, SOT_ID, default_tokenizer
-from regionclip.text.name_cache import class_embeddings
 from regionclip.text.vocabulary import parse_vocabulary
+
+
+def class_embeddings(names, ckpt, **kw):
+    """The name cache with the factory's text tower of ``ckpt`` as its lazy loader (what embed_names passes)."""
+    return name_cache.class_embeddings(names, ckpt, lambda: factory_mod.load_text_tower(ckpt), **kw)
 
 
 def _tiny_regionclip_ckpt(path: Path, seed: int) -> Path:
@@ -41,7 +47,7 @@ def tiny_ckpt(tmp_path) -> Path:
 def _count_encoder_use(monkeypatch) -> dict[str, int]:
     """Wrap the loader used by class_embeddings: counts checkpoint loads and prompts run through the encoder."""
     calls = {"load": 0, "prompts": 0}
-    real = vocab_mod.load_text_encoder
+    real = factory_mod.load_text_tower
 
     def loader(*args, **kwargs):
         calls["load"] += 1
@@ -55,7 +61,7 @@ def _count_encoder_use(monkeypatch) -> dict[str, int]:
         enc.encode_text = counted
         return enc
 
-    monkeypatch.setattr(vocab_mod, "load_text_encoder", loader)
+    monkeypatch.setattr(factory_mod, "load_text_tower", loader)
     return calls
 
 
@@ -101,7 +107,7 @@ def test_cli_file_equals_runtime_vocabulary_and_cache(rn50_ckpts, tmp_path, monk
 
 
 def test_matches_original_procedure(tiny_ckpt) -> None:
-    enc = load_text_encoder(tiny_ckpt)
+    enc = load_text_tower(tiny_ckpt)
     long_name = "very " * 80 + "long"
     names = ["person", "hot+dog, food", "{curly} name", "naïve café", long_name]
     templates = default_templates()
@@ -164,7 +170,7 @@ def test_cache_is_per_name_and_invalidated_by_new_weights(tiny_ckpt, tmp_path, m
 
 
 def test_bad_names(tiny_ckpt, tmp_path) -> None:
-    enc = load_text_encoder(tiny_ckpt)
+    enc = load_text_tower(tiny_ckpt)
     with pytest.raises(ValueError, match="no class names"):
         concept_embeddings([], enc)
     with pytest.raises(ValueError, match="#1 is empty"):

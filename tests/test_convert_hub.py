@@ -37,7 +37,7 @@ from regionclip.modeling.rpn import build_offline_rpn
 from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.inference.presets import PRESETS
 from regionclip.weights.pretrained import HashMismatchError, HashMismatchWarning, WeightsSpec, resolve_weights
-from regionclip.text.embeddings import SAFETENSORS_KEY
+from regionclip.checkpoint.embedding_files import SAFETENSORS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 

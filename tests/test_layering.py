@@ -50,14 +50,7 @@ ALLOWED["cli"] = ALLOWED["cli"] | {"cli"}
 DATA_TEXT = {"regionclip.data.captions"}  # "data -> base (+ text for captions)"
 
 # (importing module, imported unit): violations in code owned by other sessions, to be fixed there
-KNOWN_LAYER_VIOLATIONS = {
-    # the pure model imports the runtime's BF16_STAGES table: pass the stages in (a per-call setting)
-    ("regionclip.modeling.detector", "inference"),
-    # the text tower loads its own weights: loading belongs to factory (rule 2 too)
-    ("regionclip.modeling.text_encoder", "checkpoint"),
-    # text's dtype choice reads CPU capabilities from runtime: take the dtype as an argument
-    ("regionclip.text.embeddings", "inference"),
-}
+KNOWN_LAYER_VIOLATIONS: set[tuple[str, str]] = set()
 
 WEIGHT_LOADERS = {"load_into", "load_state_dict", "read_weight_file"}
 WEIGHT_READERS_ALLOWED = {"factory", "checkpoint"} | FRONT_DOORS | FRONT_ENDS
@@ -65,10 +58,7 @@ WEIGHT_EXCEPTIONS = {
     "regionclip.text.vocabulary",  # class-embedding files: vocabulary data (docs/DESIGN.md#class-embeddings)
     "regionclip.weights.hub",  # `regionclip convert`: file -> .safetensors file, builds no module
 }
-KNOWN_WEIGHT_VIOLATIONS = {
-    "regionclip.modeling.text_encoder",  # load_into: the text tower should be built and filled by factory
-    "regionclip.text.embeddings",  # read_weight_file: builds a text tower from a file beside factory
-}
+KNOWN_WEIGHT_VIOLATIONS: set[str] = set()
 
 REQUIRED = {"torch", "torchvision", "numpy", "PIL", "yaml", "ftfy", "regex"}  # pyproject [project] dependencies
 OPTIONAL_SUBMODULES = ("torch.utils.tensorboard",)  # needs the optional tensorboard package

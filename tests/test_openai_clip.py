@@ -12,7 +12,7 @@ from regionclip.checkpoint.openai_clip import is_torchscript_archive, read_clip_
 from regionclip.factory.clip_towers import load_clip_towers
 from regionclip.modeling.clip_resnet import ModifiedResNet
 from regionclip.modeling.text_encoder import CLIPTextTransformer
-from regionclip.text.embeddings import load_text_encoder
+from regionclip.factory import load_text_tower
 from regionclip.text.tokenizer import tokenize
 
 open_clip = pytest.importorskip("open_clip")
@@ -155,8 +155,8 @@ def test_text_encoder_from_openai_and_regionclip_files_agree(tmp_path, tiny_clip
     torch.save({"model": rc}, tmp_path / "regionclip.pth")
     tokens = tokenize(["a photo of a cat.", ""])
     with torch.no_grad():
-        a = load_text_encoder(tmp_path / "openai.pth").encode_text(tokens)
-        b = load_text_encoder(tmp_path / "regionclip.pth").encode_text(tokens)
+        a = load_text_tower(tmp_path / "openai.pth").encode_text(tokens)
+        b = load_text_tower(tmp_path / "regionclip.pth").encode_text(tokens)
     assert torch.equal(a, b)
 
 
@@ -170,6 +170,6 @@ def test_bad_files_give_clear_errors(tmp_path, tiny_clip) -> None:
         split_clip_state_dict({**sd, "backbone.conv1.weight": sd["visual.conv1.weight"] + 1})
     torch.save({"model": {k: v for k, v in sd.items() if k.startswith("visual.")}}, tmp_path / "finetuned.pth")
     with pytest.raises(CheckpointError, match="no CLIP text-encoder weights"):
-        load_text_encoder(tmp_path / "finetuned.pth")
+        load_text_tower(tmp_path / "finetuned.pth")
     with pytest.raises(FileNotFoundError):
         read_clip_checkpoint(tmp_path / "missing.pth")

@@ -93,9 +93,9 @@ def test_checkpoint_layout_and_frozen_parts(pretrained):
 
 
 def test_checkpoint_loads_in_load_detector_and_detects(pretrained):
-    from regionclip.factory import load_detector
+    from regionclip.factory import load_detector, load_text_tower
     from regionclip.pipeline import Pipeline, RunOptions
-    from regionclip.text.embeddings import concept_embeddings, load_text_encoder
+    from regionclip.text.embeddings import concept_embeddings
     from regionclip.text.vocabulary import Vocabulary
 
     out = pretrained["tmp"] / "out"
@@ -106,7 +106,7 @@ def test_checkpoint_loads_in_load_detector_and_detects(pretrained):
     sd = read_weight_file(weights)
     torch.testing.assert_close(det.backbone.attnpool.c_proj.weight, sd["backbone.attnpool.c_proj.weight"])
     # the text encoder of the checkpoint (lang_encoder.*) gives the vocabulary, as embed-concepts does
-    encoder = load_text_encoder(weights)
+    encoder = load_text_tower(weights)
     emb = concept_embeddings(["square", "circle"], encoder, templates=["a photo of a {}."])
     _, image, _ = pretrained["pairs"][0]
     vocab = Vocabulary.create(emb, ["square", "circle"], embed_dim=det.embed_dim)

@@ -9,12 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import regionclip.text.name_cache as vocab_mod
+import regionclip.factory as factory_mod
+import regionclip.text.name_cache as name_cache
 from regionclip.modeling.text_encoder import CLIPTextTransformer, PrefixedTokens
 from regionclip.text.embeddings import PromptEncoder, concept_embeddings
 from regionclip.text.prompts import build_prompts, default_templates
 from regionclip.text.tokenizer import default_tokenizer
-from regionclip.text.name_cache import _name_key, cached_name_embeddings, class_embeddings
+from regionclip.text.name_cache import _name_key, cached_name_embeddings
+
+
+def class_embeddings(names, ckpt, **kw):
+    """The name cache with the factory's text tower of ``ckpt`` as its lazy loader (what embed_names passes)."""
+    return name_cache.class_embeddings(names, ckpt, lambda: factory_mod.load_text_tower(ckpt), **kw)
 
 NAMES = ["person", "hot+dog, food", "{curly} name", "naïve café", "traffic cone", "a", "very " * 40 + "long",
          "bat animal", "x-ray machine", "teddy bear"]
@@ -163,7 +169,7 @@ def test_class_embeddings_interrupted_inside_the_encoder(tmp_path, monkeypatch) 
     kw = dict(templates=templates, batch_size=4, cache_dir=tmp_path / "cache")  # chunk = 16 // 3 + 1 = 6 names
     prompts: list[int] = []
     fail_after = {"passes": 6}
-    real = vocab_mod.load_text_encoder
+    real = factory_mod.load_text_tower
 
     def loader(*args, **kwargs):
         enc = real(*args, **kwargs)
@@ -178,7 +184,7 @@ def test_class_embeddings_interrupted_inside_the_encoder(tmp_path, monkeypatch) 
         enc.encode_text = counted
         return enc
 
-    monkeypatch.setattr(vocab_mod, "load_text_encoder", loader)
+    monkeypatch.setattr(factory_mod, "load_text_tower", loader)
     with pytest.raises(KeyboardInterrupt):
         class_embeddings(names, ckpt, **kw)
     # chunk 1 (6 names = 18 prompts = passes of 4, 4, 4, 4, 2) finished; chunk 2 was stopped in its 2nd pass

@@ -7,8 +7,9 @@ import torch
 from regionclip.checkpoint.io import CheckpointError
 from regionclip.checkpoint.openai_clip import split_clip_state_dict
 from regionclip.config import ClipTextConfig
-from regionclip.modeling.text_encoder import (CLIPTextTransformer, build_text_encoder,
-                                              build_text_encoder_from_state_dict, text_config_from_state_dict)
+from regionclip.factory import load_text_tower
+from regionclip.factory.clip_towers import build_text_tower
+from regionclip.modeling.text_encoder import CLIPTextTransformer, build_text_encoder, text_config_from_state_dict
 from regionclip.text.tokenizer import tokenize
 
 open_clip_model = pytest.importorskip("open_clip.model")
@@ -36,7 +37,7 @@ def test_text_features_match_open_clip(variant: str) -> None:
     cfg = getattr(ClipTextConfig, variant)()
     ref = _open_clip_with_text(cfg, seed=1)
     text_sd = split_clip_state_dict(ref.state_dict(), "open_clip").text  # through our rename table
-    ours = build_text_encoder_from_state_dict(text_sd)
+    ours = build_text_tower(text_sd)
     assert text_config_from_state_dict(text_sd) == cfg
     tokens = tokenize(PROMPTS)
     with torch.no_grad():
@@ -83,16 +84,16 @@ def test_bad_inputs_raise_clear_errors() -> None:
     sd = dict(sd)
     sd["ln_final.weight"] = torch.ones(3)
     with pytest.raises(CheckpointError, match="ln_final.weight"):
-        build_text_encoder_from_state_dict(sd)
+        build_text_tower(sd)
 
 
 def test_bf16_class_embeddings_agree_with_float32(rn50_ckpts) -> None:
     """bfloat16 text tower (linear layers bf16, residual stream / LayerNorm float32): the 81-template class
     embeddings keep cosine >= 0.9999 to float32 and classify the same (argmax over the names)."""
     from regionclip.assets import vocabulary
-    from regionclip.text.embeddings import concept_embeddings, load_text_encoder
+    from regionclip.text.embeddings import concept_embeddings
 
-    enc = load_text_encoder(rn50_ckpts["regionclip"])
+    enc = load_text_tower(rn50_ckpts["regionclip"])
     names = vocabulary("lvis1203")[::150][:8]
     e32 = concept_embeddings(names, enc)
     e16 = concept_embeddings(names, enc, dtype="bfloat16")
@@ -109,14 +110,14 @@ def test_bf16_class_embeddings_agree_with_float32(rn50_ckpts) -> None:
 
 
 def test_text_dtype_auto_follows_native_bf16(monkeypatch) -> None:
-    from regionclip.text import embeddings
-    from regionclip.text.embeddings import resolve_text_dtype
+    from regionclip.inference import hardware
+    from regionclip.inference.hardware import resolve_text_dtype
 
-    monkeypatch.setattr(embeddings, "native_bf16", lambda device="cpu": True)
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": True)
     assert resolve_text_dtype("auto") == "float32"  # bf16 not measured faster yet (TEXT_AUTO_BF16)
-    monkeypatch.setattr(embeddings, "TEXT_AUTO_BF16", True)
+    monkeypatch.setattr(hardware, "TEXT_AUTO_BF16", True)
     assert resolve_text_dtype("auto") == "bfloat16"
-    monkeypatch.setattr(embeddings, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": False)
     assert resolve_text_dtype("auto") == "float32"
     assert resolve_text_dtype("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -14,7 +14,7 @@ from regionclip.assets import demo_image_paths
 from regionclip.checkpoint.io import CheckpointError
 from regionclip.checkpoint.zeroshot_branch import BRANCH_KEY_RULES, LANG, remap_branch_keys, transformer_layout
 from regionclip.config import InputConfig, PostprocessConfig
-from regionclip.factory import load_detector
+from regionclip.factory import load_detector, load_text_tower
 from regionclip.modeling.recognizer import RegionRecognizer, foreground_probs
 from regionclip.factory.transformer import export_branch_state_dict
 from regionclip.modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder
@@ -32,8 +32,8 @@ TINY_TIMM = {
 }
 
 
-def tiny_detector(family: str, seed: int = 0) -> TransformerRegionDetector:
-    """Random tiny detector of ``family`` with a 1-layer UniCL text tower (width 64, D = 32)."""
+def tiny_detector(family: str, seed: int = 0) -> tuple[TransformerRegionDetector, UniCLTextEncoder]:
+    """Random tiny detector of ``family`` and its 1-layer UniCL text tower (width 64, D = 32)."""
     torch.manual_seed(seed)
     if family == "vit":
         trunk = VisionTransformerTrunk(128, 2, 2, 16, 14, act="gelu", ln_eps=1e-6, patch_bias=True, ln_pre=False,
@@ -44,12 +44,13 @@ def tiny_detector(family: str, seed: int = 0) -> TransformerRegionDetector:
 
         trunk = TimmTrunk(family, TINY_TIMM[family])
     text = UniCLTextEncoder(64, 1, 1, 32, autoregressive=family == "swin")
-    det = TransformerRegionDetector(TransformerRegionEncoder(trunk, 32), text_encoder=text)
+    det = TransformerRegionDetector(TransformerRegionEncoder(trunk, 32))
     with torch.no_grad():
         det.logit_scale.fill_(3.0)
-        for _, p in det.named_parameters():  # timm zero-inits some biases / LN shifts; make every weight count
+        # timm zero-inits some biases / LN shifts; make every weight count
+        for p in [*det.parameters(), *text.parameters()]:
             p.add_(0.02 * torch.randn_like(p))
-    return det.eval()
+    return det.eval(), text.eval()
 
 
 def test_branch_key_remapping_every_rule_in_order() -> None:
@@ -80,21 +81,28 @@ def test_branch_key_remapping_every_rule_in_order() -> None:
 
 @pytest.mark.parametrize("spelling", ["model", "vit", "swin", "focalnet"])
 def test_branch_checkpoint_round_trip(tmp_path, spelling: str) -> None:
-    """Every spelling of the branch's files loads back into an identical detector (ViT trunk in timm layout)."""
-    det = tiny_detector("vit")
-    sd = export_branch_state_dict(det, spelling)
+    """Every spelling of the branch's files loads back into an identical detector (ViT trunk in timm layout) and an
+    identical text tower (built by the factory, not held by the detector)."""
+    det, text = tiny_detector("vit")
+    sd = export_branch_state_dict(det, spelling, text_tower=text)
     assert any(k.startswith("image_encoder." if spelling == "swin" else "backbone.") for k in sd)
     torch.save({"model": sd}, tmp_path / "ckpt.pth")
     loaded, info = load_detector(tmp_path / "ckpt.pth", use_rpn=False)
     assert isinstance(loaded, TransformerRegionDetector) and info.report.ok and info.config is None
+    assert loaded.state_dict().keys() == det.state_dict().keys()
     for k, v in det.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, msg=k)
+    assert any(k.startswith("text_encoder.") for k in info.report.ignored)  # set aside for the text-tower loader
+    tower = load_text_tower(tmp_path / "ckpt.pth")
+    assert isinstance(tower, UniCLTextEncoder) and tower.state_dict().keys() == text.state_dict().keys()
+    for k, v in text.state_dict().items():
+        torch.testing.assert_close(tower.state_dict()[k], v, msg=k)
 
 
 def test_branch_vit_pos_embed_resized_to_model_grid_at_load() -> None:
     """A checkpoint with another grid is interpolated to the branch model's 14x14 (IMG_SIZE 224) when loading."""
-    det = tiny_detector("vit")
-    sd = export_branch_state_dict(det)
+    det, text = tiny_detector("vit")
+    sd = export_branch_state_dict(det, text_tower=text)
     pos = sd["backbone.pos_embed"]
     cls, grid = pos[:, :1], pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     small = F.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False)
@@ -113,8 +121,8 @@ def load_detector_from_dict(sd):
 
 def test_microsoft_swin_layout_converts_through_timm_filter() -> None:
     """Microsoft's Swin puts each downsample at the end of a stage (timm: at the start of the next)."""
-    det = tiny_detector("swin")
-    sd = export_branch_state_dict(det, "swin")
+    det, text = tiny_detector("swin")
+    sd = export_branch_state_dict(det, "swin", text_tower=text)
     ms = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
           for k, v in sd.items()}
     assert "image_encoder.layers.0.downsample.reduction.weight" in ms
@@ -128,13 +136,15 @@ def test_microsoft_swin_layout_converts_through_timm_filter() -> None:
 def test_transformer_layout_detection(tmp_path) -> None:
     assert transformer_layout({"backbone.attnpool.c_proj.weight": torch.zeros(1)}) is None  # RegionCLIP ResNet
     assert transformer_layout({"visual.transformer.resblocks.0.ln_1.weight": torch.zeros(1)}) == "openai_vit"
-    assert transformer_layout(export_branch_state_dict(tiny_detector("vit"), "vit")) == "branch"
+    det, text = tiny_detector("vit")
+    assert transformer_layout(export_branch_state_dict(det, "vit", text_tower=text)) == "branch"
     with pytest.raises(CheckpointError, match="visual.trunk"):
         transformer_layout({"visual.trunk.blocks.0.norm1.weight": torch.zeros(1)})
 
 
 def test_missing_weights_give_clear_errors(tmp_path) -> None:
-    sd = export_branch_state_dict(tiny_detector("vit"))
+    det, text = tiny_detector("vit")
+    sd = export_branch_state_dict(det, text_tower=text)
     no_proj = {k: v for k, v in sd.items() if k != "image_projection"}
     with pytest.raises(CheckpointError, match="no image projection"):
         load_detector_from_dict(no_proj)
@@ -149,8 +159,9 @@ def test_missing_weights_give_clear_errors(tmp_path) -> None:
     # no text tower: still loads; naming classes then asks for embeddings
     no_text = {k: v for k, v in sd.items() if not k.startswith(LANG)}
     det, report = load_detector_from_dict(no_text)
+    assert report.ok
     with pytest.raises(ValueError, match="--concept-emb"):
-        zeroshot_class_embeddings(det.text_encoder, ["cat"])
+        load_text_tower(no_text)
 
 
 def test_missing_timm_names_the_extra(monkeypatch) -> None:
@@ -175,9 +186,9 @@ def test_postprocess_without_background_column() -> None:
 @pytest.mark.parametrize("family", ["vit", "swin", "davit", "focalnet"])
 def test_end_to_end_zero_shot_on_demo_images(tmp_path, family: str) -> None:
     """Branch checkpoint file -> RegionCLIP.from_pretrained -> names -> detect with user boxes on the demo images."""
-    det = tiny_detector(family)
+    det, text = tiny_detector(family)
     path = tmp_path / f"{family}.pth"
-    torch.save(export_branch_state_dict(det, family if family != "davit" else "model"), path)
+    torch.save(export_branch_state_dict(det, family if family != "davit" else "model", text_tower=text), path)
     model = RegionCLIP.from_pretrained(path)
     assert isinstance(model.detector, RegionRecognizer) and model.detector.has_background is False
     model.pipeline.input_cfg = SMALL_INPUT
@@ -208,9 +219,9 @@ def test_predictor_on_transformer_model_uses_every_class(tmp_path) -> None:
     """Box prompts through RegionPredictor: top class ranges over all K classes (no background column to drop)."""
     from regionclip.predictor import RegionPredictor
 
-    det = tiny_detector("vit")
+    det, text = tiny_detector("vit")
     path = tmp_path / "vit.pth"
-    torch.save(export_branch_state_dict(det, "vit"), path)
+    torch.save(export_branch_state_dict(det, "vit", text_tower=text), path)
     model = RegionCLIP.from_pretrained(path)
     model.pipeline.input_cfg = SMALL_INPUT
     pred = RegionPredictor(model)
@@ -228,9 +239,9 @@ def test_evaluate_cli_runs_with_a_transformer_checkpoint(tmp_path) -> None:
 
     from regionclip.cli.main import main
 
-    det = tiny_detector("vit")
+    det, text = tiny_detector("vit")
     path = tmp_path / "vit.pth"
-    torch.save(export_branch_state_dict(det, "vit"), path)
+    torch.save(export_branch_state_dict(det, "vit", text_tower=text), path)
     images = demo_image_paths()
     gt = {"images": [{"id": i + 1, "file_name": p.name, "height": 1080, "width": 1920} for i, p in enumerate(images)],
           "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
@@ -251,9 +262,9 @@ def test_evaluate_cli_runs_with_a_transformer_checkpoint(tmp_path) -> None:
 
 def test_transformer_options_reach_the_loader(tmp_path) -> None:
     """--vit-act / transformer_options: what a file's shapes cannot tell changes the model; a ResNet file refuses."""
-    det = tiny_detector("vit")
+    det, text = tiny_detector("vit")
     path = tmp_path / "vit.pth"
-    torch.save(export_branch_state_dict(det, "vit"), path)
+    torch.save(export_branch_state_dict(det, "vit", text_tower=text), path)
     boxes = [[[0, 0, 600, 500], [300, 200, 1200, 900]]]
     img = [str(demo_image_paths()[0])]
     embs = []
@@ -274,23 +285,23 @@ def test_transformer_options_reach_the_loader(tmp_path) -> None:
 
 def test_transformer_class_embeddings_are_disk_cached(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("REGIONCLIP_CACHE", str(tmp_path / "cache"))
-    det = tiny_detector("vit")
+    det, text = tiny_detector("vit")
     path = tmp_path / "vit.pth"
-    torch.save(export_branch_state_dict(det, "vit"), path)
+    torch.save(export_branch_state_dict(det, "vit", text_tower=text), path)
     m = RegionCLIP.from_pretrained(path)
     calls = []
-    import regionclip.api
+    import regionclip.text.name_cache
 
     def counting(text_encoder, names, **kw):
         calls.append(list(names))
         return zeroshot_class_embeddings(text_encoder, names, **kw)
 
-    monkeypatch.setattr(regionclip.api, "zeroshot_class_embeddings", counting)
+    monkeypatch.setattr(regionclip.text.name_cache, "zeroshot_class_embeddings", counting)
     first = m.embed_names(["cat", "dog"])
     again = m.embed_names(["dog", "cat", "bird"])  # only "bird" is new
     assert calls == [["cat", "dog"], ["bird"]]
     torch.testing.assert_close(again[:2], first.flip(0))
-    torch.testing.assert_close(again[2:], zeroshot_class_embeddings(m.detector.text_encoder, ["bird"]))
+    torch.testing.assert_close(again[2:], zeroshot_class_embeddings(load_text_tower(path), ["bird"]))
     other = RegionCLIP.from_pretrained(path, transformer_options={"autoregressive": True})
     other.embed_names(["cat"])  # another text-tower setting: its own cache file
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2

@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import replace
@@ -25,15 +23,14 @@ from .config import InputConfig
 from .data.images import ImageInput
 from .data.loader import InferenceItem
 from .export import make_backend
-from .factory import KIND_TRANSFORMER, LoadedCheckpoint, checkpoint_kind, load_detector, read_checkpoint
+from .factory import LoadedCheckpoint, checkpoint_kind, load_detector, load_text_tower, read_checkpoint
 from .modeling.fusion import fused_for_inference
 from .modeling.recognizer import RegionRecognizer
 from .pipeline import ImageResult, Pipeline, RunOptions
 from .inference.presets import LoadOptions, Settings, refuse_postprocess_at_load, resolve_settings
 from .weights.pretrained import WeightsNotFound, resolve_weights
 from .structures import Detections
-from .text.unicl_embeddings import zeroshot_class_embeddings
-from .text.name_cache import cached_name_embeddings, checkpoint_fingerprint, class_embeddings, default_cache_dir
+from .text.name_cache import class_embeddings
 from .text.vocabulary import (  # noqa: F401  (is_embedding_file: re-exported for older imports)
     Vocabulary,
     VocabularyArg,
@@ -149,19 +146,12 @@ class RegionCLIP:
         if self.weights_path is None:
             raise ValueError("computing embeddings from names needs the checkpoint's text encoder (weights path); "
                              "pass class embeddings instead")
-        device = self.detector.device
-        if self.loaded.kind != KIND_TRANSFORMER:
-            return class_embeddings(list(names), self.weights_path, cache_dir=cache_dir, device=device,
-                                    show_progress=show_progress)
-        text = getattr(self.detector, "text_encoder", None)
-        # keyed by the file and by the options its shapes cannot tell (they change the text tower's output)
-        opts = json.dumps(dict(self.options.transformer), sort_keys=True)
-        key = hashlib.sha256(f"zeroshot-branch|{opts}".encode()).hexdigest()[:16]
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        cache_file = root / f"{checkpoint_fingerprint(self.weights_path)[:24]}_{key}.safetensors"
-        return cached_name_embeddings(list(names), cache_file, lambda missing: zeroshot_class_embeddings(text, missing),
-                                      source=f"the text tower of {self.weights_path}",
-                                      show_progress=show_progress).to(device)
+        path, device, opts = self.weights_path, self.detector.device, dict(self.options.transformer)
+        # the factory builds the text tower from the file, only when a name is not cached yet
+        return class_embeddings(list(names), path,
+                                lambda: load_text_tower(path, device=device, transformer_options=opts or None),
+                                procedure=self.loaded.text_procedure, tower_options=opts, cache_dir=cache_dir,
+                                device=device, show_progress=show_progress)
 
     def _default_embedding_file(self) -> Optional[str]:
         """The preset's released embedding file when the user has it locally (else names are embedded)."""

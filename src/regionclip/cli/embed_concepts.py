@@ -17,8 +17,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from regionclip.checkpoint.embedding_files import save_concept_embeddings
+from regionclip.factory import load_text_tower
+from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.weights.pretrained import resolve_weights  # a path as is, or a released name -> cached file
-from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings, load_text_encoder, save_concept_embeddings
+from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings
 from regionclip.text.vocabulary import resolve_names
 
 from .argtypes import positive_int
@@ -71,7 +74,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         names = resolve_names(args.concepts)[0]  # the one vocabulary resolver (names part)
-        encoder = load_text_encoder(resolve_weights(args.weights), allow_jit=args.allow_jit, device=device)
+        weights = resolve_weights(args.weights)
+        encoder = load_text_tower(weights, allow_jit=args.allow_jit, device=device)
+        if not isinstance(encoder, CLIPTextTransformer):
+            raise ValueError(f"{weights} has a {type(encoder).__name__} text tower (a zero-shot-branch transformer "
+                             "checkpoint): embed-concepts computes the original's procedure with a CLIP text tower; "
+                             "use a RegionCLIP / OpenAI CLIP file, or set_vocabulary(names) on the model")
         t1 = time.perf_counter()
         emb = concept_embeddings(names, encoder, templates=args.templates, average=args.average,
                                  batch_size=args.batch_size, show_progress=not args.no_progress)

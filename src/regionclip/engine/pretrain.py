@@ -32,9 +32,10 @@ from ..modeling.clip_resnet import ModifiedResNet
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
 from ..modeling.rpn import build_offline_rpn
+from ..checkpoint.embedding_files import load_concept_embeddings
 from ..modeling.text_encoder import CLIPTextTransformer, build_text_encoder
 from ..weights.pretrained import resolve_weights
-from ..text.embeddings import concept_embeddings, load_concept_embeddings
+from ..text.embeddings import concept_embeddings
 from ..text.vocabulary import read_names_file
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir

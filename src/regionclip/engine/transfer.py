@@ -35,7 +35,7 @@ from ..data.train_data import (
 from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..evaluation import evaluate_dataset
 from ..evaluation.inference import dataset_predictor
-from ..factory import build_detector, load_detector
+from ..factory import build_detector, load_detector, load_text_tower
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import MaskHead
 from ..pipeline import Pipeline, RunOptions
@@ -171,7 +171,8 @@ def _class_embeddings(path: Optional[str], names: list[str], text_weights: Optio
             raise ValueError(f"{what} class embeddings: give data.classes.{what}_embeddings (a concept file) or "
                              "model.weights / data.classes.text_weights (a checkpoint with a text encoder)")
 
-        emb = class_embeddings(names, resolve_weights(text_weights))
+        weights = resolve_weights(text_weights)
+        emb = class_embeddings(names, weights, lambda: load_text_tower(weights))
     if emb.shape != (len(names), dim):
         raise ValueError(f"{what} class embeddings have shape {tuple(emb.shape)} but the dataset has {len(names)} "
                          f"classes and the model's embeddings are {dim}-d; row i must embed class i")

@@ -1,6 +1,8 @@
 """The one builder: configs -> modules, and weight files -> a ready model (docs/DESIGN.md#loading).
 
-Nothing else in the package builds a detector from a file. The pieces:
+Nothing else in the package builds a detector or a text tower from a file: :func:`load_detector` builds the
+detector of either family (CLIP ResNet or transformer, dispatching on :func:`checkpoint_kind`), and
+:func:`load_text_tower` the text tower of either family; no detector holds its text tower. The pieces:
 
 * :mod:`regionclip.checkpoint` holds the pure dict -> dict converters (rename tables, RPN key conversion, the
   zero-shot branch and OpenAI layouts) and the architecture read off tensor shapes;
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.io import CheckpointError, LoadReport, load_into, load_state_dict
-from ..checkpoint.openai_clip import split_clip_state_dict
+from ..checkpoint.openai_clip import read_clip_checkpoint, split_clip_state_dict, text_state_dict
 from ..checkpoint.regionclip import (
     SplitCheckpoint,
     describe_checkpoint,
@@ -37,7 +39,8 @@ from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import MaskHead
 from ..modeling.recognizer import RegionRecognizer
 from ..modeling.rpn import build_offline_rpn
-from .transformer import load_transformer_detector
+from .clip_towers import build_text_tower
+from .transformer import load_transformer_detector, load_transformer_text_tower
 
 PathLike = Union[str, os.PathLike]
 StateDictOrPath = Union[PathLike, Mapping[str, Tensor]]
@@ -48,6 +51,11 @@ KIND_FINETUNED_COCO = "finetuned-coco"  # box regression, COCO base/all embeddin
 KIND_FINETUNED_LVIS = "finetuned-lvis"  # box regression (+ mask head), LVIS embeddings: the LVIS test settings
 KIND_TRANSFORMER = "transformer"  # ViT / Swin / DaViT / FocalNet (zero-shot branch, OpenAI / open_clip ViT)
 LVIS_EMBEDDING_ROWS = (866, 1203, 337, 1230)  # LVIS base / all (v1) and the v0.5 tables
+
+# How a kind of checkpoint embeds class names (regionclip.text.name_cache.class_embeddings's ``procedure``): the
+# original's 81-template mean for the CLIP ResNets, the zero-shot branch's normalised 2-template mean otherwise.
+TEXT_PROCEDURE_REGIONCLIP = "regionclip"
+TEXT_PROCEDURE_ZEROSHOT_BRANCH = "zeroshot-branch"
 
 
 def build_detector(cfg: DetectorConfig) -> RegionCLIPDetector:
@@ -79,6 +87,11 @@ class LoadedCheckpoint:
     # fine-tuned files carry their test-class (else training-class) embeddings: [K, D] or None
     class_embeddings: Optional[Tensor] = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def text_procedure(self) -> str:
+        """How names are embedded for this checkpoint (see ``TEXT_PROCEDURE_*``)."""
+        return TEXT_PROCEDURE_ZEROSHOT_BRANCH if self.kind == KIND_TRANSFORMER else TEXT_PROCEDURE_REGIONCLIP
 
 
 def read_checkpoint(weights: StateDictOrPath) -> dict[str, Tensor]:
@@ -159,6 +172,37 @@ def load_detector(weights: StateDictOrPath, rpn_weights: Optional[PathLike] = No
     detector.eval().to(device)
     emb = split.test_class_embeddings if split.test_class_embeddings is not None else split.train_class_embeddings
     return detector, LoadedCheckpoint(report, split, cfg, kind, wpath, rpn_cfg, emb)
+
+
+def load_text_tower(weights: StateDictOrPath, *, allow_jit: bool = False, strict: bool = True,
+                    device: Optional[Union[str, torch.device]] = None,
+                    transformer_options: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The text tower of a checkpoint of either family, built from the file and loaded (float32, eval mode).
+
+    CLIP-ResNet files (RegionCLIP ``lang_encoder.*``, OpenAI CLIP): a :class:`~regionclip.modeling.text_encoder.
+    CLIPTextTransformer` whose widths (RN50: 512/1024, RN50x4: 640/640) are read off the shapes. Transformer files:
+    :func:`regionclip.factory.transformer.load_transformer_text_tower` (``transformer_options``: ``autoregressive``,
+    ``act``, as given to :func:`load_detector`).
+
+    Args:
+        allow_jit: read an OpenAI TorchScript archive (executes code stored in the file).
+        device: where to put the tower (default: the CPU).
+    Raises:
+        CheckpointError: unreadable file, no text weights (e.g. a fine-tuned RegionCLIP file), or shapes that do
+            not form a text tower.
+        ValueError: a transformer file without a text tower.
+    """
+    source = "<state dict>" if isinstance(weights, Mapping) else str(weights)
+    sd = dict(weights) if isinstance(weights, Mapping) else read_clip_checkpoint(weights, allow_jit=allow_jit)
+    tower: nn.Module
+    if checkpoint_kind(sd) == KIND_TRANSFORMER:
+        tower = load_transformer_text_tower(sd, strict=strict, source=source, **dict(transformer_options or {}))
+    elif transformer_options:
+        raise ValueError(f"{source} is a CLIP ResNet checkpoint; transformer options "
+                         f"({', '.join(transformer_options)}) only apply to ViT / Swin / DaViT / FocalNet checkpoints")
+    else:
+        tower = build_text_tower(text_state_dict(sd, source=source), strict=strict, source=source)
+    return tower.to(device) if device is not None else tower
 
 
 def _openai_to_regionclip(sd: dict[str, Tensor], source: str, strict: bool) -> tuple[dict[str, Tensor], list[str]]:

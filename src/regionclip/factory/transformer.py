@@ -2,7 +2,9 @@
 
 Part of the one builder (:mod:`regionclip.factory`): :func:`load_transformer_detector` is what
 :func:`regionclip.factory.load_detector` calls when :func:`regionclip.checkpoint.zeroshot_branch.transformer_layout`
-recognises the file.
+recognises the file, and :func:`load_transformer_text_tower` what :func:`regionclip.factory.load_text_tower` calls
+for such a file. The detector does not hold the text tower (as the CLIP-ResNet one): its keys are set aside when
+the detector is loaded and read by the text-tower loader when names are embedded.
 """
 from __future__ import annotations
 
@@ -99,6 +101,47 @@ def _branch_trunk(split: BranchSplit, act: Optional[str]) -> tuple[Trunk, dict[s
     return trunk, {"backbone.trunk.model." + k: v for k, v in timm_sd.items()}, []
 
 
+def _text_sd(sd: Mapping[str, Tensor]) -> tuple[str, dict[str, Tensor], Optional[str]]:
+    """(layout, the text tower's weights under our module names, the branch trunk family or None) of a transformer
+    file; no text tower -> {}."""
+    layout = transformer_layout(sd)
+    if layout == "openai_vit":
+        return layout, split_openai_vit_state_dict(sd)[2], None
+    if layout == "branch":
+        split = split_branch_state_dict(sd)
+        return layout, {k[len("text_encoder."):]: v for k, v in split.detector.items()
+                        if k.startswith("text_encoder.")}, split.family
+    raise CheckpointError("not a transformer region-encoder checkpoint (no visual.transformer.* CLIP ViT and no "
+                          "zero-shot-branch ViT/Swin/DaViT/FocalNet backbone.* keys)")
+
+
+def load_transformer_text_tower(weights: Union[PathLike, Mapping[str, Tensor]], *, strict: bool = True,
+                                autoregressive: Optional[bool] = None, act: Optional[str] = None,
+                                source: Optional[str] = None) -> nn.Module:
+    """The text tower of a transformer file, loaded (float32, eval): a :class:`~regionclip.modeling.text_encoder.
+    CLIPTextTransformer` for OpenAI / open_clip ViT files, a :class:`~regionclip.modeling.unicl_text.UniCLTextEncoder`
+    for zero-shot-branch files (``autoregressive``: its causal mask; default True for Swin, False otherwise, as the
+    branch's configs). ``act`` is the image trunk's option and does not change the text tower.
+
+    Raises:
+        ValueError: the file carries no text tower (class embeddings must then be given).
+        CheckpointError: not a transformer file, or (``strict``) text weights that do not fit the tower.
+    """
+    del act  # an image-trunk option, accepted so that one options dict serves both loaders
+    source = source or ("<state dict>" if isinstance(weights, Mapping) else str(weights))
+    sd = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights)
+    layout, text_sd, family = _text_sd(sd)
+    if not text_sd:
+        raise ValueError(f"{source} has no text encoder, so class names cannot be embedded: pass precomputed class "
+                         "embeddings (--concept-emb file.pth, [K, D] rows) instead")
+    if layout == "openai_vit":
+        tower: nn.Module = build_text_encoder(text_config_from_state_dict(text_sd))
+    else:
+        tower = build_unicl_text_encoder(text_sd, autoregressive if autoregressive is not None else family == "swin")
+    load_into(tower, text_sd, strict=strict, source=f"{source} (text tower)")
+    return tower.eval()
+
+
 def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rpn_weights: Optional[PathLike] = None,
                               *, rpn_overrides: Optional[dict[str, Any]] = None, use_rpn: bool = True,
                               strict: bool = True, device: Union[str, torch.device] = "cpu",
@@ -107,33 +150,31 @@ def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rp
     """Build and load a transformer region detector from an OpenAI / open_clip CLIP ViT file or a zero-shot-branch
     checkpoint (ViT / Swin / DaViT / FocalNet), plus an optional detectron2 RPN file.
 
+    The file's text-tower keys are set aside (listed in the report's ``ignored``): the text tower is built by
+    :func:`load_transformer_text_tower` when names are embedded.
+
     Args:
         act: ViT MLP activation override (``"gelu"`` for open_clip's non-OpenAI ViT weights; the shapes cannot tell).
-        autoregressive: the branch text encoder's causal mask (default: True for Swin, False otherwise, as the
-            branch's configs).
+        autoregressive: the text tower's option (:func:`load_transformer_text_tower`); not used by the detector.
     Raises:
         CheckpointError: not such a file, or (``strict``) missing / unexpected / mismatched keys.
     """
     source = "<state dict>" if isinstance(weights, Mapping) else str(weights)
     sd = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights)
+    del autoregressive  # the text tower's option (load_transformer_text_tower)
     layout = transformer_layout(sd)
-    text_encoder: Optional[nn.Module] = None
     if layout == "openai_vit":
         trunk_sd, det_sd, text_sd, ignored, unexpected = split_openai_vit_state_dict(sd)
         trunk: Trunk = build_vit_trunk(trunk_sd, layout="openai", act=act)
         det_sd.update({"backbone.trunk." + k: v for k, v in trunk_sd.items()})
-        if text_sd:
-            text_encoder = build_text_encoder(text_config_from_state_dict(text_sd))
-            det_sd.update({"text_encoder." + k: v for k, v in text_sd.items()})
+        ignored += sorted(text_sd)  # the text tower: load_transformer_text_tower
     elif layout == "branch":
         split = split_branch_state_dict(sd)
         trunk, trunk_sd, unexpected = _branch_trunk(split, act)
         det_sd = {**split.detector, **trunk_sd}
         ignored, unexpected = list(split.ignored), unexpected + split.unexpected
-        text_sd = {k[len("text_encoder."):]: v for k, v in det_sd.items() if k.startswith("text_encoder.")}
-        if text_sd:
-            auto = autoregressive if autoregressive is not None else split.family == "swin"
-            text_encoder = build_unicl_text_encoder(text_sd, auto)
+        ignored += sorted(k for k in det_sd if k.startswith("text_encoder."))  # load_transformer_text_tower
+        det_sd = {k: v for k, v in det_sd.items() if not k.startswith("text_encoder.")}
     else:
         raise CheckpointError(f"{source} is not a transformer region-encoder checkpoint (no visual.transformer.* "
                               "CLIP ViT and no zero-shot-branch ViT/Swin/DaViT/FocalNet backbone.* keys)")
@@ -145,14 +186,12 @@ def load_transformer_detector(weights: Union[PathLike, Mapping[str, Tensor]], rp
                               f"{unexpected[:5]}; pass strict=False (--non-strict) to load anyway")
     rpn, rpn_sd, rpn_src = _rpn(det_sd, rpn_weights, use_rpn, rpn_overrides)
     encoder = TransformerRegionEncoder(trunk, int(det_sd["backbone.image_projection"].shape[1]))
-    det = TransformerRegionDetector(encoder, rpn, text_encoder=text_encoder)
+    det = TransformerRegionDetector(encoder, rpn)
     det_sd = {k: v for k, v in det_sd.items() if not k.startswith("rpn.")}
     det_sd.update({"rpn." + k: v for k, v in rpn_sd.items()})
-    # a file without a text tower (or logit scale) still classifies with given class embeddings
-    allow = [k for k in det.state_dict() if k.startswith("text_encoder.") or k == "logit_scale"] \
-        if text_encoder is None else ["logit_scale"]
+    # a file without a logit scale still classifies (CLIP's initial scale)
     report = load_into(det, det_sd, strict=strict, source=", ".join(x for x in (source, rpn_src) if x),
-                       ignored=ignored, allow_missing=allow)
+                       ignored=ignored, allow_missing=["logit_scale"])
     report.unexpected += unexpected
     if "logit_scale" not in det_sd:
         report.ignored.append("(no logit_scale in the file: using CLIP's initial log(1/0.07))")
@@ -190,12 +229,15 @@ BRANCH_SPELLINGS: dict[str, dict[str, str]] = {
 }
 
 
-def export_branch_state_dict(det: TransformerRegionDetector, spelling: str = "model") -> dict[str, Tensor]:
-    """Our detector's weights in the zero-shot branch's layout (timm-layout trunk, ``image_projection``, UniCL text
-    keys), spelled as one of :data:`BRANCH_SPELLINGS` (``"model"`` = the branch model's own state-dict names).
-    Loading the result with :func:`load_transformer_detector` gives back the same detector."""
+def export_branch_state_dict(det: TransformerRegionDetector, spelling: str = "model", *,
+                             text_tower: Optional[UniCLTextEncoder] = None) -> dict[str, Tensor]:
+    """Our detector's weights (and ``text_tower``'s, the UniCL text keys) in the zero-shot branch's layout
+    (timm-layout trunk, ``image_projection``), spelled as one of :data:`BRANCH_SPELLINGS` (``"model"`` = the branch
+    model's own state-dict names). Loading the result with :func:`load_transformer_detector` /
+    :func:`load_transformer_text_tower` gives back the same detector / text tower."""
     names = BRANCH_SPELLINGS[spelling]
-    sd = det.state_dict()
+    sd = {**det.state_dict(), **({"text_encoder." + k: v for k, v in text_tower.state_dict().items()}
+                                 if text_tower is not None else {})}
     trunk = {k[len("backbone.trunk."):]: v for k, v in sd.items() if k.startswith("backbone.trunk.")}
     if isinstance(det.backbone.trunk, VisionTransformerTrunk):
         trunk = ours_to_timm_vit(trunk)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regionclip.checkpoint.io import load_into
 from regionclip.config import ClipTextConfig
 
 from .layers import SelfAttention
@@ -342,16 +341,3 @@ def text_config_from_state_dict(sd: Mapping[str, Tensor]) -> ClipTextConfig:
                           width=int(width), heads=int(width) // 64, layers=layers,
                           embed_dim=int(sd["text_projection"].shape[1]))
 
-
-def build_text_encoder_from_state_dict(sd: Mapping[str, Tensor], *, strict: bool = True,
-                                       source: str = "") -> CLIPTextTransformer:
-    """Build a :class:`CLIPTextTransformer` whose widths match ``sd`` and load it (float32, eval mode).
-
-    Args:
-        sd: text-tower state dict with keys as in this module's docstring (strip ``lang_encoder.`` first).
-        strict: raise :class:`regionclip.checkpoint.io.CheckpointError` on any missing/unexpected/mismatched key.
-        source: name of the file, for error messages.
-    """
-    model = build_text_encoder(text_config_from_state_dict(sd))
-    load_into(model, {k: v.float() for k, v in sd.items()}, strict=strict, source=source)
-    return model.eval()

@@ -5,10 +5,10 @@ For each concept: fill it into every template (commas removed, ``+`` -> space), 
 encode with the text tower (EOT pooling + projection, no normalisation) and take the plain mean over the
 templates. The result is **not** normalised; classifiers normalise rows at use time.
 
-File format (``save_concept_embeddings``): ``.pth`` = a bare float32 tensor [N, D] (what the original's
-``TEXT_EMB_PATH`` loads); ``.safetensors`` = ``{"embeddings": [N, D]}``. Difference from the original: it
-squeezed [N, 1, D] and so wrote a [D] tensor when N = 1; we always write [N, D]. :func:`load_concept_embeddings`
-accepts [D] (-> [1, D]) and the zero-shot branch's [N, 1, D] as well.
+The text tower comes in built (:func:`regionclip.factory.load_text_tower` reads it from a weight file); the
+files the embeddings are saved to are :mod:`regionclip.checkpoint.embedding_files`. The compute dtype comes in
+resolved ("float32" / "bfloat16"; "auto" is resolved by the caller with
+:func:`regionclip.inference.hardware.resolve_text_dtype`).
 
 Speed (:class:`PromptEncoder`): the N x T prompts are encoded in batches of ``batch_size`` prompts that span
 names, and only the part of each prompt that is not shared with its template's leading tokens runs through the
@@ -29,44 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regionclip.checkpoint.io import CheckpointError, PathLike, read_weight_file, save_file_atomic
-from regionclip.checkpoint.openai_clip import read_clip_checkpoint, text_state_dict
-from regionclip.modeling.text_encoder import (
-    CLIPTextTransformer,
-    PrefixedTokens,
-    PrefixStates,
-    build_text_encoder_from_state_dict,
-)
-from regionclip.inference.hardware import native_bf16
+from regionclip.modeling.text_encoder import CLIPTextTransformer, PrefixedTokens, PrefixStates
 from regionclip.text.prompts import fill_template, resolve_templates, validate_names
 from regionclip.text.tokenizer import ClipTokenizer, default_tokenizer
+from regionclip.utils import COMPUTE_DTYPES
 
 AVERAGE_MODES = ("mean", "normalized")
-SAFETENSORS_KEY = "embeddings"
-TEXT_DTYPES = ("auto", "float32", "bfloat16")
-# Whether dtype "auto" may pick bfloat16 for the text tower on native hardware. False: on the shared 2-core
-# AVX512-BF16 machine (load 9-11) float32 did 0.66 names/s and bfloat16 0.55 (benchmarks/text_embeddings.py,
-# 30 names): the bf16 GEMMs are ~2.5x faster there, but the packed-prefix attention, gathers and mixed-dtype adds
-# around them are not. Set True once an idle-machine run shows bfloat16 faster.
-TEXT_AUTO_BF16 = False
+# The text tower's compute dtypes: the package's compute dtypes (utils.COMPUTE_DTYPES) but float16 (the tower's
+# residual stream and LayerNorms stay float32 under autocast; only bfloat16 was measured within the agreement bar)
+TEXT_DTYPES = tuple(d for d in COMPUTE_DTYPES if d != "float16")
 DEFAULT_BATCH_SIZE = 1024  # prompts per forward (~4k packed tokens): fastest of 256/512/1024 on a loaded 2-core CPU
-
-
-def load_text_encoder(weights: PathLike, *, allow_jit: bool = False,
-                      device: Optional[Union[str, torch.device]] = None) -> CLIPTextTransformer:
-    """The text tower of a RegionCLIP checkpoint (``lang_encoder.*``) or an OpenAI CLIP file, in eval mode.
-
-    Widths (RN50: 512/1024, RN50x4: 640/640) are inferred from tensor shapes.
-
-    Raises:
-        CheckpointError: unreadable file, no text weights, or shapes that do not form a CLIP text tower.
-    """
-    sd = text_state_dict(read_clip_checkpoint(weights, allow_jit=allow_jit), source=str(weights))
-    try:
-        encoder = build_text_encoder_from_state_dict(sd, source=str(weights))
-    except KeyError as e:
-        raise CheckpointError(f"{weights}: text-encoder weights are incomplete ({e})") from e
-    return encoder.to(device) if device is not None else encoder
 
 
 @torch.inference_mode()
@@ -94,8 +66,9 @@ class PromptEncoder:
         templates: T templates with ``{}`` (already resolved, see :func:`resolve_templates`).
         tokenizer: default the packaged CLIP BPE.
         batch_size: prompts per forward pass.
-        dtype: "float32", "bfloat16" (the linear layers in bf16 under autocast; LayerNorms, the residual stream
-            and the attention softmax stay float32) or "auto" (:func:`resolve_text_dtype`).
+        dtype: "float32" or "bfloat16" (the linear layers in bf16 under autocast; LayerNorms, the residual stream
+            and the attention softmax stay float32); "auto" is resolved by the caller
+            (:func:`regionclip.inference.hardware.resolve_text_dtype`).
 
     The template prefixes' keys/values are computed on first use and reused for every later call, so one
     instance serves a whole vocabulary computed chunk by chunk.
@@ -107,9 +80,10 @@ class PromptEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if dtype not in TEXT_DTYPES:
-            raise ValueError(f"dtype must be one of {TEXT_DTYPES}, got {dtype!r}")
+            raise ValueError(f"dtype must be one of {TEXT_DTYPES}, got {dtype!r} (resolve 'auto' first with "
+                             "regionclip.inference.hardware.resolve_text_dtype)")
         self.encoder = encoder
-        self.dtype = resolve_text_dtype(dtype, encoder.text_projection.device)
+        self.dtype = dtype
         self.templates = list(templates)
         self.tok = tokenizer or default_tokenizer()
         self.batch_size = batch_size
@@ -182,24 +156,6 @@ class PromptEncoder:
         return feats.view(len(names), n_t, self.encoder.embed_dim), too_long
 
 
-def resolve_text_dtype(requested: str, device: Union[str, torch.device] = "cpu") -> str:
-    """The text tower's compute dtype: "auto" -> "bfloat16" where the device runs it natively
-    (:func:`regionclip.inference.hardware.native_bf16`: AVX512_BF16/AMX/Arm BF16 CPUs, Ampere+ GPUs) and
-    :data:`TEXT_AUTO_BF16` is set, else "float32".
-
-    bfloat16 here meets the agreement bar (unlike the detector's, docs/DESIGN.md#trusted-bf16): the residual
-    stream and LayerNorms stay float32, and the 81-template mean of each name agrees with float32 to cosine
-    >= 0.9999 (measured min 0.999985 on 30 LVIS names, seed-0 RN50 tower; tests/test_text_encoder.py checks it).
-    It was not measured faster yet (see :data:`TEXT_AUTO_BF16`), so "auto" stays float32 for now."""
-    if requested not in TEXT_DTYPES:
-        raise ValueError(f"dtype must be one of {TEXT_DTYPES}, got {requested!r}")
-    if requested == "auto" and not TEXT_AUTO_BF16:
-        return "float32"
-    if requested == "auto":
-        return "bfloat16" if native_bf16(device) else "float32"
-    return requested
-
-
 def _reduce(features: Tensor, average: str) -> Tensor:
     """features: [C, T, D] per-template features -> [C, D]."""
     if average == "mean":  # the original: plain mean of unnormalised features
@@ -222,7 +178,7 @@ def concept_embeddings(names: Sequence[str], encoder: CLIPTextTransformer, *,
             ``"normalized"`` (normalise each, average, renormalise; result has unit rows).
         batch_size: prompts per forward pass (they span names).
         show_progress: show a tqdm bar (concepts, with concepts/s).
-        dtype: the text tower's compute dtype, see :class:`PromptEncoder` ("auto": bfloat16 where native).
+        dtype: the text tower's compute dtype, see :class:`PromptEncoder`.
 
     Returns:
         float32 Tensor[N, D] on the encoder's device.
@@ -273,54 +229,5 @@ def embed_with(prompt_encoder: PromptEncoder, names: Sequence[str], average: str
     return torch.cat(rows)
 
 
-def save_concept_embeddings(embeddings: Tensor, path: PathLike) -> Path:
-    """Write [N, D] atomically: ``.pth`` as a bare tensor, ``.safetensors`` as ``{"embeddings": ...}``.
-
-    Unlike the original, N = 1 is written as [1, D], not [D].
-    """
-    if embeddings.dim() != 2:
-        raise ValueError(f"concept embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
-    emb = embeddings.detach().to("cpu", torch.float32).contiguous()
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return save_file_atomic({SAFETENSORS_KEY: emb}, path)
-    return save_file_atomic(emb, path)
-
-
-def load_concept_embeddings(path: PathLike, expected_dim: Optional[int] = None) -> Tensor:
-    """Read a concept-embedding file (ours or the original's) -> float32 Tensor[N, D] on the CPU.
-
-    Accepts a bare tensor [N, D], [D] (the original's single-concept file), [N, 1, D] (zero-shot branch), or a
-    dict / safetensors file holding exactly one tensor (or an ``"embeddings"`` entry).
-
-    Raises:
-        CheckpointError: anything else, or D != ``expected_dim`` when given.
-    """
-    obj = read_weight_file(path)
-    if isinstance(obj, dict):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-        if SAFETENSORS_KEY in tensors:
-            obj = tensors[SAFETENSORS_KEY]
-        elif len(tensors) == 1:
-            obj = next(iter(tensors.values()))
-        else:
-            raise CheckpointError(f"{path}: expected one embedding tensor, found keys {sorted(tensors)[:8]}")
-    if not isinstance(obj, Tensor):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not an embedding tensor")
-    emb = obj.float()
-    if emb.dim() == 1:
-        emb = emb[None]  # the original's extraction squeezed a single concept to [D]
-    elif emb.dim() == 3 and emb.shape[1] == 1:
-        emb = emb[:, 0]
-    if emb.dim() != 2:
-        raise CheckpointError(f"{path}: concept embeddings must be [N, D] (or [D], [N, 1, D]); got "
-                              f"{tuple(obj.shape)}")
-    if expected_dim is not None and emb.shape[1] != expected_dim:
-        raise CheckpointError(f"{path}: embeddings have dimension {emb.shape[1]} but the model expects "
-                              f"{expected_dim} (RN50 = 1024, RN50x4 = 640); regenerate them with the matching "
-                              "checkpoint (regionclip embed-concepts --weights ...)")
-    return emb
-
-
-__all__ = ["AVERAGE_MODES", "DEFAULT_BATCH_SIZE", "TEXT_AUTO_BF16", "TEXT_DTYPES", "PromptEncoder", "resolve_text_dtype", "concept_embeddings", "embed_with",
-           "encode_tokens", "load_concept_embeddings", "load_text_encoder", "save_concept_embeddings"]
+__all__ = ["AVERAGE_MODES", "DEFAULT_BATCH_SIZE", "TEXT_DTYPES", "PromptEncoder", "concept_embeddings", "embed_with",
+           "encode_tokens"]

@@ -38,16 +38,20 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from regionclip.checkpoint.io import PathLike, save_file_atomic
-from regionclip.text.embeddings import AVERAGE_MODES, DEFAULT_BATCH_SIZE, PromptEncoder, embed_with, load_text_encoder
+from regionclip.text.embeddings import AVERAGE_MODES, DEFAULT_BATCH_SIZE, PromptEncoder, embed_with
 from regionclip.text.prompts import resolve_templates, validate_names
 from regionclip.text.tokenizer import CONTEXT_LENGTH
+from regionclip.text.unicl_embeddings import zeroshot_class_embeddings
 
+PROCEDURE_REGIONCLIP = "regionclip"  # the original's 81-template mean (CLIP-ResNet checkpoints)
+PROCEDURE_ZEROSHOT_BRANCH = "zeroshot-branch"  # the zero-shot branch's normalised 2-template mean (transformers)
+PROCEDURES = (PROCEDURE_REGIONCLIP, PROCEDURE_ZEROSHOT_BRANCH)
 _CACHE_VERSION = 1
 _MIB = 1 << 20
 
@@ -84,45 +88,78 @@ def _name_key(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:40]
 
 
-def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
+def class_embeddings(names: Sequence[str], weights_path: PathLike, load_tower: Callable[[], nn.Module], *,
+                     procedure: str = PROCEDURE_REGIONCLIP, tower_options: Optional[Mapping[str, Any]] = None,
                      templates: Optional[Union[str, Sequence[str], Path]] = None, average: str = "mean",
                      cache_dir: Optional[PathLike] = None, use_cache: bool = True,
                      device: Optional[Union[str, torch.device]] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                     allow_jit: bool = False, show_progress: bool = False) -> Tensor:
-    """Class embeddings for ``names`` computed with the text encoder stored in ``weights_path``, cached.
+                     show_progress: bool = False) -> Tensor:
+    """Class embeddings for ``names`` computed with the text tower of the checkpoint ``weights_path``, cached per
+    name; the one entry point for both model families.
 
     Args:
         names: N class names (row i = names[i]); empty names raise, duplicates warn (see
             :func:`regionclip.text.prompts.validate_names`).
-        weights_path: a RegionCLIP checkpoint with ``lang_encoder.*`` or an OpenAI CLIP file.
-        templates: default the 81 RegionCLIP templates (see :func:`regionclip.text.prompts.resolve_templates`).
-        average: ``"mean"`` (original) or ``"normalized"``.
+        weights_path: the checkpoint (its fingerprint keys the cache file).
+        load_tower: builds the checkpoint's text tower (e.g. ``lambda: regionclip.factory.load_text_tower(path)``);
+            called on the first cache miss only, so the checkpoint is not even read when every name is cached.
+        procedure: ``"regionclip"`` (the original's templates, default 81, mean over them: CLIP-ResNet
+            checkpoints) or ``"zeroshot-branch"`` (the zero-shot branch's two templates, normalised mean:
+            :func:`regionclip.text.unicl_embeddings.zeroshot_class_embeddings`, transformer checkpoints).
+        tower_options: what the file's shapes cannot tell about the tower (transformer options): part of the
+            cache key, since they change its output.
+        templates, average, batch_size: the ``"regionclip"`` procedure's (see
+            :func:`regionclip.text.prompts.resolve_templates`; ``average`` ``"mean"`` (original) or
+            ``"normalized"``; prompts per forward pass).
         cache_dir: where cache files live; default :func:`default_cache_dir`.
         use_cache: ``False`` computes everything and touches no cache file.
-        device: where the text encoder runs on a cache miss, and where the result is returned (default CPU).
-        batch_size: prompts per forward pass (they span names).
-        allow_jit: allow reading an OpenAI TorchScript archive (runs code from the file).
+        device: where the result is returned (default CPU; the tower runs where ``load_tower`` puts it).
         show_progress: tqdm bar (names, names/s) while encoding.
 
     Returns:
-        float32 Tensor[N, D], unnormalised for ``average="mean"``, exactly like ``regionclip embed-concepts``.
+        float32 Tensor[N, D]; for ``"regionclip"`` with ``average="mean"`` unnormalised, exactly like
+        ``regionclip embed-concepts``.
 
     Raises:
-        ValueError: bad names / templates, or a computed embedding that is not finite (name and file named).
+        ValueError: bad names / templates / procedure, or a computed embedding that is not finite (name and file
+            named).
         KeyboardInterrupt: re-raised after the rows finished so far are saved (a rerun computes the rest).
     """
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
     if average not in AVERAGE_MODES:
         raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
+    if procedure == PROCEDURE_ZEROSHOT_BRANCH and (templates is not None or average != "mean"):
+        raise ValueError("the zero-shot branch's procedure has its own templates and averaging; templates / "
+                         "average apply to the 'regionclip' procedure only")
     names = validate_names(names, source="vocabulary")
-    templates = resolve_templates(templates)
     out_device = torch.device(device) if device is not None else torch.device("cpu")
-    state: dict[str, PromptEncoder] = {}
+    state: dict[str, Any] = {}
 
-    def compute(chunk: list[str], progress: bool = False) -> Tensor:
-        if "encoder" not in state:  # loaded on the first miss only, then reused for every chunk
-            state["encoder"] = PromptEncoder(load_text_encoder(weights_path, allow_jit=allow_jit, device=device),
-                                             templates, batch_size=batch_size)
-        return embed_with(state["encoder"], chunk, average, show_progress=progress)
+    def tower() -> nn.Module:
+        if "tower" not in state:  # loaded on the first miss only, then reused for every chunk
+            state["tower"] = load_tower()
+        return state["tower"]
+
+    if procedure == PROCEDURE_REGIONCLIP:
+        resolved = resolve_templates(templates)
+
+        def compute(chunk: list[str], progress: bool = False) -> Tensor:
+            if "encoder" not in state:
+                state["encoder"] = PromptEncoder(tower(), resolved, batch_size=batch_size)
+            return embed_with(state["encoder"], chunk, average, show_progress=progress)
+
+        key = _settings_key(resolved, average)
+        # ~4 forward passes per chunk: seconds per chunk on a CPU, so little is lost when a run is killed
+        chunk_size = max(1, math.ceil(4 * batch_size / len(resolved)))
+    else:
+        def compute(chunk: list[str], progress: bool = False) -> Tensor:
+            return zeroshot_class_embeddings(tower(), chunk)
+
+        # keyed by the options the file's shapes cannot tell (they change the text tower's output)
+        opts = json.dumps(dict(tower_options or {}), sort_keys=True)
+        key = hashlib.sha256(f"zeroshot-branch|{opts}".encode()).hexdigest()
+        chunk_size = 64
 
     source = f"the text encoder of {weights_path}"
     if not use_cache:
@@ -131,10 +168,8 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, *,
         return emb.to(out_device)
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = f"{checkpoint_fingerprint(weights_path)[:24]}_{_settings_key(templates, average)[:16]}"
-    # ~4 forward passes per chunk: seconds per chunk on a CPU, so little is lost when a run is killed
-    chunk = max(1, math.ceil(4 * batch_size / len(templates)))
-    return cached_name_embeddings(names, root / f"{stem}.safetensors", compute, chunk_size=chunk,
+    stem = f"{checkpoint_fingerprint(weights_path)[:24]}_{key[:16]}"
+    return cached_name_embeddings(names, root / f"{stem}.safetensors", compute, chunk_size=chunk_size,
                                   show_progress=show_progress, source=source).to(out_device)
 
 
@@ -144,7 +179,7 @@ def cached_name_embeddings(names: Sequence[str], cache_file: Path, compute: Call
     """[N, D] rows for ``names`` from the per-name cache file ``cache_file``; ``compute(chunk)`` -> [len(chunk), D]
     runs only for the names not cached yet, ``chunk_size`` names at a time, and finished rows are written as it
     goes (see the module docstring). Used for every text procedure (the 81-template RegionCLIP one here, the
-    zero-shot branch's in :meth:`regionclip.RegionCLIP.embed_names`).
+    zero-shot branch's, both through :func:`class_embeddings`).
 
     Args:
         save_interval_s: rewrite the file when this many seconds passed since the last write (0: every chunk).
