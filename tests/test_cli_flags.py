@@ -5,7 +5,8 @@ that ``run`` calls or passes on (transitively, through ``from .common import ...
 (the dispatcher reads ``--debug`` / ``--quiet``). A flag's ``dest`` counts as read when that code reads ``args.<dest>`` (or
 ``getattr(args, "<dest>")``), or - for helpers that read a list of flags through ``getattr(args, key)`` - when the
 dest is a string constant in such a function. Assignments (``args.x = ...``) do not count. Whether the value then
-reaches the model is checked where it matters by behaviour tests (e.g. ``test_evaluate_rejects_num_workers``).
+reaches the model is checked where it matters by behaviour tests (e.g.
+``test_cli_evaluate_decoding_workers_change_nothing`` in test_real_photos.py).
 """
 from __future__ import annotations
 
@@ -143,19 +144,6 @@ def test_walker_counts_reads_only():
     assert "assigned" not in read
 
 
-def test_evaluate_rejects_num_workers(tmp_path, capsys):
-    """``evaluate --num-workers 2`` was accepted and ignored (its loop decodes in the main process): now refused
-    with a message naming the flag, before anything is loaded; ``--num-workers 0`` says what happens and is kept."""
-    from regionclip.cli.main import main
-
-    rc = main(["evaluate", "--weights", str(tmp_path / "none.pth"), "--images", str(tmp_path), "--num-workers", "2",
-               "-o", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "--num-workers 2" in err and "main process" in err
-    assert not (tmp_path / "out").exists()
-
-
 def test_extract_regions_honours_max_pixels(tmp_path, capsys):
     """``extract-regions --max-pixels`` was accepted and never reached the pipeline (found by the walk above):
     images over the limit are now skipped as named errors, images under it are extracted."""
@@ -191,15 +179,13 @@ NOT_AN_OPTIONS_FIELD = {
     "concept_emb": "the vocabulary's class embeddings: RegionCLIP.make_vocabulary",
     "debug": "tracebacks: the dispatcher (cli.main)",
     "quiet": "progress output of the command",
-    "backend": "load-time: the model is re-wrapped by RegionCLIP.with_backend (cli.common.load_model)",
-    "export_dir": "load-time: the graphs --backend runs (RegionCLIP.with_backend)",
-    "int8": "load-time: the int8 region head of --backend onnxruntime (RegionCLIP.with_backend)",
 }
 # a value different from every command's default, by dest (store_true flags are simply given)
 NON_DEFAULT = {"weights": "w.pth", "rpn_weights": "r.pth", "preset": "coco-gt", "device": "cuda:1",
                "vit_act": "gelu", "text_causal": "no", "score_thresh": "0.37", "nms_thresh": "0.41",
                "detections_per_image": "7", "rpn_score": "sigmoid", "soft_nms": "linear", "batch_size": "3",
-               "dtype": "bfloat16", "chunk_size": "5", "max_proposals": "11", "num_workers": "5", "max_pixels": "123"}
+               "dtype": "bfloat16", "chunk_size": "5", "max_proposals": "11", "num_workers": "5", "max_pixels": "123",
+               "backend": "onnxruntime", "export_dir": "exported/"}
 
 
 def _common_groups() -> dict[str, str]:
@@ -342,3 +328,16 @@ def test_score_thresh_and_chunk_size_reach_the_model_from_argv(tmp_path, demo_im
     assert "score>0.37" in err and "score>0.001" not in err  # the settings line shows what runs
     journal = "".join(f.read_text() for f in out.rglob("*") if f.is_file() and f.suffix in (".json", ".jsonl"))
     assert "score>0.37" in journal and '"score_thresh": 0.37' in journal  # the resume fingerprint too
+
+
+def test_backend_is_a_load_option_the_loader_honours(tmp_path, tiny_ckpt, capsys):
+    """The backend is a load-time choice in LoadOptions (with the weights, fusion and device), applied by the one
+    loading path; ``--int8`` without an export backend was accepted and ignored, now refused before loading."""
+    from regionclip.api import RegionCLIP
+    from regionclip.cli.main import main
+
+    assert RegionCLIP.from_pretrained(tiny_ckpt).options.backend == "torch"
+    with pytest.raises(ValueError, match="onnxruntime backend runs exported graphs"):
+        RegionCLIP.from_pretrained(tiny_ckpt, backend="onnxruntime")  # reached make_backend: no export_dir
+    rc = main(["detect", "--weights", str(tmp_path / "never_read.pth"), "--int8", "-o", str(tmp_path / "out")])
+    assert rc == 2 and "--int8" in capsys.readouterr().err and not (tmp_path / "out").exists()

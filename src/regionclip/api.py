@@ -81,20 +81,23 @@ class RegionCLIP:
                         preset: Optional[str] = None, device: Union[str, torch.device] = "cpu", strict: bool = True,
                         regions: Optional[str] = None, rpn_overrides: Optional[dict[str, Any]] = None,
                         transformer_options: Optional[dict[str, Any]] = None, fuse: bool = True,
-                        strict_hash: bool = False, **unexpected: Any) -> "RegionCLIP":
+                        strict_hash: bool = False, backend: str = "torch", export_dir: Optional[PathLike] = None,
+                        backend_options: Optional[dict[str, Any]] = None, **unexpected: Any) -> "RegionCLIP":
         """Load a RegionCLIP checkpoint (a name from :data:`regionclip.weights.pretrained.WEIGHTS` or a path) and an optional
         RPN file. ``preset`` (see :mod:`regionclip.inference.presets`) picks one of the original's scenarios; without one the
         checkpoint kind picks it (docs/DESIGN.md#settings). Load-time choices only: post-processing is per call
         (``model.detect(images, score_thresh=0.1)``, :meth:`run_options`); a post-processing keyword here is a
         TypeError saying so. ``fuse``: fold the frozen BatchNorms and the attention pool's K/V projections for
         inference (docs/DESIGN.md#cpu-speed; exact up to float rounding; the loaded model then cannot be trained or
-        saved)."""
+        saved). ``backend`` / ``export_dir`` / ``backend_options``: run on the graphs ``regionclip export`` wrote
+        (:meth:`with_backend`)."""
         refuse_postprocess_at_load(unexpected, "RegionCLIP.from_pretrained")
         if unexpected:
             raise TypeError(f"RegionCLIP.from_pretrained got unexpected keyword argument(s) {sorted(unexpected)}")
         return cls.load(LoadOptions.create(weights, rpn_weights, preset=preset, device=str(device), strict=strict,
                                            regions=regions, rpn=rpn_overrides, transformer=transformer_options,
-                                           fuse=fuse, strict_hash=strict_hash))
+                                           fuse=fuse, strict_hash=strict_hash, backend=backend,
+                                           export_dir=export_dir, backend_options=backend_options))
 
     @classmethod
     def load(cls, options: LoadOptions) -> "RegionCLIP":
@@ -113,7 +116,10 @@ class RegionCLIP:
         if options.fuse:  # keep only the inference copy: the loaded module is dropped here (no lasting 2x memory)
             det = fused_for_inference(det)
         input_cfg = loaded.config.input if loaded.config is not None else InputConfig()
-        return cls(det, loaded, settings, options, input_cfg)
+        model = cls(det, loaded, settings, options, input_cfg)
+        if options.backend == "torch" and not options.backend_options:
+            return model
+        return model.with_backend(options.backend, options.export_dir, **dict(options.backend_options))
 
     # ------------------------------------------------------------------ vocabulary
     def make_vocabulary(self, vocab: VocabularyLike = None,

@@ -42,6 +42,11 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: Optional[str] = "
     g.add_argument("--strict-hash", action="store_true",
                    help="refuse a weight file whose sha256 differs from the expected one (WEIGHTS table / <file>.sha256 "
                         "sidecar) instead of warning")
+    g.add_argument("--backend", choices=["torch", "onnxruntime", "openvino", "torch-export"], default="torch",
+                   help="run the trunk, region head and RPN head from graphs written by `regionclip export` "
+                        "(docs/EXPORT.md); CPU only")
+    g.add_argument("--export-dir", help="the folder written by `regionclip export` (needed by --backend)")
+    g.add_argument("--int8", action="store_true", help="with --backend onnxruntime: the int8 region head")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     q = p.add_argument_group("post-processing (per run: RunOptions.postprocess, starting from the preset's)")
     q.add_argument("--score-thresh", type=fraction, help="keep detections scoring at least this (0..1)")
@@ -72,11 +77,6 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: Optional[int] = 2) -> N
                    "only 0: this command decodes in the main process (a larger value is refused)")
     r.add_argument("--max-pixels", type=nonneg_int, default=defaults.max_pixels,
                    help=f"skip images with more decoded pixels than this (default {defaults.max_pixels:,}; 0 = no limit)")
-    r.add_argument("--backend", choices=["torch", "onnxruntime", "openvino", "torch-export"], default="torch",
-                   help="run the trunk, region head and RPN head from graphs written by `regionclip export` "
-                        "(docs/EXPORT.md); CPU only")
-    r.add_argument("--export-dir", help="the folder written by `regionclip export` (needed by --backend)")
-    r.add_argument("--int8", action="store_true", help="with --backend onnxruntime: the int8 region head")
     r.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
 
 
@@ -97,7 +97,9 @@ def load_options(args: argparse.Namespace, *, regions: Optional[str] = None) -> 
         topts["autoregressive"] = args.text_causal == "yes"
     return LoadOptions.create(args.weights, args.rpn_weights, preset=args.preset, device=args.device,
                               strict=not args.non_strict, strict_hash=getattr(args, "strict_hash", False),
-                              regions=regions, transformer=topts)
+                              regions=regions, transformer=topts, backend=getattr(args, "backend", "torch"),
+                              export_dir=getattr(args, "export_dir", None),
+                              backend_options={"int8": True} if getattr(args, "int8", False) else None)
 
 
 def check_cheap_args(args: argparse.Namespace) -> None:
@@ -114,6 +116,9 @@ def check_cheap_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if (getattr(args, "num_workers", 0) or 0) < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if getattr(args, "int8", False) and getattr(args, "backend", "torch") == "torch":
+        raise ValueError("--int8 runs the int8 region head of an export: use it with --backend onnxruntime "
+                         "--export-dir DIR")
     if getattr(args, "backend", "torch") != "torch":
         if not args.export_dir:
             raise ValueError(f"--backend {args.backend} needs --export-dir (make one with `regionclip export`)")
@@ -127,10 +132,8 @@ def load_model(args: argparse.Namespace, *, regions: Optional[str] = None, verbo
     applied, as :func:`run_options` will) in one line each."""
     check_cheap_args(args)
     model = RegionCLIP.load(load_options(args, regions=regions))
-    if getattr(args, "backend", "torch") != "torch":
-        model = model.with_backend(args.backend, args.export_dir, int8=args.int8)
-        if verbose:
-            log(f"backend: {model.detector!r}")
+    if verbose and model.options.backend != "torch":
+        log(f"backend: {model.detector!r}")
     if verbose:
         log(model.loaded.report.summary(max_items=4))
         log(model.settings.describe(model.run_options(**postprocess_overrides(args)).postprocess))

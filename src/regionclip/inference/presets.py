@@ -92,12 +92,12 @@ def refuse_postprocess_at_load(names: Any, where: str) -> None:
 @dataclass(frozen=True)
 class LoadOptions:
     """Everything a user chooses when loading a model (API keywords or CLI flags), before resolution: load-time
-    choices only (files, preset, regions, device, fusion, strictness, RPN and transformer build options).
-    Per-call choices (batch, dtype, chunk, post-processing) are :class:`regionclip.pipeline.RunOptions`.
+    choices only (files, preset, regions, device, fusion, strictness, RPN and transformer build options, the
+    backend). Per-call choices (batch, dtype, chunk, post-processing) are :class:`regionclip.pipeline.RunOptions`.
 
-    ``rpn`` / ``transformer`` hold only the fields the user set explicitly, as sorted ``(name, value)`` pairs
-    (hashable: a frozen record of the request). :func:`resolve_settings` turns this plus the checkpoint's kind
-    into :class:`Settings` exactly once.
+    ``rpn`` / ``transformer`` / ``backend_options`` hold only the fields the user set explicitly, as sorted
+    ``(name, value)`` pairs (hashable: a frozen record of the request). :func:`resolve_settings` turns this plus
+    the checkpoint's kind into :class:`Settings` exactly once.
     """
 
     weights: Optional[str] = None  # None: the preset's, else regionclip_pretrained-cc_rn50
@@ -108,6 +108,11 @@ class LoadOptions:
     strict_hash: bool = False  # a weight file whose sha256 differs from the expected one: error instead of warning
     regions: Optional[str] = None  # "rpn" or "gt"; None: the preset's, else "rpn" when the model has an RPN
     fuse: bool = True  # fold frozen BNs / the attnpool K,V projections at load time (inference only; exact)
+    # the graphs the model runs on (regionclip.export.make_backend): "torch" = the loaded modules themselves;
+    # onnxruntime / openvino / torch-export run the graphs `regionclip export` wrote to export_dir
+    backend: str = "torch"
+    export_dir: Optional[str] = None
+    backend_options: tuple[tuple[str, Any], ...] = ()  # make_backend keywords: int8, providers, threads, verify
     rpn: tuple[tuple[str, Any], ...] = ()
     transformer: tuple[tuple[str, Any], ...] = ()
 
@@ -119,16 +124,20 @@ class LoadOptions:
 
     @classmethod
     def create(cls, weights: Any = None, rpn_weights: Any = None, *, rpn: Optional[dict[str, Any]] = None,
-               transformer: Optional[dict[str, Any]] = None, **kwargs: Any) -> "LoadOptions":
+               transformer: Optional[dict[str, Any]] = None, export_dir: Any = None,
+               backend_options: Optional[dict[str, Any]] = None, **kwargs: Any) -> "LoadOptions":
         """Build from plain values (paths become strings, dicts become sorted pairs; ``None`` values dropped)."""
         refuse_postprocess_at_load(kwargs, "LoadOptions.create")
 
         def pairs(d: Optional[dict[str, Any]]) -> tuple[tuple[str, Any], ...]:
             return tuple(sorted((k, v) for k, v in (d or {}).items() if v is not None))
 
-        return cls(weights=None if weights is None else str(weights),
-                   rpn_weights=None if rpn_weights is None else str(rpn_weights), rpn=pairs(rpn),
-                   transformer=pairs(transformer), **kwargs)
+        def path(p: Any) -> Optional[str]:
+            return None if p is None else str(p)
+
+        return cls(weights=path(weights), rpn_weights=path(rpn_weights), rpn=pairs(rpn),
+                   transformer=pairs(transformer), export_dir=path(export_dir),
+                   backend_options=pairs(backend_options), **kwargs)
 
     @property
     def preset_obj(self) -> Optional[Preset]:
