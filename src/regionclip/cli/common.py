@@ -17,7 +17,7 @@ from ..export import read_manifest
 from ..pipeline import RunOptions
 from ..inference.presets import PRESETS, LoadOptions
 from ..weights.pretrained import WeightsNotFound, resolve_weights
-from ..inference.hardware import REQUESTABLE_DTYPES, resolve_dtype
+from ..inference.hardware import ACCELERATOR_CHUNK_SIZE, CPU_CHUNK_SIZE, REQUESTABLE_DTYPES, resolve_dtype
 from ..text.vocabulary import Vocabulary, check_vocabulary_arg
 from .argtypes import fraction, nonneg_int, positive_int
 
@@ -69,9 +69,10 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: Optional[int] = 2) -> N
                    help="compute dtype of the region head (bfloat16: layer4 only, then the regions that decide the "
                         "detections again in float32); auto = the fastest dtype that keeps >= 99 %% of the float32 "
                         "detections: float32 for now (docs/DESIGN.md#trusted-bf16)")
-    r.add_argument("--chunk-size", type=positive_int, default=None, help="regions per region-head call (bounds memory; results "
-                   "unchanged; default: 64 on CPU, 256 on GPUs)")
-    r.add_argument("--max-proposals", type=positive_int, help="keep only the k best RPN proposals per image")
+    r.add_argument("--chunk-size", type=positive_int, default=defaults.chunk_size,
+                   help="regions per region-head call (bounds memory; results unchanged; default: "
+                        f"{CPU_CHUNK_SIZE} on CPU, {ACCELERATOR_CHUNK_SIZE} on GPUs)")
+    r.add_argument("--max-proposals", type=positive_int, default=defaults.max_proposals, help="keep only the k best RPN proposals per image")
     r.add_argument("--num-workers", type=nonneg_int, default=workers,
                    help="decoding worker processes (0: in the main one)" if workers is not None else
                    "only 0: this command decodes in the main process (a larger value is refused)")
