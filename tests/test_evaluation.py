@@ -12,8 +12,9 @@ pytest.importorskip("pycocotools")
 
 from regionclip.assets import coco_ovd_categories
 from regionclip.data.datasets import load_coco_json
-from regionclip.evaluation import (ResultsError, evaluate_coco, evaluate_dataset, evaluate_lvis, format_metrics,
-                                   load_results, ovd_split_category_ids, run_inference, write_metrics_json)
+from regionclip.evaluation import (ResultsError, batch_predictor, evaluate_coco, evaluate_dataset, evaluate_lvis,
+                                   format_metrics, load_results, ovd_split_category_ids, run_inference,
+                                   write_metrics_json)
 from regionclip.structures import Detections
 
 # The real COCO ids of the 65 OV-COCO classes, as in the OVR-CNN jsons (the split table numbers them 1..80).
@@ -238,12 +239,12 @@ def test_evaluate_dataset_perfect_and_resumable(tmp_path: Path) -> None:
     ds = load_coco_json(_write_gt(tmp_path, gt), tmp_path)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_inference(ds, _GTPredictor(2, fail_after=2), out, progress=False)
+        run_inference(ds, batch_predictor(_GTPredictor(2, fail_after=2)), out, progress=False)
     # Simulate a kill in the middle of writing a line.
     with open(out / "predictions.jsonl", "a") as f:
         f.write('{"image_id": 3, "instan')
     pred = _GTPredictor(2)
-    metrics = evaluate_dataset(ds, pred, out, progress=False)
+    metrics = evaluate_dataset(ds, batch_predictor(pred), out, progress=False)
     assert pred.calls == 1  # only the third image was left
     assert metrics["AP"] == pytest.approx(100.0)
     results = json.loads((out / "coco_instances_results.json").read_text())
@@ -251,7 +252,7 @@ def test_evaluate_dataset_perfect_and_resumable(tmp_path: Path) -> None:
     assert {r["category_id"] for r in results} == {3, 9}  # contiguous labels mapped back to the json's ids
     assert json.loads((out / "metrics.json").read_text())["AP50"] == pytest.approx(100.0)
     with pytest.raises(ResultsError, match="other settings"):
-        run_inference(ds, pred, out, progress=False, meta={"score_thresh": 0.5})
+        run_inference(ds, batch_predictor(pred), out, progress=False, meta={"score_thresh": 0.5})
 
 
 def test_predictor_labels_out_of_range(tmp_path: Path) -> None:
@@ -261,7 +262,7 @@ def test_predictor_labels_out_of_range(tmp_path: Path) -> None:
                 for _ in records]
 
     with pytest.raises(ResultsError, match="vocabulary"):
-        run_inference(ds, predict, tmp_path / "o", progress=False)
+        run_inference(ds, batch_predictor(predict), tmp_path / "o", progress=False)
 
 
 # ---- end to end with the real detector --------------------------------------------------------------------------
@@ -299,3 +300,55 @@ def test_cli_evaluate_gt_mode_end_to_end(tmp_path: Path, rn50_ckpts: dict, share
         assert [r["category_id"] for r in ours] == [ids[c] for c in ref[name]["final_classes"].tolist()]
         torch.testing.assert_close(torch.tensor([r["score"] for r in ours]), ref[name]["final_scores"],
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_cli_evaluate_stops_at_an_unreadable_image_and_resumes(tmp_path: Path, tiny_ckpt: Path, emb_file: Path,
+                                                                monkeypatch, capsys) -> None:
+    """Evaluation scores every image, so an unreadable one (met in a decoding worker) stops the run naming it; the
+    images finished before it stay in the journal, and the same command after the fix does only the rest and
+    writes what a fresh run writes."""
+    from PIL import Image
+
+    from regionclip.cli.main import main
+    from regionclip.pipeline import Pipeline
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    sizes = [(60, 80), (64, 64), (70, 50)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    gt = {"images": [{"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w} for i, (h, w) in enumerate(sizes)],
+          "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1 + i, "bbox": [2, 3, 30, 25], "area": 750,
+                           "iscrowd": 0} for i in range(3)],
+          "categories": [{"id": c, "name": n} for c, n in zip((1, 2, 3), "abc")]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    good = (imgs / "1.png").read_bytes()
+    (imgs / "1.png").write_bytes(b"not an image")
+    seen = []
+    orig = Pipeline.iter_batches
+
+    def spy(self, items, options, **kw):
+        seen.append([it.file_name for it in items])
+        return orig(self, items, options, **kw)
+
+    monkeypatch.setattr(Pipeline, "iter_batches", spy)
+
+    def evaluate(out: str, *extra: str) -> int:
+        return main(["evaluate", "--dataset", str(tmp_path / "gt.json"), "--image-root", str(imgs), "--regions", "gt",
+                     "--weights", str(tiny_ckpt), "--concept-emb", str(emb_file), "--score-thresh", "0",
+                     "--no-progress", "-o", str(tmp_path / out), *extra])
+
+    assert evaluate("out", "--num-workers", "2") == 2
+    err = capsys.readouterr().err
+    assert "1.png" in err and "every image" in err
+    journal = [json.loads(ln) for ln in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[1:]]
+    assert [e["key"] for e in journal] == ["1"]  # the image before the bad one is kept
+    assert not (tmp_path / "out" / "coco_instances_results.json").exists()
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+    (imgs / "1.png").write_bytes(good)
+    assert evaluate("out", "--num-workers", "2") == 0
+    assert [Path(f).name for f in seen[-1]] == ["1.png", "2.png"]  # resumed: only the rest
+    assert evaluate("fresh", "--num-workers", "0") == 0
+    for name in ("coco_instances_results.json", "metrics.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()

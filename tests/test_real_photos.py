@@ -169,6 +169,39 @@ def test_cli_evaluate_scores_every_image(files, tmp_path, capsys):
     assert "AP" in json.dumps(metrics)
 
 
+@pytest.mark.parametrize("regions", ["gt", "rpn"])
+def test_cli_evaluate_decoding_workers_change_nothing(files, tmp_path, monkeypatch, regions):
+    """``evaluate --num-workers`` was accepted and ignored (its loop decoded images itself; issue 25): the images
+    now stream through the pipeline's DataLoader, and 0 or 2 decoding workers give the same results and metrics
+    files, byte for byte (at batch size 2: two pairs of photos share a resized size and run through the model
+    together)."""
+    from regionclip.pipeline import Pipeline
+
+    seen = []
+    orig = Pipeline.iter_batches
+
+    def spy(self, items, options, **kw):
+        seen.append((len(items), options.num_workers, options.batch_size))
+        return orig(self, items, options, **kw)
+
+    monkeypatch.setattr(Pipeline, "iter_batches", spy)
+    outs = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        argv = ["evaluate", "--dataset", str(ANNOTATIONS), "--image-root", str(PHOTOS), "--regions", regions,
+                "--preset", f"coco-{regions}", "--weights", str(files["ckpt"]), "--concept-emb", str(files["emb"]),
+                "--score-thresh", "0", "--num-workers", workers, "--batch-size", "2", "-o", str(out),
+                "--no-progress"]
+        if regions == "rpn":
+            argv += ["--rpn-weights", str(files["ckpt"]), "--max-proposals", "30"]
+        assert main(argv) == 0
+        outs.append(out)
+    assert seen == [(len(SIZES), 0, 2), (len(SIZES), 2, 2)]
+    results = [(o / "coco_instances_results.json").read_bytes() for o in outs]
+    assert results[0] == results[1] and len(json.loads(results[0])) >= len(SIZES)
+    assert (outs[0] / "metrics.json").read_bytes() == (outs[1] / "metrics.json").read_bytes()
+
+
 def test_api_detect_rpn_and_boxes(model):
     paths = [str(PHOTOS / n) for n in sorted(SIZES)]
     dets = model.detect(paths, score_thresh=0.0, max_proposals=10)

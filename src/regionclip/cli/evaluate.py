@@ -57,7 +57,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
                    help="start over instead of skipping finished images")
     r.add_argument("--no-progress", action="store_true")
     add_model_args(p, default_preset=None)
-    add_run_args(p, workers=None)  # --num-workers refused in run(): see there
+    add_run_args(p)
     return p
 
 
@@ -74,11 +74,6 @@ def _dataset(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_workers:  # 0 (= decode in the main process) is what evaluate does, so it is accepted
-        # the evaluation loop (evaluation.inference.dataset_predictor) decodes each batch's images itself, not
-        # through the pipeline's DataLoader, so worker processes would be accepted and ignored (issue 25)
-        raise ValueError(f"--num-workers {args.num_workers}: evaluate decodes images in the main process and has "
-                         "no decoding workers; drop the flag or pass 0 (detect and extract-regions take it)")
     check_cheap_args(args)
     scenario = get_scenario(args.scenario) if args.scenario else None
     if scenario is not None:
@@ -114,9 +109,9 @@ def _evaluate(args: argparse.Namespace, dataset: Any, regions: str, scenario: An
     meta = {"preset": args.preset, "regions": regions, "limit": args.limit,
             "postprocess": postprocess_overrides(args), "dtype": options.dtype,
             **input_digests(model, args, vocab)}  # input files by content: an edited file is not resumed into
+    # images stream through the pipeline (--num-workers decoding processes, --batch-size equal-size images per pass)
     metrics = evaluate_dataset(dataset, dataset_predictor(model.pipeline, vocab, options, regions), out_dir,
-                               batch_size=args.batch_size, resume=not args.no_resume, progress=not args.no_progress,
-                               meta=meta, dist=dist)
+                               resume=not args.no_resume, progress=not args.no_progress, meta=meta, dist=dist)
     if not dist.is_main:
         return 0
     print(f"results: {out_dir / results_file_name(dataset)}")
