@@ -133,16 +133,30 @@ def load_detector(weights: StateDictOrPath, rpn_weights: Optional[PathLike] = No
         CheckpointError: not a supported file, or (``strict``) keys that have no place in the model.
     """
     source = "<state dict>" if isinstance(weights, Mapping) else str(weights)
-    wpath = None if isinstance(weights, Mapping) else Path(weights)
     sd = read_checkpoint(weights)
     kind = checkpoint_kind(sd)
-    if kind == KIND_TRANSFORMER:
-        tdet, treport = load_transformer_detector(sd, rpn_weights, rpn_overrides=dict(rpn_overrides or {}),
-                                                  use_rpn=use_rpn, strict=strict, device=device,
-                                                  **dict(transformer_options or {}))
-        treport.source = source + treport.source.replace("<state dict>", "")
-        rcfg = getattr(tdet.rpn, "cfg", None)
-        return tdet, LoadedCheckpoint(treport, SplitCheckpoint(), None, kind, wpath, rcfg)
+    # one builder per family, the same contract: (detector in eval mode on `device`, what the file held besides)
+    build = _load_transformer if kind == KIND_TRANSFORMER else _load_clip_resnet
+    detector, loaded = build(sd, kind, source, rpn_weights, dict(rpn_overrides or {}), use_rpn, strict, device,
+                             dict(transformer_options or {}))
+    loaded.weights = None if isinstance(weights, Mapping) else Path(weights)
+    return detector, loaded
+
+
+def _load_transformer(sd: dict[str, Tensor], kind: str, source: str, rpn_weights: Optional[PathLike],
+                      rpn_overrides: dict[str, Any], use_rpn: bool, strict: bool, device: Union[str, torch.device],
+                      transformer_options: dict[str, Any]) -> tuple[RegionRecognizer, LoadedCheckpoint]:
+    """:func:`load_detector` for ViT / Swin / DaViT / FocalNet files (:mod:`regionclip.factory.transformer`)."""
+    det, report = load_transformer_detector(sd, rpn_weights, rpn_overrides=rpn_overrides, use_rpn=use_rpn,
+                                            strict=strict, device=device, **transformer_options)
+    report.source = source + report.source.replace("<state dict>", "")
+    return det, LoadedCheckpoint(report, SplitCheckpoint(), None, kind, None, getattr(det.rpn, "cfg", None))
+
+
+def _load_clip_resnet(sd: dict[str, Tensor], kind: str, source: str, rpn_weights: Optional[PathLike],
+                      rpn_overrides: dict[str, Any], use_rpn: bool, strict: bool, device: Union[str, torch.device],
+                      transformer_options: dict[str, Any]) -> tuple[RegionRecognizer, LoadedCheckpoint]:
+    """:func:`load_detector` for RegionCLIP / OpenAI CLIP ResNet files."""
     if transformer_options:
         raise ValueError(f"{source} is a CLIP ResNet checkpoint; transformer options ({', '.join(transformer_options)}) "
                          "only apply to ViT / Swin / DaViT / FocalNet checkpoints")
@@ -160,7 +174,7 @@ def load_detector(weights: StateDictOrPath, rpn_weights: Optional[PathLike] = No
     det_sd = {k: v for k, v in split.detector.items() if not k.startswith("rpn.")}
     rpn_cfg: Optional[RPNConfig] = None
     if rpn_sd:  # the RPN file overrides offline_* weights of the main checkpoint
-        rpn_cfg = infer_rpn_config(rpn_sd, **dict(rpn_overrides or {}))
+        rpn_cfg = infer_rpn_config(rpn_sd, **rpn_overrides)
         det_sd.update({"rpn." + k: v for k, v in rpn_sd.items()})
     cfg = DetectorConfig(clip=infer_clip_resnet_config(sd), rpn=rpn_cfg, box_regression="bbox_pred.weight" in det_sd,
                          mask_head="mask_head.deconv.weight" in det_sd)
@@ -171,8 +185,7 @@ def load_detector(weights: StateDictOrPath, rpn_weights: Optional[PathLike] = No
     report.unexpected += split.unexpected
     detector.eval().to(device)
     emb = split.test_class_embeddings if split.test_class_embeddings is not None else split.train_class_embeddings
-    return detector, LoadedCheckpoint(report, split, cfg, kind, wpath, rpn_cfg, emb)
-
+    return detector, LoadedCheckpoint(report, split, cfg, kind, None, rpn_cfg, emb)
 
 def load_text_tower(weights: StateDictOrPath, *, allow_jit: bool = False, strict: bool = True,
                     device: Optional[Union[str, torch.device]] = None,
