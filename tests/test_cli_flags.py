@@ -341,3 +341,37 @@ def test_backend_is_a_load_option_the_loader_honours(tmp_path, tiny_ckpt, capsys
         RegionCLIP.from_pretrained(tiny_ckpt, backend="onnxruntime")  # reached make_backend: no export_dir
     rc = main(["detect", "--weights", str(tmp_path / "never_read.pth"), "--int8", "-o", str(tmp_path / "out")])
     assert rc == 2 and "--int8" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_extract_regions_run_flags_reach_extraction_through_one_run_options(tmp_path, monkeypatch):
+    """extract-regions builds its ExtractConfig from cli.common.run_options: the run and post-processing flags
+    (and its own --pad-mixed-sizes, --topk = --max-proposals) land in ``cfg.run``, the one RunOptions it runs."""
+    import json
+
+    import torch
+    from _region_helpers import random_boxes, tiny_detector, write_images
+
+    import regionclip.cli.extract_regions as cli_extract
+    from regionclip.cli.main import main
+
+    seen = []
+    real = cli_extract.extract_regions
+
+    def spy(pipeline, items, out, cfg, **kw):
+        seen.append(cfg)
+        return real(pipeline, items, out, cfg, **kw)
+
+    monkeypatch.setattr(cli_extract, "extract_regions", spy)
+    (path,) = write_images(tmp_path / "imgs", [(40, 60)], seed=1)
+    torch.save(tiny_detector(seed=2).state_dict(), tmp_path / "tiny.pth")
+    (tmp_path / "boxes.json").write_text(json.dumps({path.name: random_boxes(3, 40, 60, seed=0).tolist()}))
+    argv = ["extract-regions", str(tmp_path / "imgs"), "--weights", str(tmp_path / "tiny.pth"), "--regions", "boxes",
+            "--boxes", str(tmp_path / "boxes.json"), "-o", str(tmp_path / "out"), "--num-workers", "0", "--quiet",
+            "--pad-mixed-sizes", "--topk", "7", "--chunk-size", "2", "--batch-size", "3", "--score-thresh", "0.2"]
+    assert main(argv) == 0
+    (cfg,) = seen
+    run = cfg.run
+    assert (run.pad_mixed_sizes, run.max_proposals, run.chunk_size, run.batch_size, run.num_workers) == \
+        (True, 7, 2, 3, 0)
+    assert run.postprocess.score_thresh == 0.2
+    assert not {"topk", "chunk_size", "batch_size", "dtype"} & set(cfg.__dataclass_fields__)  # not repeated
