@@ -59,3 +59,14 @@ def test_each_cli_run_flag_lands_in_one_run_options_field() -> None:
     opts = common.run_options(fake_model(), args)  # type: ignore[arg-type]
     assert (opts.batch_size, opts.dtype, opts.chunk_size, opts.max_proposals, opts.num_workers, opts.max_pixels) \
         == (3, "bfloat16", 7, 11, 0, None)  # --max-pixels 0 = no limit
+
+
+def test_gt_model_options_record_no_rpn_score() -> None:
+    """A model loaded for given boxes (regions="gt") has no objectness: its RunOptions say rpn_score="none" even when
+    a call asks for "raw" (what the pipeline applies in GT mode), so fingerprints and the settings line show what
+    runs; an RPN model keeps the call's choice."""
+    gt = fake_model()
+    gt.settings.regions = "gt"
+    assert gt.run_options(rpn_score="raw", score_thresh=0.2).postprocess.rpn_score == "none"
+    assert gt.run_options(rpn_score="raw", score_thresh=0.2).postprocess.score_thresh == 0.2
+    assert fake_model().run_options(rpn_score="raw").postprocess.rpn_score == "raw"
