@@ -151,7 +151,10 @@ def forward_regions(model: _Staged, images: Tensor, class_embeddings: Tensor, ro
             else [(int(images.shape[2]), int(images.shape[3]))] * images.shape[0]
         props = model.propose([img[:, :h, :w] for img, (h, w) in zip(images, sizes)])
         boxes = torch.cat([p.boxes for p in props]).float()
-        objectness = torch.cat([p.objectness_logits for p in props]).float()
+        # RPN proposals always carry their logits (None only for user boxes)
+        objectness = torch.cat([p.objectness_logits if p.objectness_logits is not None
+                                else torch.full((len(p.boxes),), float("nan"), device=p.boxes.device)
+                                for p in props]).float()
         batch_index = torch.cat([torch.full((len(p.boxes),), i, dtype=torch.long, device=boxes.device)
                                  for i, p in enumerate(props)])
         rois = torch.cat([batch_index[:, None].float(), boxes], dim=1)

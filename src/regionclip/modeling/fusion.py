@@ -8,17 +8,16 @@ memory together only while the copy is made.
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
-from torch import nn
 
 from .clip_resnet import ModifiedResNet
 from .detector import RegionCLIPDetector
 from .rpn.model import OfflineRPN
 from .transformer.region_head import TransformerRegionDetector
 
-M = TypeVar("M", bound=nn.Module)
+M = TypeVar("M")  # a ModifiedResNet, an OfflineRPN or a detector (checked at run time; typed callers keep their type)
 
 
 @torch.no_grad()
@@ -56,4 +55,5 @@ def fused_for_inference(model: M, *, channels_last: bool = True, fold_attnpool_k
     rpn = out.rpn if isinstance(out, (RegionCLIPDetector, TransformerRegionDetector)) else out
     if isinstance(rpn, OfflineRPN):
         rpn._fold_for_inference(channels_last=channels_last)
-    return out.eval().requires_grad_(False)
+    out.eval().requires_grad_(False)
+    return cast(M, out)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from regionclip.checkpoint.io import PathLike, save_file_atomic
+from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.text.embeddings import AVERAGE_MODES, DEFAULT_BATCH_SIZE, PromptEncoder, embed_with
 from regionclip.text.prompts import resolve_templates, validate_names
 from regionclip.text.tokenizer import CONTEXT_LENGTH
@@ -146,7 +147,11 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, load_tower: C
 
         def compute(chunk: list[str], progress: bool = False) -> Tensor:
             if "encoder" not in state:
-                state["encoder"] = PromptEncoder(tower(), resolved, batch_size=batch_size)
+                encoder = tower()
+                if not isinstance(encoder, CLIPTextTransformer):
+                    raise TypeError(f"the 'regionclip' procedure needs a CLIP text tower, got {type(encoder).__name__} "
+                                    f"from {weights_path} (transformer checkpoints: procedure='zeroshot-branch')")
+                state["encoder"] = PromptEncoder(encoder, resolved, batch_size=batch_size)
             return embed_with(state["encoder"], chunk, average, show_progress=progress)
 
         key = _settings_key(resolved, average)
