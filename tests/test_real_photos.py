@@ -169,11 +169,21 @@ def test_cli_evaluate_scores_every_image(files, tmp_path, capsys):
     assert "AP" in json.dumps(metrics)
 
 
+def _three_photos(tmp_path: Path) -> tuple[Path, int]:
+    """The corpus json cut to two photos of equal resized size (a batch of 2) and one other."""
+    keep = {IDS["street_640x480.jpg"], IDS["palette_400x300.png"], IDS["tall_200x1000.jpg"]}
+    subset = {**COCO, "images": [im for im in COCO["images"] if im["id"] in keep],
+              "annotations": [a for a in COCO["annotations"] if a["image_id"] in keep]}
+    path = tmp_path / "three_photos.json"
+    path.write_text(json.dumps(subset))
+    return path, len(keep)
+
+
 @pytest.mark.parametrize("regions", ["gt", "rpn"])
 def test_cli_evaluate_decoding_workers_change_nothing(files, tmp_path, monkeypatch, regions):
     """``evaluate --num-workers`` was accepted and ignored (its loop decoded images itself; issue 25): the images
     now stream through the pipeline's DataLoader, and 0 or 2 decoding workers give the same results and metrics
-    files, byte for byte (at batch size 2: two pairs of photos share a resized size and run through the model
+    files, byte for byte (at batch size 2, where two of the photos share a resized size and run through the model
     together)."""
     from regionclip.pipeline import Pipeline
 
@@ -185,10 +195,11 @@ def test_cli_evaluate_decoding_workers_change_nothing(files, tmp_path, monkeypat
         return orig(self, items, options, **kw)
 
     monkeypatch.setattr(Pipeline, "iter_batches", spy)
+    subset, num = _three_photos(tmp_path)
     outs = []
     for workers in ("0", "2"):
         out = tmp_path / f"w{workers}"
-        argv = ["evaluate", "--dataset", str(ANNOTATIONS), "--image-root", str(PHOTOS), "--regions", regions,
+        argv = ["evaluate", "--dataset", str(subset), "--image-root", str(PHOTOS), "--regions", regions,
                 "--preset", f"coco-{regions}", "--weights", str(files["ckpt"]), "--concept-emb", str(files["emb"]),
                 "--score-thresh", "0", "--num-workers", workers, "--batch-size", "2", "-o", str(out),
                 "--no-progress"]
@@ -196,10 +207,47 @@ def test_cli_evaluate_decoding_workers_change_nothing(files, tmp_path, monkeypat
             argv += ["--rpn-weights", str(files["ckpt"]), "--max-proposals", "30"]
         assert main(argv) == 0
         outs.append(out)
-    assert seen == [(len(SIZES), 0, 2), (len(SIZES), 2, 2)]
+    assert seen == [(num, 0, 2), (num, 2, 2)]
     results = [(o / "coco_instances_results.json").read_bytes() for o in outs]
-    assert results[0] == results[1] and len(json.loads(results[0])) >= len(SIZES)
+    assert results[0] == results[1] and {r["image_id"] for r in json.loads(results[0])} == set(
+        im["id"] for im in json.loads(subset.read_text())["images"])
     assert (outs[0] / "metrics.json").read_bytes() == (outs[1] / "metrics.json").read_bytes()
+
+
+@pytest.mark.parametrize("metric", ["region-accuracy", "proposals"])
+def test_cli_evaluate_metrics_decoding_workers_change_nothing(files, tmp_path, monkeypatch, metric):
+    """``evaluate --metric region-accuracy | proposals`` decoded in the main process whatever --num-workers said:
+    both now decode in the DataLoader's workers and batch equal-size images; 0 workers one image at a time and 2
+    workers two at a time give the same metrics."""
+    import regionclip.evaluation.proposals as proposals
+    from regionclip.pipeline import Pipeline
+
+    seen = []
+    orig_batches, orig_loader = Pipeline.iter_batches, proposals.make_loader
+
+    def spy_batches(self, items, options, **kw):
+        seen.append((options.num_workers, options.batch_size))
+        return orig_batches(self, items, options, **kw)
+
+    def spy_loader(items, input_cfg, *, num_workers, **kw):
+        seen.append((num_workers,))
+        return orig_loader(items, input_cfg, num_workers=num_workers, **kw)
+
+    monkeypatch.setattr(Pipeline, "iter_batches", spy_batches)
+    monkeypatch.setattr(proposals, "make_loader", spy_loader)
+    name = metric.replace("-", "_") + ".json"
+    subset, num = _three_photos(tmp_path)
+    got = []
+    for workers, batch in (("0", "1"), ("2", "2")):
+        out = tmp_path / f"w{workers}"
+        argv = ["evaluate", "--metric", metric, "--dataset", str(subset), "--image-root", str(PHOTOS),
+                "--num-workers", workers, "--batch-size", batch, "-o", str(out), "--no-progress"]
+        argv += ["--weights", str(files["ckpt"]), "--concept-emb", str(files["emb"])] if metric == "region-accuracy" \
+            else ["--rpn-weights", str(files["ckpt"])]
+        assert main(argv) == 0
+        got.append(json.loads((out / name).read_text()))
+    assert seen == ([(0, 1), (2, 2)] if metric == "region-accuracy" else [(0,), (2,)])
+    assert got[0] == got[1] and got[0]["num_images"] == num
 
 
 def test_api_detect_rpn_and_boxes(model):

@@ -80,7 +80,8 @@ def _proposals(args: argparse.Namespace, dataset: DetectionDataset) -> int:
     rpn = load_rpn_for_recall(source, nms_thresh=args.rpn_nms_thresh, device=args.device)
     log(f"RPN: {source} ({rpn.cfg.arch}, NMS {rpn.cfg.nms_thresh}, {rpn.cfg.post_nms_topk} proposals per image)")
     metrics: dict[str, Any] = evaluate_proposals(rpn, dataset, progress=not args.no_progress,
-                                                 max_pixels=args.max_pixels or None)
+                                                 max_pixels=args.max_pixels or None, num_workers=args.num_workers,
+                                                 batch_size=args.batch_size)
     metrics["rpn_weights"] = str(source)
     out = _out_dir(args, dataset) / "proposals.json"
     write_metrics_json(metrics, out)

@@ -52,6 +52,38 @@ def _names(records: Sequence[ImageRecord], k: int = 3) -> str:
     return ", ".join(r.file_name for r in records[:k]) + (f" (+{len(records) - k})" if len(records) > k else "")
 
 
+def check_image_size(rec: ImageRecord, original_hw: tuple[int, int]) -> None:
+    """Refuse an image whose decoded size is not its annotation's: its GT boxes would be misplaced."""
+    if tuple(original_hw) != (rec.height, rec.width):
+        raise ValueError(f"{rec.file_name} is {original_hw[1]}x{original_hw[0]} but its annotation says "
+                         f"{rec.width}x{rec.height}; the boxes would be misplaced")
+
+
+def unreadable(error: str) -> ImageReadError:
+    """The error that ends an evaluation at an image that could not be decoded (every image must be scored)."""
+    return ImageReadError(error + _STOPS)
+
+
+def record_items(records: Sequence[ImageRecord]) -> list[InferenceItem]:
+    """The records as pipeline inputs, keyed by position (image ids need not be distinct as strings elsewhere)."""
+    return [InferenceItem(key=str(i), file_name=r.file_name, image_id=r.image_id) for i, r in enumerate(records)]
+
+
+def record_batches(pipeline: Pipeline, records: Sequence[ImageRecord], options: RunOptions
+                   ) -> Iterator[tuple[list[ImageRecord], ItemBatch]]:
+    """``records`` decoded through :meth:`Pipeline.iter_batches` (``options.num_workers`` DataLoader workers,
+    up to ``options.batch_size`` images of equal resized size per batch), as ``(records, batch)`` in the batch's
+    order. An image that cannot be read, or whose size is not its annotation's, stops the stream naming it."""
+    records = list(records)
+    for b in pipeline.iter_batches(record_items(records), options):
+        if isinstance(b, ItemError):
+            raise unreadable(b.error)
+        recs = [records[int(it.key)] for it in b.items]
+        for rec, p in zip(recs, b.prepared):
+            check_image_size(rec, p.original_hw)
+        yield recs, b
+
+
 def batch_predictor(fn: Callable[[list[ImageRecord]], Sequence[Detections]], batch_size: int = 1) -> Predictor:
     """A :data:`Predictor` from ``fn(records) -> list[Detections]`` (one per record, in order), called on
     ``batch_size`` records at a time."""
@@ -101,17 +133,7 @@ def dataset_predictor(pipeline: Pipeline, vocabulary: Vocabulary, options: RunOp
         return pipeline.detect_prepared(b.prepared, vocabulary, options, regions=b.regions)
 
     def predict(records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, Detections]]:
-        records = list(records)
-        # key = position in ``records``: image ids need not be unique strings across datasets' conventions
-        items = [InferenceItem(key=str(i), file_name=r.file_name, image_id=r.image_id) for i, r in enumerate(records)]
-        for b in pipeline.iter_batches(items, options):
-            if isinstance(b, ItemError):
-                raise ImageReadError(b.error + _STOPS)
-            recs = [records[int(it.key)] for it in b.items]
-            for rec, p in zip(recs, b.prepared):
-                if p.original_hw != (rec.height, rec.width):
-                    raise ValueError(f"{rec.file_name} is {p.original_hw[1]}x{p.original_hw[0]} but its annotation "
-                                     f"says {rec.width}x{rec.height}; the boxes would be misplaced")
+        for recs, b in record_batches(pipeline, records, options):
             if regions == "gt":
                 keep, props = [], []
                 for j, (rec, p) in enumerate(zip(recs, b.prepared)):
@@ -123,9 +145,9 @@ def dataset_predictor(pipeline: Pipeline, vocabulary: Vocabulary, options: RunOp
                     props.append(Proposals(torch.from_numpy(boxes).float(), None))
                 if not keep:
                     continue
+                recs = [recs[j] for j in keep]
                 b = ItemBatch([b.items[j] for j in keep], [b.prepared[j] for j in keep], props)
-            for it, det in zip(b.items, run_batch(b, detect)):  # a failing image is pinned down and named
-                rec = records[int(it.key)]
+            for rec, det in zip(recs, run_batch(b, detect)):  # a failing image is pinned down and named
                 if isinstance(det, ItemError):
                     raise RuntimeError(det.error + _STOPS)
                 det.image_id = rec.image_id

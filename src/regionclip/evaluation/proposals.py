@@ -18,7 +18,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,9 +26,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import InputConfig
-from ..data.datasets import DetectionDataset
-from ..data.loader import prepare_image
+from ..data.datasets import DetectionDataset, ImageRecord
+from ..data.loader import batch_by_size, iter_loaded, make_loader
+from ..structures import PreparedImage
 from ..utils import require
+from .inference import check_image_size, record_items, unreadable
 
 __all__ = ["AR_MAX_DETS", "AREAS", "proposal_results", "coco_proposal_recall", "evaluate_proposals",
            "format_proposal_recall"]
@@ -124,10 +126,14 @@ def _has_gt(gt: Any, ids: Sequence[Any], area: str) -> bool:
 @torch.no_grad()
 def evaluate_proposals(rpn: torch.nn.Module, dataset: DetectionDataset, input_cfg: InputConfig = InputConfig(), *,
                        max_dets: Sequence[int] = AR_MAX_DETS, progress: bool = True,
-                       max_pixels: Optional[int] = None) -> dict[str, Any]:
+                       max_pixels: Optional[int] = None, num_workers: int = 0, batch_size: int = 1
+                       ) -> dict[str, Any]:
     """AR@k of ``rpn`` (an :class:`OfflineRPN`, whose ``post_nms_topk`` should be >= ``max(max_dets)``) on
     ``dataset``: each image resized by ``input_cfg`` (the detector's test resize), proposals rescaled to the
-    original image and clipped to it (detectron2 ``detector_postprocess``)."""
+    original image and clipped to it (detectron2 ``detector_postprocess``).
+
+    Images are decoded in ``num_workers`` DataLoader processes (0 = in this one) and up to ``batch_size`` images
+    of equal resized size share an RPN pass (no padding); an unreadable image stops the run naming it."""
     if dataset.annotation_file is None:
         raise ValueError(f"dataset {dataset.name!r} has no annotation file: proposal recall needs GT boxes")
     post = int(getattr(getattr(rpn, "cfg", None), "post_nms_topk", max(max_dets)))
@@ -135,24 +141,35 @@ def evaluate_proposals(rpn: torch.nn.Module, dataset: DetectionDataset, input_cf
         raise ValueError(f"the RPN keeps {post} proposals per image but AR@{max(max_dets)} needs "
                          f"{max(max_dets)}; build it with post_nms_topk >= {max(max_dets)}")
     cat_id = int(dataset.category_ids[0]) if dataset.category_ids else 1
+    records = list(dataset.records)
+    items = record_items(records)
     results: list[dict[str, Any]] = []
     num_props = 0
-    for rec in tqdm(dataset.records, disable=not progress, desc=f"proposals {dataset.name}", unit="img"):
-        p = prepare_image(rec.file_name, input_cfg, max_pixels=max_pixels)
-        (oh, ow), (rh, rw) = p.original_hw, p.resized_hw
-        if (oh, ow) != (rec.height, rec.width):
-            raise ValueError(f"{rec.file_name} is {ow}x{oh} but its annotation says {rec.width}x{rec.height}")
-        prop = rpn([p.image])[0]
-        boxes = prop.boxes.float().cpu()
-        boxes = boxes * torch.tensor([ow / rw, oh / rh, ow / rw, oh / rh])
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
-        num_props += len(boxes)
-        results += proposal_results(rec.image_id, boxes, prop.objectness_logits.float().cpu(), cat_id)
+
+    def decoded() -> Iterator[tuple[ImageRecord, PreparedImage]]:
+        loader = make_loader(items, input_cfg, num_workers=num_workers, max_pixels=max_pixels)
+        for loaded in iter_loaded(loader, items):
+            rec = records[loaded.index]
+            if loaded.error is not None or loaded.prepared is None:
+                raise unreadable(loaded.error or f"{rec.file_name}: could not be decoded")
+            check_image_size(rec, loaded.prepared.original_hw)
+            yield rec, loaded.prepared
+
+    with tqdm(total=len(records), disable=not progress, desc=f"proposals {dataset.name}", unit="img") as bar:
+        for group in batch_by_size(decoded(), batch_size, lambda g: g[1].resized_hw):
+            for (rec, p), prop in zip(group, rpn([p.image for _, p in group])):
+                (oh, ow), (rh, rw) = p.original_hw, p.resized_hw
+                boxes = prop.boxes.float().cpu()
+                boxes = boxes * torch.tensor([ow / rw, oh / rh, ow / rw, oh / rh])
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+                num_props += len(boxes)
+                results += proposal_results(rec.image_id, boxes, prop.objectness_logits.float().cpu(), cat_id)
+            bar.update(len(group))
     out: dict[str, Any] = dict(coco_proposal_recall(dataset.annotation_file, results,
-                                                    [r.image_id for r in dataset.records], max_dets))
-    out["num_images"] = len(dataset.records)
-    out["proposals_per_image"] = num_props / max(1, len(dataset.records))
+                                                    [r.image_id for r in records], max_dets))
+    out["num_images"] = len(records)
+    out["proposals_per_image"] = num_props / max(1, len(records))
     return out
 
 

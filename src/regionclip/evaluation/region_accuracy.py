@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..data.datasets import DetectionDataset, ImageRecord
 from ..pipeline import Pipeline, RunOptions
 from ..text.vocabulary import Vocabulary
+from .inference import record_batches
 
 __all__ = ["topk_hits", "RegionAccuracyCounts", "summarize_region_accuracy", "evaluate_region_accuracy",
            "format_region_accuracy"]
@@ -123,23 +124,25 @@ def summarize_region_accuracy(counts: RegionAccuracyCounts, frequencies: Sequenc
 
 
 def _scores_of(pipeline: Pipeline, records: Sequence[ImageRecord], vocabulary: Vocabulary, options: RunOptions
-               ) -> Iterable[tuple[Tensor, Tensor]]:
-    """(scores [R, K], labels [R]) per record with boxes: GT boxes built exactly as GT-mode detection builds them."""
+               ) -> Iterable[tuple[int, Tensor, Tensor]]:
+    """(images done, scores [R, K], labels [R]) per model batch: GT boxes built exactly as GT-mode detection builds
+    them, the images streamed through the pipeline (decoding workers, equal-size batches; an unreadable image stops
+    the run naming it)."""
     has_bg = bool(pipeline.model.has_background)
-    for rec in records:
-        p = pipeline.prepare(rec.file_name, max_pixels=options.max_pixels)
-        if p.original_hw != (rec.height, rec.width):
-            raise ValueError(f"{rec.file_name} is {p.original_hw[1]}x{p.original_hw[0]} but its annotation says "
-                             f"{rec.width}x{rec.height}; the boxes would be misplaced")
-        boxes, labels = rec.region_boxes_resized(p.resized_hw)
-        if len(boxes) == 0:
+    for recs, b in record_batches(pipeline, records, options):
+        regions = [rec.region_boxes_resized(p.resized_hw) for rec, p in zip(recs, b.prepared)]
+        keep = [j for j, (boxes, _) in enumerate(regions) if len(boxes)]
+        if not keep:
+            yield len(recs), torch.zeros(0, len(vocabulary)), torch.zeros(0, dtype=torch.long)
             continue
-        feats = pipeline.features([p], options)
-        emb = pipeline.encode(feats, [torch.from_numpy(boxes).float().to(pipeline.device)], options)
+        feats = pipeline.features([b.prepared[j] for j in keep], options)
+        emb = pipeline.encode(feats, [torch.from_numpy(regions[j][0]).float().to(pipeline.device) for j in keep],
+                              options)
         probs = pipeline.classify(emb, vocabulary)
         if has_bg:  # a fine-tuned head's background column is not a class of the vocabulary
             probs = probs[:, :-1]
-        yield probs.float().cpu(), torch.from_numpy(np.asarray(labels, np.int64))
+        labels = np.concatenate([np.asarray(regions[j][1], np.int64) for j in keep])
+        yield len(recs), probs.float().cpu(), torch.from_numpy(labels)
 
 
 def evaluate_region_accuracy(pipeline: Pipeline, dataset: DetectionDataset, vocabulary: Vocabulary,
@@ -157,9 +160,11 @@ def evaluate_region_accuracy(pipeline: Pipeline, dataset: DetectionDataset, voca
                          f"{len(dataset.class_names)}; row i must embed the dataset's class i")
     counts = RegionAccuracyCounts(len(dataset.class_names), tuple(int(k) for k in ks))
     records = list(dataset.records)
-    for scores, labels in tqdm(_scores_of(pipeline, records, vocabulary, options), total=len(records),
-                               disable=not progress, desc=f"region accuracy {dataset.name}", unit="img"):
-        counts.add(scores, labels)
+    with tqdm(total=len(records), disable=not progress, desc=f"region accuracy {dataset.name}", unit="img") as bar:
+        for done, scores, labels in _scores_of(pipeline, records, vocabulary, options):
+            if len(labels):
+                counts.add(scores, labels)
+            bar.update(done)
     out = summarize_region_accuracy(counts, dataset.frequencies if dataset.kind == "lvis" else ())
     out["num_images"] = len(records)
     return out
