@@ -206,7 +206,8 @@ class RegionCLIPDetector(nn.Module):
 
         Equal to ``compute_features`` -> ``propose`` (when no ``rois``) -> ``encode_regions`` -> ``classify`` /
         ``predict_boxes`` on the same images and regions (tests/test_detector_forward.py). With ``rois`` it is
-        traceable (``torch.jit.trace``); proposal mode runs the RPN's data-dependent selection and is eager only.
+        capturable by ``torch.export.export`` (static shapes); proposal mode runs the RPN's data-dependent
+        selection and is eager only.
 
         Args:
             images: [B, 3, H, W] uint8 resized images, zero padded at the bottom/right to one size.
