@@ -37,7 +37,7 @@ from ..config import DetectorConfig, RPNConfig
 from ..modeling.clip_resnet import ModifiedResNet
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import MaskHead
-from ..modeling.recognizer import RegionRecognizer
+from ..modeling.recognizer import TEXT_PROCEDURE_REGIONCLIP, TEXT_PROCEDURE_ZEROSHOT_BRANCH, RegionRecognizer
 from ..modeling.rpn import build_offline_rpn
 from .clip_towers import build_text_tower
 from .transformer import load_transformer_detector, load_transformer_text_tower
@@ -51,11 +51,6 @@ KIND_FINETUNED_COCO = "finetuned-coco"  # box regression, COCO base/all embeddin
 KIND_FINETUNED_LVIS = "finetuned-lvis"  # box regression (+ mask head), LVIS embeddings: the LVIS test settings
 KIND_TRANSFORMER = "transformer"  # ViT / Swin / DaViT / FocalNet (zero-shot branch, OpenAI / open_clip ViT)
 LVIS_EMBEDDING_ROWS = (866, 1203, 337, 1230)  # LVIS base / all (v1) and the v0.5 tables
-
-# How a kind of checkpoint embeds class names (regionclip.text.name_cache.class_embeddings's ``procedure``): the
-# original's 81-template mean for the CLIP ResNets, the zero-shot branch's normalised 2-template mean otherwise.
-TEXT_PROCEDURE_REGIONCLIP = "regionclip"
-TEXT_PROCEDURE_ZEROSHOT_BRANCH = "zeroshot-branch"
 
 
 def build_detector(cfg: DetectorConfig) -> RegionCLIPDetector:
@@ -90,7 +85,7 @@ class LoadedCheckpoint:
 
     @property
     def text_procedure(self) -> str:
-        """How names are embedded for this checkpoint (see ``TEXT_PROCEDURE_*``)."""
+        """How names are embedded for this checkpoint (``regionclip.modeling.recognizer.TEXT_PROCEDURE_*``)."""
         return TEXT_PROCEDURE_ZEROSHOT_BRANCH if self.kind == KIND_TRANSFORMER else TEXT_PROCEDURE_REGIONCLIP
 
 

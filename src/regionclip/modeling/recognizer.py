@@ -20,6 +20,13 @@ from torch import Tensor, nn
 
 from ..structures import Proposals
 
+# How class names are embedded for a model family (``regionclip.text.name_cache.class_embeddings``'s ``procedure``):
+# the original's template mean for the CLIP ResNets (their classifier was trained on it), the zero-shot branch's
+# normalised 2-template mean for the transformer families. Which one a checkpoint uses: LoadedCheckpoint.text_procedure.
+TEXT_PROCEDURE_REGIONCLIP = "regionclip"
+TEXT_PROCEDURE_ZEROSHOT_BRANCH = "zeroshot-branch"
+TEXT_PROCEDURES = (TEXT_PROCEDURE_REGIONCLIP, TEXT_PROCEDURE_ZEROSHOT_BRANCH)
+
 
 @runtime_checkable
 class RegionRecognizer(Protocol):

@@ -44,15 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from regionclip.checkpoint.io import PathLike, save_file_atomic
+from regionclip.modeling.recognizer import TEXT_PROCEDURE_REGIONCLIP, TEXT_PROCEDURE_ZEROSHOT_BRANCH, TEXT_PROCEDURES
 from regionclip.modeling.text_encoder import CLIPTextTransformer
 from regionclip.text.embeddings import AVERAGE_MODES, DEFAULT_BATCH_SIZE, PromptEncoder, embed_with
 from regionclip.text.prompts import resolve_templates, validate_names
 from regionclip.text.tokenizer import CONTEXT_LENGTH
 from regionclip.text.unicl_embeddings import zeroshot_class_embeddings
 
-PROCEDURE_REGIONCLIP = "regionclip"  # the original's 81-template mean (CLIP-ResNet checkpoints)
-PROCEDURE_ZEROSHOT_BRANCH = "zeroshot-branch"  # the zero-shot branch's normalised 2-template mean (transformers)
-PROCEDURES = (PROCEDURE_REGIONCLIP, PROCEDURE_ZEROSHOT_BRANCH)
 _CACHE_VERSION = 1
 _MIB = 1 << 20
 
@@ -90,7 +88,7 @@ def _name_key(name: str) -> str:
 
 
 def class_embeddings(names: Sequence[str], weights_path: PathLike, load_tower: Callable[[], nn.Module], *,
-                     procedure: str = PROCEDURE_REGIONCLIP, tower_options: Optional[Mapping[str, Any]] = None,
+                     procedure: str = TEXT_PROCEDURE_REGIONCLIP, tower_options: Optional[Mapping[str, Any]] = None,
                      templates: Optional[Union[str, Sequence[str], Path]] = None, average: str = "mean",
                      cache_dir: Optional[PathLike] = None, use_cache: bool = True,
                      device: Optional[Union[str, torch.device]] = None, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -126,11 +124,11 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, load_tower: C
             named).
         KeyboardInterrupt: re-raised after the rows finished so far are saved (a rerun computes the rest).
     """
-    if procedure not in PROCEDURES:
-        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
+    if procedure not in TEXT_PROCEDURES:
+        raise ValueError(f"procedure must be one of {TEXT_PROCEDURES}, got {procedure!r}")
     if average not in AVERAGE_MODES:
         raise ValueError(f"average must be one of {AVERAGE_MODES}, got {average!r}")
-    if procedure == PROCEDURE_ZEROSHOT_BRANCH and (templates is not None or average != "mean"):
+    if procedure == TEXT_PROCEDURE_ZEROSHOT_BRANCH and (templates is not None or average != "mean"):
         raise ValueError("the zero-shot branch's procedure has its own templates and averaging; templates / "
                          "average apply to the 'regionclip' procedure only")
     names = validate_names(names, source="vocabulary")
@@ -142,7 +140,7 @@ def class_embeddings(names: Sequence[str], weights_path: PathLike, load_tower: C
             state["tower"] = load_tower()
         return state["tower"]
 
-    if procedure == PROCEDURE_REGIONCLIP:
+    if procedure == TEXT_PROCEDURE_REGIONCLIP:
         resolved = resolve_templates(templates)
 
         def compute(chunk: list[str], progress: bool = False) -> Tensor:
