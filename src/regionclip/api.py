@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -133,8 +132,7 @@ class RegionCLIP:
         return resolve_vocabulary(
             vocab, class_embeddings, embed_dim=self.detector.embed_dim, model_name=str(self.weights_path),
             embed_names=lambda names: self.embed_names(names, cache_dir=cache_dir, show_progress=show_progress),
-            default_vocab=self.settings.vocabulary,
-            default_embeddings=self._default_embedding_file() if vocab is None and class_embeddings is None else None)
+            default_vocab=self.settings.vocabulary, default_embeddings=self._default_embedding_file)
 
     def set_vocabulary(self, vocab: Optional[VocabularyArg] = None,
                        class_embeddings: Union[PathLike, Tensor, None] = None, *,
@@ -170,8 +168,8 @@ class RegionCLIP:
             return None
 
     def _embedded_vocabulary(self, emb: Tensor) -> Vocabulary:
-        v = resolve_vocabulary(None, emb, embed_dim=self.detector.embed_dim, default_vocab=self.settings.vocabulary)
-        return replace(v, source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
+        return resolve_vocabulary(None, emb, embed_dim=self.detector.embed_dim, default_vocab=self.settings.vocabulary,
+                                  source=f"{self.weights_path} (roi_heads.box_predictor embeddings)")
 
     # ------------------------------------------------------------------ inference
     def run_options(self, **overrides: Any) -> RunOptions:
