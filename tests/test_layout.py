@@ -4,7 +4,9 @@
 * the top level of ``src/regionclip`` is the handful of entry points and base modules listed in ``TOP_LEVEL``;
 * ``cli/`` holds one file per subcommand, named after it (``train-rpn`` -> ``cli/train_rpn.py``), plus the
   documented helpers in ``CLI_HELPERS``;
-* the public names are importable from ``regionclip`` and listed in its ``__all__``.
+* the public names are importable from ``regionclip`` and listed in its ``__all__``;
+* the docs that describe this shape (docs/DESIGN.md, docs/DEVELOPING.md, README.md) cite files and functions that
+  exist, and DEVELOPING's package map lists every subpackage.
 
 The import rules between these places are tests/test_layering.py; cycles and module size are
 tests/test_architecture.py.
@@ -12,7 +14,9 @@ tests/test_architecture.py.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,6 +46,49 @@ PUBLIC = (  # what `from regionclip import X` promises
     "DetectorConfig", "PostprocessConfig", "RPNConfig", "InputConfig", "build_detector", "load_detector", "PRESETS",
     "WEIGHTS", "__version__",
 )
+
+
+ROOT = SRC.parents[1]
+DOCS = ("docs/DESIGN.md", "docs/DEVELOPING.md", "README.md")
+# `some/file.py` or `some/file.py:name` / `file.py:Class.method`, anywhere in the text (code blocks included)
+FILE_REF = re.compile(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.py)(?::([A-Za-z_](?:[\w.]*\w)?))?")
+
+
+def defined_names(path: Path) -> set[str]:
+    """Top-level functions, classes, assigned names and ``Class.member`` of a module."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                for m in node.body:
+                    if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        out.add(f"{node.name}.{m.name}")
+                    elif isinstance(m, ast.AnnAssign) and isinstance(m.target, ast.Name):
+                        out.add(f"{node.name}.{m.target.id}")
+        elif isinstance(node, ast.Assign):
+            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.add(node.target.id)
+    return out
+
+
+def stale_references(text: str, src: Path, root: Path) -> list[str]:
+    """File references of ``text`` that name no file, or a name the file does not define. A path is looked up under
+    the package, then the repository; a bare file name may also be any module's (a package map lists files by
+    name; names are unique outside cli/, whose files mirror the commands)."""
+    by_name: dict[str, list[Path]] = defaultdict(list)
+    for p in src.rglob("*.py"):
+        by_name[p.name].append(p)
+    bad = []
+    for m in FILE_REF.finditer(text):
+        rel, name = m.groups()
+        files = [c for c in (src / rel, root / rel) if c.is_file()][:1] or ([] if "/" in rel else by_name[rel])
+        if not files:
+            bad.append(rel)
+        elif name and not any(name in defined_names(f) for f in files):
+            bad.append(f"{rel}:{name}")
+    return bad
 
 
 def duplicate_basenames(root: Path) -> dict[str, list[str]]:
@@ -106,6 +153,29 @@ def test_public_names_are_exported() -> None:
     from regionclip.text.vocabulary import resolve_vocabulary
 
     assert regionclip.RegionPredictor is RegionPredictor and regionclip.resolve_vocabulary is resolve_vocabulary
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_docs_cite_files_and_functions_that_exist(doc: str) -> None:
+    bad = stale_references((ROOT / doc).read_text(encoding="utf-8"), SRC, ROOT)
+    assert not bad, f"{doc} cites files / names that do not exist (renamed? update the doc): {sorted(set(bad))}"
+
+
+def test_developing_package_map_lists_every_subpackage() -> None:
+    text = (ROOT / "docs" / "DEVELOPING.md").read_text(encoding="utf-8")
+    tree = text.split("```\nsrc/regionclip/\n", 1)[1].split("```", 1)[0]
+    listed = set(re.findall(r"^  ([\w]+)/ ", tree, re.M)) | set(re.findall(r"^  ([\w]+\.py) ", tree, re.M))
+    actual = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file()} | \
+        {p.name for p in SRC.glob("*.py")}
+    assert listed == actual, f"docs/DEVELOPING.md package map: missing {sorted(actual - listed)}, " \
+                             f"not in the package {sorted(listed - actual)}"
+
+
+def test_stale_references_are_found(tmp_path: Path) -> None:
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "sub" / "mod.py").write_text("class A:\n    def f(self): ...\n\n\ndef g(): ...\n")
+    text = "`sub/mod.py:A.f`, sub/mod.py:g, mod.py:g, sub/mod.py:h, `old.py`, sub/gone.py:A"
+    assert stale_references(text, tmp_path / "pkg", tmp_path) == ["sub/mod.py:h", "old.py", "sub/gone.py"]
 
 
 @pytest.mark.parametrize("case", ["dup", "top", "ok"])
