@@ -6,8 +6,8 @@ Three rules:
 1. Layers: each unit (a subpackage or a top-level module) imports only the units DESIGN.md lets it import.
 2. Weights: below the front doors, only ``factory`` (driving ``checkpoint``) reads model-weight files - no
    ``checkpoint.io`` loader (``load_into``, ``load_state_dict``, ``read_weight_file``) and no ``torch.load`` call.
-   Documented exceptions: ``vocab`` reads class-embedding files (vocabulary data stored in a weight-file format)
-   and ``hub`` converts files to files (``regionclip convert``) without building a module.
+   Documented exceptions: ``text.vocabulary`` reads class-embedding files (vocabulary data stored in a weight-file format)
+   and ``weights.hub`` converts files to files (``regionclip convert``) without building a module.
 3. Function-level imports only for optional dependencies (and platform-only standard modules such as ``fcntl``):
    required packages and the standard library are imported at module level.
 
@@ -60,7 +60,7 @@ WEIGHT_EXCEPTIONS = {
 }
 KNOWN_WEIGHT_VIOLATIONS: set[str] = set()
 
-REQUIRED = {"torch", "torchvision", "numpy", "PIL", "yaml", "ftfy", "regex"}  # pyproject [project] dependencies
+REQUIRED = {"torch", "torchvision", "numpy", "PIL", "yaml", "ftfy", "regex", "tqdm", "safetensors"}  # pyproject [project] dependencies
 OPTIONAL_SUBMODULES = ("torch.utils.tensorboard",)  # needs the optional tensorboard package
 PLATFORM_ONLY = {"fcntl", "msvcrt", "ctypes", "signal", "resource", "termios"}  # may be absent: imported where used
 KNOWN_FUNCTION_IMPORTS: set[tuple[str, str]] = set()  # (module, imported top-level package)

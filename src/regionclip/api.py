@@ -23,11 +23,10 @@ from .data.images import ImageInput
 from .data.loader import InferenceItem
 from .export import make_backend
 from .factory import LoadedCheckpoint, checkpoint_kind, load_detector, load_text_tower, read_checkpoint
+from .inference.presets import LoadOptions, Settings, refuse_postprocess_at_load, resolve_settings
 from .modeling.fusion import fused_for_inference
 from .modeling.recognizer import RegionRecognizer
 from .pipeline import ImageResult, Pipeline, RunOptions
-from .inference.presets import LoadOptions, Settings, refuse_postprocess_at_load, resolve_settings
-from .weights.pretrained import WeightsNotFound, resolve_weights
 from .structures import Detections
 from .text.name_cache import class_embeddings
 from .text.vocabulary import (  # noqa: F401  (is_embedding_file: re-exported for older imports)
@@ -38,6 +37,7 @@ from .text.vocabulary import (  # noqa: F401  (is_embedding_file: re-exported fo
     resolve_names,
     resolve_vocabulary,
 )
+from .weights.pretrained import WeightsNotFound, resolve_weights
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)

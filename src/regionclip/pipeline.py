@@ -33,15 +33,20 @@ from .config import InputConfig, PostprocessConfig
 from .data.images import DEFAULT_MAX_PIXELS, ImageInput
 from .data.loader import IncompleteRunError, InferenceItem, batch_by_size, iter_loaded, make_loader, prepare_image
 from .formats.box_files import BadBoxesError, validate_user_boxes
+from .inference.hardware import default_chunk_size
+from .inference.postprocess import (
+    combine_rpn_scores,
+    postprocess_detections,
+    reachable_by_rpn_score,
+    rescale_to_original,
+)
+from .inference.precision import refine_in_float32
 from .modeling.heads import paste_masks
 from .modeling.recognizer import RegionRecognizer
 from .ops.boxes import clip_boxes, scale_boxes_like_d2
-from .inference.hardware import default_chunk_size
-from .inference.precision import refine_in_float32
-from .inference.postprocess import combine_rpn_scores, postprocess_detections, reachable_by_rpn_score, rescale_to_original
 from .structures import Detections, PreparedImage, Proposals
-from .utils import COMPUTE_DTYPES, autocast_context
 from .text.vocabulary import Vocabulary
+from .utils import COMPUTE_DTYPES, autocast_context
 
 logger = logging.getLogger(__name__)
 

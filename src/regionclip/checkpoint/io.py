@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..utils import atomic_path, write_json_atomic
@@ -37,8 +39,6 @@ def read_weight_file(path: PathLike) -> Any:
         raise FileNotFoundError(f"weight file not found: {path}")
     kind = weight_file_kind(path)
     if kind == "safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # SafetensorError: truncated or corrupt header
@@ -115,8 +115,6 @@ def save_file_atomic(obj: Any, path: PathLike, metadata: Optional[dict[str, str]
         raise ValueError(f"metadata is only stored in .safetensors files, not {Path(path).suffix}")
     with atomic_path(path) as tmp:
         if Path(path).suffix == ".safetensors":
-            from safetensors.torch import save_file
-
             save_file(_untied(obj), str(tmp), metadata=metadata)
         else:
             torch.save(obj, str(tmp))
@@ -148,7 +146,6 @@ def read_metadata(path: PathLike) -> dict[str, str]:
         raise FileNotFoundError(f"weight file not found: {path}")
     if path.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .io import CheckpointError, PathLike, read_weight_file, state_dict_from
@@ -89,8 +90,6 @@ def read_clip_checkpoint(path: PathLike, *, allow_jit: bool = False) -> dict[str
         module = torch.jit.load(str(path), map_location="cpu")
         return {k: v for k, v in module.state_dict().items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return state_dict_from(load_file(str(path), device="cpu"), path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

@@ -14,11 +14,11 @@ from ..api import RegionCLIP
 from ..checkpoint.io import content_sha256
 from ..config import to_dict
 from ..export import read_manifest
-from ..pipeline import RunOptions
-from ..inference.presets import PRESETS, LoadOptions
-from ..weights.pretrained import WeightsNotFound, resolve_weights
 from ..inference.hardware import ACCELERATOR_CHUNK_SIZE, CPU_CHUNK_SIZE, REQUESTABLE_DTYPES, resolve_dtype
+from ..inference.presets import PRESETS, LoadOptions
+from ..pipeline import RunOptions
 from ..text.vocabulary import Vocabulary, check_vocabulary_arg
+from ..weights.pretrained import WeightsNotFound, resolve_weights
 from .argtypes import fraction, nonneg_int, positive_int
 
 

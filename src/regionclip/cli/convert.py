@@ -22,9 +22,9 @@ import time
 from typing import Any
 
 from ..checkpoint.io import file_sha256, read_metadata
+from ..text.vocabulary import resolve_names
 from ..weights.hub import convert_file
 from ..weights.pretrained import resolve_weights
-from ..text.vocabulary import resolve_names
 
 NAME = "convert"
 

@@ -11,15 +11,16 @@ import time
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from ..assets import demo_image_paths
 from ..data.images import decode_image, image_size
 from ..data.loader import InferenceItem, items_from_inputs
-from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from ..evaluation.visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
 from ..formats import FORMATS, export_journal, match_boxes, read_boxes_file
+from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..parallel.sharding import ShardedResults, rank_device, shard_items
 from ..utils import atomic_path
-from ..evaluation.visualize import MAX_SIDE, bounded_size, draw_results, select_predictions
 from .argtypes import fraction, nonneg_float, nonneg_int
 from .common import (
     add_model_args,
@@ -128,8 +129,6 @@ def _run(args: argparse.Namespace, items: list[InferenceItem], dist: DistInfo) -
 
 
 def _progress(total: int, initial: int, quiet: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, desc="detect", unit="img", disable=quiet, dynamic_ncols=True)
 
 

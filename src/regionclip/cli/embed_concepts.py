@@ -20,9 +20,9 @@ import torch
 from regionclip.checkpoint.embedding_files import save_concept_embeddings
 from regionclip.factory import load_text_tower
 from regionclip.modeling.text_encoder import CLIPTextTransformer
-from regionclip.weights.pretrained import resolve_weights  # a path as is, or a released name -> cached file
 from regionclip.text.embeddings import DEFAULT_BATCH_SIZE, concept_embeddings
 from regionclip.text.vocabulary import resolve_names
+from regionclip.weights.pretrained import resolve_weights  # a path as is, or a released name -> cached file
 
 from .argtypes import positive_int
 

@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ..data.datasets import load_annotations, load_image_folder, load_registered
-from ..parallel.distributed import DistInfo, cleanup, init_distributed
 from ..evaluation import evaluate_dataset, format_metrics
 from ..evaluation.inference import dataset_predictor, results_file_name
 from ..evaluation.scenarios import SCENARIOS, get_scenario
-from ..inference.presets import get_preset
 from ..formats import merge_journals
+from ..inference.presets import get_preset
+from ..parallel.distributed import DistInfo, cleanup, init_distributed
 from ..parallel.sharding import journals, rank_device
 from ..text.vocabulary import resolve_names
 from .argtypes import fraction, positive_int
-from .evaluate_metrics import run_metric
 from .common import (
     add_model_args,
     add_run_args,
@@ -31,6 +30,7 @@ from .common import (
     run_options,
     vocabulary_from_args,
 )
+from .evaluate_metrics import run_metric
 
 NAME = "evaluate"
 

@@ -25,8 +25,8 @@ import torch
 from ..api import RegionCLIP
 from ..assets import demo_image_paths
 from ..export import FORMATS, ONNX_OPSET, calibration_pairs, export_model
-from ..pipeline import RunOptions
 from ..inference.presets import LoadOptions
+from ..pipeline import RunOptions
 from .common import log
 
 NAME = "export"

@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 from ..data.loader import items_from_coco, items_from_inputs
-from ..parallel.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.extract import DTYPES, ExtractConfig, extract_regions, load_index
 from ..formats import match_boxes, read_boxes_file
+from ..parallel.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..parallel.sharding import rank_device
 from ..text.name_cache import checkpoint_fingerprint
 from .argtypes import positive_float, positive_int

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-
 from pathlib import Path
 
 from ..search import FaissOptions, RegionIndex

@@ -34,13 +34,13 @@ from torch import Tensor
 
 from ..api import RegionCLIP
 from ..assets import demo_image_paths
+from ..evaluation.visualize import draw_detections
 from ..formats import BadBoxesError, detections_to_coco
 from ..search import RegionIndex
 from ..search.demo_tab import build_search_tab
 from ..structures import Detections
-from ..utils import require, write_json_atomic
-from ..evaluation.visualize import draw_detections
 from ..text.vocabulary import Vocabulary, resolve_names
+from ..utils import require, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -38,18 +38,21 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor
+from tqdm import tqdm
 
 from ..checkpoint.io import save_file_atomic
 from ..data.loader import IncompleteRunError, InferenceItem
-from ..parallel.distributed import DistInfo, all_gather_object, barrier
 from ..modeling.recognizer import foreground_probs
 from ..ops.boxes import clip_boxes, nonempty, scale_boxes
-from ..pipeline import ItemError, Pipeline, RunOptions, run_batch
+from ..parallel.distributed import DistInfo, all_gather_object, barrier
 from ..parallel.sharding import shard_items
+from ..pipeline import ItemError, Pipeline, RunOptions, run_batch
 from ..structures import PreparedImage, Proposals
-from ..utils import TORCH_DTYPES, lock_dir, write_json_atomic
 from ..text.vocabulary import Vocabulary
+from ..utils import TORCH_DTYPES, lock_dir, write_json_atomic
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -185,8 +188,6 @@ class RegionStore:
             raise
 
     def _scan(self) -> None:
-        from safetensors import safe_open
-
         for f in self.shard_dir.iterdir():
             t = _TMP_RE.match(f.name)
             if t and (t.group(1) or "") == self.suffix:
@@ -299,7 +300,6 @@ def load_index(output_dir: PathLike) -> dict[str, Any]:
 
 def load_regions(output_dir: PathLike, key: Optional[str] = None) -> Union[dict[str, Tensor], dict[str, dict]]:
     """The records of one image (``key``) or of all images (``{key: record}``), read from the shards."""
-    from safetensors.torch import load_file
 
     out_dir = Path(output_dir)
     index = load_index(out_dir)
@@ -351,7 +351,6 @@ def extract_regions(pipeline: Pipeline, items: Sequence[InferenceItem], output_d
             ``index.json`` from all of them. The summary counts this rank's images (all of them on rank 0).
     """
     dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
-    from tqdm import tqdm
 
     if cfg.regions == "boxes" and any(it.boxes is None for it in items):
         raise ValueError("regions='boxes' needs boxes for every image: a COCO json or a --boxes CSV/JSON file")

@@ -20,23 +20,23 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint.embedding_files import load_concept_embeddings
 from ..checkpoint.io import load_into, load_state_dict
 from ..checkpoint.rpn_keys import infer_rpn_config, rpn_state_dict_from_checkpoint
 from ..config import ClipResNetConfig, ClipTextConfig, RPNConfig, from_dict, read_yaml_mapping, to_dict
 from ..data.captions import CaptionDataset, ConcatCaptions, open_caption_source
 from ..data.train_data import GroupedBatchSampler, TrainingSampler
-from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..factory.clip_towers import load_clip_towers
 from ..losses.region_text import clip_grad_norm_per_parameter_
 from ..modeling.clip_resnet import ModifiedResNet
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.pretrainer import RegionTextConfig, RegionTextPretrainer
 from ..modeling.rpn import build_offline_rpn
-from ..checkpoint.embedding_files import load_concept_embeddings
 from ..modeling.text_encoder import CLIPTextTransformer, build_text_encoder
-from ..weights.pretrained import resolve_weights
+from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..text.embeddings import concept_embeddings
 from ..text.vocabulary import read_names_file
+from ..weights.pretrained import resolve_weights
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, prepare_run_dir
 from .transfer import apply_overrides

@@ -26,11 +26,11 @@ from ..data.train_data import (
     TrainingDataset,
     TrainSample,
 )
-from ..parallel.distributed import cleanup, init_distributed
 from ..evaluation.proposals import evaluate_proposals
 from ..losses.rpn import label_and_sample_anchors, rpn_losses
 from ..modeling.rpn import OfflineRPN, build_offline_rpn
 from ..modeling.rpn.anchors import anchors_for_features
+from ..parallel.distributed import cleanup, init_distributed
 from ..weights.pretrained import resolve_weights
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, make_train_batches, prepare_run_dir, training_records

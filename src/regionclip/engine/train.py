@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from ..checkpoint.io import read_weight_file, save_file_atomic
 from ..config import to_dict
@@ -307,7 +308,6 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Train to ``solver.max_iter``; returns the last logged metrics (and evaluation, if any)."""
-        from tqdm import tqdm
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         start = self.resume() if resume else 0

@@ -32,16 +32,16 @@ from ..data.train_data import (
     TrainingDataset,
     load_segmentations,
 )
-from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..evaluation import evaluate_dataset
 from ..evaluation.inference import dataset_predictor
 from ..factory import build_detector, load_detector, load_text_tower
 from ..modeling.detector import RegionCLIPDetector
 from ..modeling.heads import MaskHead
+from ..parallel.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from ..pipeline import Pipeline, RunOptions
-from ..weights.pretrained import resolve_weights
 from ..text.name_cache import class_embeddings
 from ..text.vocabulary import Vocabulary
+from ..weights.pretrained import resolve_weights
 from .detection_task import DetectionTask, RoIConfig
 from .schedule import SolverConfig
 from .train import EngineConfig, Trainer, make_train_batches, prepare_run_dir, training_records

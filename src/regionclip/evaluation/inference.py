@@ -22,10 +22,10 @@ from tqdm import tqdm
 from ..data.datasets import DetectionDataset, ImageRecord
 from ..data.images import ImageReadError
 from ..data.loader import InferenceItem
-from ..parallel.distributed import DistInfo
 from ..formats.coco_json import check_labels
-from ..pipeline import ItemBatch, ItemError, Pipeline, RunOptions, run_batch
+from ..parallel.distributed import DistInfo
 from ..parallel.sharding import ShardedResults, shard_items
+from ..pipeline import ItemBatch, ItemError, Pipeline, RunOptions, run_batch
 from ..structures import Detections, Proposals
 from ..text.vocabulary import Vocabulary
 from .coco import evaluate_coco

@@ -10,9 +10,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .results import ResultsError, load_results, validate_results
 from ..structures import Detections
 from ..utils import atomic_path
+from .results import ResultsError, load_results, validate_results
 
 PathLike = Union[str, os.PathLike]
 Color = tuple[int, int, int]

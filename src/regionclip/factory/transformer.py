@@ -27,7 +27,7 @@ from ..checkpoint.zeroshot_branch import (
 )
 from ..modeling.rpn import build_offline_rpn
 from ..modeling.text_encoder import build_text_encoder, text_config_from_state_dict
-from ..modeling.transformer.region_head import Trunk, TransformerRegionDetector, TransformerRegionEncoder
+from ..modeling.transformer.region_head import TransformerRegionDetector, TransformerRegionEncoder, Trunk
 from ..modeling.transformer.timm_trunks import BRANCH_CONFIGS, TimmTrunk, convert_microsoft_layout, infer_timm_config
 from ..modeling.transformer.vit import VisionTransformerTrunk, interpolate_grid_embedding
 from ..modeling.unicl_text import UniCLTextEncoder

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.sampling import subsample_labels
 from ..ops.box_coder import encode_boxes
+from ..ops.sampling import subsample_labels
 
 __all__ = ["pairwise_iou", "match_anchors", "label_and_sample_anchors", "smooth_l1_sum", "rpn_losses"]
 

@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from ..data.images import image_size
 from ..data.loader import InferenceItem
-from .distributed import DistInfo, barrier, broadcast_object
-from ..utils import DirLock, lock_dir
 from ..formats import JOURNAL_NAME, Journal, ResultsWriter, make_meta, merge_journals, read_journal, write_results
+from ..utils import DirLock, lock_dir
+from .distributed import DistInfo, barrier, broadcast_object
 
 T = TypeVar("T")
 LOCK_NAME = ".results.lock"  # held by rank 0 of the run writing the folder's journals

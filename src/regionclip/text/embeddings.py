@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from regionclip.modeling.text_encoder import CLIPTextTransformer, PrefixedTokens, PrefixStates
 from regionclip.text.prompts import fill_template, resolve_templates, validate_names
@@ -205,8 +206,6 @@ def embed_with(prompt_encoder: PromptEncoder, names: Sequence[str], average: str
     rows: list[Tensor] = []
     bar = None
     if show_progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(names), unit="concept", desc="text embeddings", smoothing=0.1)
     try:
         for start in range(0, len(names), per_step):

@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from regionclip.checkpoint.io import PathLike, save_file_atomic
 from regionclip.modeling.recognizer import TEXT_PROCEDURE_REGIONCLIP, TEXT_PROCEDURE_ZEROSHOT_BRANCH, TEXT_PROCEDURES
@@ -203,8 +205,6 @@ def cached_name_embeddings(names: Sequence[str], cache_file: Path, compute: Call
         fresh: dict[str, Tensor] = {}  # computed, not yet written
         bar = None
         if show_progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(missing), unit="name", desc="text embeddings", smoothing=0.1)
         last_write = time.monotonic()
         try:
@@ -264,8 +264,6 @@ def _read_cache(path: Path, warn: bool = True) -> dict[str, Tensor]:
     if not path.exists():
         return {}
     try:
-        from safetensors.torch import load_file
-
         rows = load_file(str(path), device="cpu")
     except Exception as e:  # truncated by a crash before atomic writes existed, foreign file, ...
         if warn:
