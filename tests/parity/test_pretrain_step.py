@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from _compare import BOX_ATOL, diff_stats
+from _fixture_rules import perturbed_teacher
 from _train_compare import check_grads, check_losses, check_rel
 from torch import Tensor
 
@@ -40,18 +41,6 @@ GRAD_REL = 1e-3  # every per-parameter gradient norm (relative) and the attnpool
 # fixture), where the distillation gradient (s - q) / 0.01 compares two softmaxes that are equal up to rounding.
 EARLY_GRAD_REL = {"same_teacher": 5e-2, "other_teacher": 3e-2}
 EARLY_LAYERS = ("backbone.layer2.", "backbone.layer3.")
-
-
-def perturbed_teacher(student: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Same rule as the fixture driver (its ``perturbed_teacher``; the rule text is stored in the fixture)."""
-    g = torch.Generator().manual_seed(1)
-    out = {}
-    for k in sorted(student):
-        v = student[k]
-        if v.is_floating_point() and v.ndim >= 2:
-            v = v + 0.5 * v.std() * torch.randn(v.shape, generator=g)
-        out[k] = v
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ norm and the trainable / frozen sets. Tolerances: docs/TRAINING.md ("LVIS with m
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from _compare import BOX_ATOL, diff_stats
+from _fixture_rules import init_missing_heads
 from _train_compare import check_grads, check_losses, check_rel
 from torch import Tensor
 
@@ -60,20 +60,6 @@ def write_dataset(fx: dict, folder: Path) -> Path:
     return path
 
 
-def head_init(det) -> None:
-    """The fixture driver's rule for the heads the checkpoint lacks (its text is stored in the fixture)."""
-    g = torch.Generator().manual_seed(0)
-    bp, mh = det.bbox_pred, det.mask_head
-    with torch.no_grad():
-        bp.weight.copy_(torch.randn(bp.weight.shape, generator=g) * 0.001)
-        bp.bias.zero_()
-        w = mh.deconv.weight
-        w.copy_(torch.randn(w.shape, generator=g) * math.sqrt(2.0 / (w.shape[1] * w.shape[2] * w.shape[3])))
-        mh.deconv.bias.zero_()
-        mh.predictor.weight.copy_(torch.randn(mh.predictor.weight.shape, generator=g) * 0.001)
-        mh.predictor.bias.zero_()
-
-
 def run_our_step(fx: dict, ckpts: dict[str, Path], tmp: Path, monkeypatch) -> dict:
     json_path = write_dataset(fx, tmp)
     rpn = fx["offline_rpn_eval_settings"]
@@ -88,7 +74,7 @@ def run_our_step(fx: dict, ckpts: dict[str, Path], tmp: Path, monkeypatch) -> di
         roi=RoIConfig(focal_gamma=None, bg_weight=fx["bg_cls_loss_weight"]))
     built = build_task(cfg)
     task = built.task
-    head_init(task.detector)
+    init_missing_heads(task.detector.bbox_pred, task.detector.mask_head)  # the driver's rule
     rec: dict = {}
     handle = task.detector.mask_head.register_forward_hook(lambda m, i, o: rec.update(mask_logits=o.detach().clone()))
     real_mask_loss = detection_module.mask_loss
